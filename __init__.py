@@ -14,6 +14,7 @@ from .errors import (  # noqa: F401
     ModelFileError,
     SparsedgeError,
     UnsupportedOpError,
+    UnsupportedOpInFileError,
 )
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ __all__ = [
     "UnsupportedOpError",
     "FormatError",
     "ConversionError",
+    "UnsupportedOpInFileError",
 ]
 
 
@@ -67,3 +68,7 @@ class UnsupportedOpError(SparsedgeError):
 
 class ConversionError(SparsedgeError):
     """Conversion failed for a reason the user can act on (recipe, flags, shapes)."""
+
+
+class UnsupportedOpInFileError(ModelFileError, UnsupportedOpError):
+    """A model file's graph uses an op this runtime does not know (both a file and an op error)."""

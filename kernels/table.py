@@ -40,7 +40,7 @@ class KernelSpec:
     extra: dict = field(default_factory=dict)
 
 
-_MODULES: list[str] = []  # kernel modules, e.g. "sparsedge.kernels.csr"
+_MODULES: list[str] = [f"sparsedge.kernels.{m}" for m in ("dense", "csr", "bsr", "nm", "int8", "conv")]
 
 
 def all_kernels() -> list[KernelSpec]:
