@@ -232,10 +232,10 @@ def check_row_indices(name, field, indptr, indices, ncols, *, full=True):
     if mx >= ncols:
         _fail(name, field, f"index {mx} out of range (must be < {ncols})")
     if n > 1:
-        ok = indices[1:].astype(np.int64) > indices[:-1]
-        starts = np.asarray(indptr[1:-1], dtype=np.int64)
+        ok = indices[1:] > indices[:-1]  # same dtype: no widened copy
+        starts = indptr[1:-1]
         starts = starts[(starts > 0) & (starts < n)]
-        ok[starts - 1] = True  # a new row may restart anywhere
+        ok[starts - 1] = True  # a new row may restart anywhere (indptr dtype: no widened copy)
         if not bool(ok.all()):
             k = int(np.argmin(ok)) + 1
             row = int(np.searchsorted(np.asarray(indptr, dtype=np.int64), k, side="right")) - 1
