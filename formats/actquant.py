@@ -37,7 +37,8 @@ def validate_act_quant(act_quant, *, file=None, values=None) -> dict:
             raise ModelFileError(f"dtype must be one of {list(QRANGE)}, got {dtype!r}", field="act_quant.dtype",
                                  **where)
         s = p.get("scale")
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)) or float(s) <= 0:
+        if (isinstance(s, bool) or not isinstance(s, (int, float)) or (isinstance(s, int) and s >= 2 ** 1000)
+                or not math.isfinite(float(s)) or float(s) <= 0):
             raise ModelFileError(f"scale must be a finite number > 0, got {s!r}", field="act_quant.scale", **where)
         z = p.get("zero_point", 0)
         lo, hi = QRANGE[dtype]

@@ -33,6 +33,15 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _finite_num(v):
+    """An int or float (not bool) that is a finite float64 (huge ints refused, no OverflowError)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        return abs(v) < 2 ** 1000
+    return math.isfinite(v)
+
+
 def _name_ok(v):
     return isinstance(v, str) and 0 < len(v) <= MAX_NAME
 
@@ -69,7 +78,7 @@ def _check_attr(op, node, key, typ, default, v, file):
     if typ == "int":
         ok = _is_int(v) and abs(v) < 2 ** 63
     elif typ == "float":
-        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(float(v))
+        ok = _finite_num(v)
     elif typ == "bool":
         ok = isinstance(v, bool)
     elif typ == "str":
@@ -81,7 +90,7 @@ def _check_attr(op, node, key, typ, default, v, file):
         if ok and typ == "ints":
             ok = all(_is_int(x) and abs(x) < 2 ** 63 for x in v)
         elif ok and typ == "floats":
-            ok = all((_is_int(x) or isinstance(x, float)) and math.isfinite(float(x)) for x in v)
+            ok = all(_finite_num(x) for x in v)
         elif ok:
             ok = all((_is_int(x) and -1 <= x < 2 ** 62) or (isinstance(x, str) and 0 < len(x) <= 256) for x in v)
     else:  # a type this module does not know: the op table grew; refuse rather than guess
