@@ -1,0 +1,189 @@
+"""Fused epilogue: ``y = act(acc + bias + residual)``, applied inside every GEMM / conv kernel
+while the output tile is still in L1 (same pass over the output).
+
+Activation codes are ``table.ACTIVATIONS`` (ints). ``clamp`` uses ``lo``/``hi``; every other
+code ignores them. ``relu6`` is ``clamp(0, 6)``; ``hardswish`` is ``y * relu6(y + 3) / 6``;
+``gelu`` is the exact (erf) form, ``gelu_tanh`` the tanh approximation (as torch's
+``approximate="tanh"``).
+
+Jitted pieces (all ``inline="always"`` so they cost no call and no extra specialization):
+
+* ``epilogue_tile(yr, b, res, act, lo, hi)``: one output row segment ``yr`` (1-D float32 view),
+  scalar bias ``b`` (float32, 0 when there is none), residual segment ``res`` (1-D float32 view
+  of the same length, or length 0 for none).
+* ``epilogue_vec(y, bias, res, act, lo, hi)``: a whole output vector (gemv / batch 1):
+  ``bias`` float32 [out] or length 0, ``res`` float32 [out] or length 0.
+* ``act_scalar(v, act, lo, hi)``: one value.
+
+``epilogue_ref`` is the plain-numpy reference (float64 math, float32 result).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._jit import jit
+from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6,
+                    ACT_SIGMOID, ACT_SILU)
+
+_SQRT1_2 = np.float32(0.7071067811865476)
+_GELU_C = np.float32(0.7978845608028654)  # sqrt(2/pi)
+_GELU_K = np.float32(0.044715)
+_SIXTH = np.float32(1.0 / 6.0)
+
+# Empty placeholders for "no bias" / "no residual" (kernels test ``.shape[0] == 0``).
+EMPTY1 = np.zeros(0, dtype=np.float32)
+EMPTY2 = np.zeros((0, 0), dtype=np.float32)
+
+
+def none1(a):
+    """None -> empty float32 1-D array (the jitted kernels' convention)."""
+    return EMPTY1 if a is None else a
+
+
+def none2(a):
+    """None -> empty float32 2-D array."""
+    return EMPTY2 if a is None else a
+
+
+@jit(inline="always")
+def act_scalar(v, act, lo, hi):
+    """One float32 value through activation ``act``."""
+    if act == ACT_NONE:
+        return v
+    if act == ACT_RELU:
+        return max(v, np.float32(0.0))
+    if act == ACT_RELU6:
+        return min(max(v, np.float32(0.0)), np.float32(6.0))
+    if act == ACT_CLAMP:
+        return min(max(v, np.float32(lo)), np.float32(hi))
+    if act == ACT_GELU:
+        return np.float32(0.5) * v * (np.float32(1.0) + math.erf(v * _SQRT1_2))
+    if act == ACT_GELU_TANH:
+        return np.float32(0.5) * v * (np.float32(1.0) + math.tanh(_GELU_C * (v + _GELU_K * v * v * v)))
+    if act == ACT_SILU:
+        return v / (np.float32(1.0) + math.exp(-v))
+    if act == ACT_HARDSWISH:
+        return v * min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) * _SIXTH
+    if act == ACT_SIGMOID:
+        return np.float32(1.0) / (np.float32(1.0) + math.exp(-v))
+    return v
+
+
+@jit(inline="always")
+def _act_inplace(yr, act, lo, hi):
+    """Activation over a 1-D float32 segment; one branch per segment so each loop vectorizes."""
+    m = yr.shape[0]
+    if act == ACT_NONE:
+        return
+    if act == ACT_RELU:
+        for j in range(m):
+            yr[j] = max(yr[j], np.float32(0.0))
+    elif act == ACT_RELU6:
+        for j in range(m):
+            yr[j] = min(max(yr[j], np.float32(0.0)), np.float32(6.0))
+    elif act == ACT_CLAMP:
+        flo = np.float32(lo)
+        fhi = np.float32(hi)
+        for j in range(m):
+            yr[j] = min(max(yr[j], flo), fhi)
+    elif act == ACT_HARDSWISH:
+        for j in range(m):
+            v = yr[j]
+            yr[j] = v * min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) * _SIXTH
+    elif act == ACT_SIGMOID:
+        for j in range(m):
+            yr[j] = np.float32(1.0) / (np.float32(1.0) + math.exp(-yr[j]))
+    elif act == ACT_SILU:
+        for j in range(m):
+            v = yr[j]
+            yr[j] = v / (np.float32(1.0) + math.exp(-v))
+    elif act == ACT_GELU:
+        for j in range(m):
+            v = yr[j]
+            yr[j] = np.float32(0.5) * v * (np.float32(1.0) + math.erf(v * _SQRT1_2))
+    elif act == ACT_GELU_TANH:
+        for j in range(m):
+            v = yr[j]
+            yr[j] = np.float32(0.5) * v * (np.float32(1.0) + math.tanh(_GELU_C * (v + _GELU_K * v * v * v)))
+
+
+@jit(inline="always")
+def epilogue_tile(yr, b, res, act, lo, hi):
+    """yr[:] = act(yr + b + res) for a 1-D row segment; ``res`` has len(yr) or 0."""
+    m = yr.shape[0]
+    if res.shape[0] != 0:
+        for j in range(m):
+            yr[j] = yr[j] + b + res[j]
+    elif b != 0:
+        for j in range(m):
+            yr[j] = yr[j] + b
+    _act_inplace(yr, act, lo, hi)
+
+
+@jit(inline="always")
+def epilogue_vec(y, bias, res, act, lo, hi):
+    """y[:] = act(y + bias + res) for a whole 1-D output (bias/res of len(y) or 0)."""
+    m = y.shape[0]
+    if bias.shape[0] != 0:
+        for j in range(m):
+            y[j] = y[j] + bias[j]
+    if res.shape[0] != 0:
+        for j in range(m):
+            y[j] = y[j] + res[j]
+    _act_inplace(y, act, lo, hi)
+
+
+@jit
+def epilogue_2d(y, bias, res, act, lo, hi):
+    """In-place epilogue over a [out, N] float32 output (used after BLAS calls).
+    bias float32 [out] or len 0; res float32 [out, N] or shape (0, 0)."""
+    nb = bias.shape[0]
+    nr = res.shape[0]
+    for i in range(y.shape[0]):
+        b = bias[i] if nb != 0 else np.float32(0.0)
+        if nr != 0:
+            epilogue_tile(y[i], b, res[i], act, lo, hi)
+        else:
+            epilogue_tile(y[i], b, y[i, 0:0], act, lo, hi)
+
+
+def _erf(a):
+    from math import erf
+    return np.vectorize(erf, otypes=[np.float64])(a)
+
+
+def act_ref(y: np.ndarray, act: int, lo: float = 0.0, hi: float = 0.0) -> np.ndarray:
+    """Numpy reference of the activation codes (float64 math)."""
+    y = np.asarray(y, dtype=np.float64)
+    if act == ACT_NONE:
+        return y
+    if act == ACT_RELU:
+        return np.maximum(y, 0)
+    if act == ACT_RELU6:
+        return np.clip(y, 0, 6)
+    if act == ACT_CLAMP:
+        return np.minimum(np.maximum(y, lo), hi)
+    if act == ACT_GELU:
+        return 0.5 * y * (1 + _erf(y / np.sqrt(2)))
+    if act == ACT_GELU_TANH:
+        return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    if act == ACT_SILU:
+        return y / (1 + np.exp(-y))
+    if act == ACT_HARDSWISH:
+        return y * np.clip(y + 3, 0, 6) / 6
+    if act == ACT_SIGMOID:
+        return 1 / (1 + np.exp(-y))
+    raise ValueError(f"unknown activation code {act}")
+
+
+def epilogue_ref(acc, bias=None, act=ACT_NONE, lo=0.0, hi=0.0, residual=None) -> np.ndarray:
+    """act(acc + bias[:, None] + residual) in float64, returned as float32. acc [out, N] or [out]."""
+    y = np.asarray(acc, dtype=np.float64)
+    if bias is not None and len(bias):
+        b = np.asarray(bias, dtype=np.float64)
+        y = y + (b[:, None] if y.ndim == 2 else b)
+    if residual is not None and np.size(residual):
+        y = y + np.asarray(residual, dtype=np.float64).reshape(y.shape)
+    return act_ref(y, act, lo, hi).astype(np.float32)
