@@ -57,12 +57,12 @@ def dtype_code(dt) -> int:
 
 
 def _dtype_name(code: int) -> str:
-    return DTYPE_NAMES.get(int(code), f"dtype code {int(code)}")
+    return DTYPE_NAMES.get(int(code), f"unknown dtype code {int(code)}")
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """(status, message) for an exception raised below an entry point."""
-    from ..errors import InputError, ModelFileError, SparsedgeError, UnsupportedOpError
+    from ...errors import InputError, ModelFileError, SparsedgeError, UnsupportedOpError
 
     if isinstance(exc, CapiError):
         return exc.status, str(exc)
@@ -107,7 +107,7 @@ def _session_class():
 
         mod, _, attr = spec.partition(":")
         return getattr(importlib.import_module(mod), attr)
-    from ..runtime import Session
+    from .. import Session
 
     return Session
 
@@ -360,6 +360,10 @@ def _wrap(fn, names, which_arg):
                 _lib.sparsedge__set_error(msg.encode("utf-8", "replace")[:2000])
             except BaseException:
                 status = ERR_INTERNAL
+                try:
+                    _lib.sparsedge__set_error(b"sparsedge: internal error while reporting an error")
+                except BaseException:
+                    pass
             return status
 
     return entry
