@@ -21,7 +21,7 @@ _NP_TO_NAME = {np.dtype(v): k for k, v in DENSE_DTYPES.items() if k != "bfloat16
 
 def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even, NaN kept NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.array(x, dtype=np.float32, order="C")
     b = x.view(np.uint32).astype(np.uint64)
     r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
     nan = np.isnan(x)
@@ -69,8 +69,8 @@ class Dense(WeightFormat):
         if dtype == "bfloat16":
             v = float32_to_bfloat16_bits(w.astype(np.float32))
         else:
-            v = np.ascontiguousarray(w, dtype=DENSE_DTYPES[dtype]).copy()
-        return cls(np.ascontiguousarray(v), dtype=dtype, name=name, orig_shape=orig)
+            v = np.array(w, dtype=DENSE_DTYPES[dtype], order="C", copy=True)  # keeps 0-d (ascontiguousarray does not)
+        return cls(v, dtype=dtype, name=name, orig_shape=orig)
 
     @classmethod
     def from_arrays(cls, shape, meta, arrays, *, name=None, orig_shape=None) -> "Dense":
@@ -110,7 +110,7 @@ class Dense(WeightFormat):
         """float16/bfloat16 -> a float32 Dense (a copy); any other dtype: self."""
         if self.dtype not in ("float16", "bfloat16"):
             return self
-        d = Dense(np.ascontiguousarray(self.to_dense()), name=self.name, orig_shape=self.orig_shape)
+        d = Dense(np.array(self.to_dense(), order="C"), name=self.name, orig_shape=self.orig_shape)
         d.stored_dtype = self.dtype
         return d
 
