@@ -1,1 +1,118 @@
-"""sparsedge.runtime.ops"""
+"""Op implementations: a small registry, one module per op or op family.
+
+Adding an op = one file in this folder (plus its row in ``formats/optable.py``)::
+
+    from . import Op, register
+
+    @register("my_op")
+    class MyOp(Op):
+        def run(self, ins, outs, scratch, data):     # write every output in place
+            np.negative(ins[0], out=outs[0])
+
+Every module here is imported by ``load_all()``. Ops of the table without a dedicated class run
+through ``RefOp`` (the numpy reference, copied into the planned buffer) so the runtime always
+covers the whole table.
+
+Lifecycle of an op object (one per graph node, built at load):
+
+* ``__init__(node, ctx)``: load-time work (weights from the memory map, constants, flags).
+  ``ctx`` is the Session's ``LoadContext`` (tensors, selector, layout flags).
+* ``plan(ins, outs, env) -> NodePlan``: per concrete input shape; ``ins`` / ``outs`` are lists of
+  ``(shape tuple, dtype str)`` (None for an omitted optional input). Returns the scratch buffers
+  the op needs (allocated in the arena) and any per-shape data (e.g. the chosen kernel).
+* ``run(ins, outs, scratch, data)``: ``ins`` numpy arrays (C-contiguous; None for omitted
+  optionals), ``outs`` preallocated outputs to fill, ``scratch`` arrays from the plan.
+* View ops (``view = True``: reshape, flatten, squeeze, unsqueeze) instead implement
+  ``view_of(ins, out_shapes) -> list`` returning views of their input (no buffer).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...formats import optable
+
+IMPLS: dict = {}
+
+
+@dataclass
+class NodePlan:
+    scratch: list = field(default_factory=list)  # list of (shape tuple, dtype str)
+    data: object = None
+    kernel: str = ""  # what runs (for profiles and reports)
+
+
+class Op:
+    view = False
+    weight = False  # True for ops whose weight input gets a kernel selected (linear, conv2d)
+
+    def __init__(self, node, ctx):
+        self.node = node
+        self.name = node.name
+        self.attrs = optable.with_defaults(node.op, node.attrs)
+        self.ctx = ctx
+
+    def plan(self, ins, outs, env) -> NodePlan:
+        return NodePlan(kernel=self.default_kernel())
+
+    def default_kernel(self) -> str:
+        return "numpy"
+
+    def run(self, ins, outs, scratch, data):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def view_of(self, ins, out_shapes):  # pragma: no cover - view ops only
+        raise NotImplementedError
+
+
+def register(*names):
+    """Class decorator: the class implements the ops ``names``."""
+    def deco(cls):
+        for n in names:
+            if n not in optable.OPS:
+                raise KeyError(f"op {n!r} is not in formats/optable.py")
+            IMPLS[n] = cls
+        return cls
+    return deco
+
+
+class RefOp(Op):
+    """Any op without a dedicated class: the numpy reference, copied into the planned output
+    (allocates temporaries; used for rare ops only)."""
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        self.env = {}
+
+    def plan(self, ins, outs, env):
+        return NodePlan(data=dict(env), kernel="numpy_reference")
+
+    def run(self, ins, outs, scratch, data):
+        from ..reference import eval_node
+
+        res = eval_node(self.node, ins, data)
+        for o, r in zip(outs, res):
+            np.copyto(o, r, casting="unsafe")
+
+
+_loaded = False
+
+
+def load_all() -> dict:
+    """Import every op module in this package (once) and return ``{op: class}``."""
+    global _loaded
+    if not _loaded:
+        for m in pkgutil.iter_modules(__path__):
+            if not m.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{m.name}")
+        _loaded = True
+    return IMPLS
+
+
+def impl_for(op: str):
+    """The implementing class for ``op`` (RefOp when no dedicated class exists)."""
+    load_all()
+    return IMPLS.get(op, RefOp)

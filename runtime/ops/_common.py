@@ -1,0 +1,59 @@
+"""Helpers shared by op modules (not an op module: the leading underscore keeps load_all away)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ...kernels.table import ACTIVATIONS
+
+EMPTY_F32 = np.zeros(0, dtype=np.float32)
+
+
+def act_code(name: str, node=None):
+    from ...errors import UnsupportedOpError
+
+    if name not in ACTIVATIONS:
+        raise UnsupportedOpError(f"unknown fused activation {name!r} (known: {sorted(ACTIVATIONS)})",
+                                 node=node, field="activation")
+    return ACTIVATIONS[name]
+
+
+def epilogue_rows(y2d, bias, act):
+    """y2d [R, C] float32 in place: y = act(y + bias[None, :]) (torch layout)."""
+    if bias is None and act == 0:
+        return
+    if act == 0:
+        np.add(y2d, bias, out=y2d)
+        return
+    from ...kernels.nn import bias_act_rows
+
+    bias_act_rows(y2d, EMPTY_F32 if bias is None else bias, act, 0.0, 0.0)
+
+
+def epilogue_cols(y2d, bias, act, residual=None):
+    """y2d [C, N] float32 in place: y = act(y + bias[:, None] + residual) (feature-major)."""
+    if residual is not None:
+        np.add(y2d, residual, out=y2d)
+    if bias is None and act == 0:
+        return
+    if act == 0:
+        np.add(y2d, bias[:, None], out=y2d)
+        return
+    from ...kernels.nn import bias_act_cols
+
+    bias_act_cols(y2d, EMPTY_F32 if bias is None else bias, act, 0.0, 0.0)
+
+
+def prod(shape) -> int:
+    p = 1
+    for d in shape:
+        p *= int(d)
+    return p
+
+
+def as_f32_const(t):
+    """A stored constant (WeightFormat or array) as a numpy array; float16/bfloat16 widened
+    (the only case that copies)."""
+    if t is None or isinstance(t, np.ndarray):
+        return t
+    a = t.to_dense()
+    return a

@@ -1,0 +1,130 @@
+"""conv2d on NCHW: per image, ``Y[out, Ho*Wo] = W[out, C*kh*kw] @ cols[C*kh*kw, Ho*Wo]``.
+
+An NCHW image is already feature-major ``[C, H*W]``, so a 1x1 / stride 1 / no-padding conv feeds
+the image straight to the selected GEMM kernel (no copy). Other convs build im2col columns in an
+arena scratch buffer (rows ordered c, i, j = the torch weight order). Depthwise convs (groups ==
+channels, one filter per group) use a direct numpy stencil; other grouped convs run per group on
+densified weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import NodePlan, Op, register
+from ._common import act_code, epilogue_cols
+from .pool import _valid
+
+
+def im2col_into(x, cols, kh, kw, stride, padding, dilation, Ho, Wo):
+    """x [C, H, W] -> cols [C*kh*kw, Ho*Wo] (preallocated), zero where the window hits padding."""
+    C, H, W = x.shape
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    c5 = cols.reshape(C, kh, kw, Ho, Wo)
+    for i in range(kh):
+        h0, h1, ih = _valid(Ho, H, sh, ph, i * dh)
+        for j in range(kw):
+            w0, w1, iw = _valid(Wo, W, sw, pw, j * dw)
+            dst = c5[:, i, j]
+            if h1 <= h0 or w1 <= w0:
+                dst.fill(0)
+                continue
+            if h0 > 0 or h1 < Ho or w0 > 0 or w1 < Wo:
+                dst.fill(0)
+            dst[:, h0:h1, w0:w1] = x[:, ih:ih + (h1 - h0 - 1) * sh + 1:sh, iw:iw + (w1 - w0 - 1) * sw + 1:sw]
+
+
+@register("conv2d")
+class Conv2d(Op):
+    weight = True
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        self.wf = ctx.weight(node.inputs[1], node.name)
+        orig = getattr(self.wf, "orig_shape", None) or tuple(self.wf.shape)
+        self.O, self.Cg, self.kh, self.kw = (int(d) for d in orig)
+        bname = node.inputs[2] if len(node.inputs) > 2 else ""
+        self.bias = ctx.constant(bname).astype(np.float32, copy=False) if bname else None
+        self.act = act_code(self.attrs["activation"], node.name)
+        a = self.attrs
+        self.g = int(a["groups"])
+        self.stride, self.padding, self.dilation = tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"])
+        self.pointwise = (self.kh == 1 and self.kw == 1 and self.stride == (1, 1) and self.padding == (0, 0))
+        self.depthwise = self.g > 1 and self.Cg == 1
+        self._wd = None
+
+    def _dense_w(self):
+        if self._wd is None:
+            from ..select import _dense2d
+
+            self._wd = _dense2d(self.wf)  # [O, Cg*kh*kw]; a view for dense float32 weights
+        return self._wd
+
+    def plan(self, ins, outs, env):
+        _, C, H, W = ins[0][0]
+        _, O, Ho, Wo = outs[0][0]
+        npix = Ho * Wo
+        if self.depthwise:
+            self._dense_w()
+            return NodePlan(scratch=[((C, Ho, Wo), "float32")], data=("dw", None, Ho, Wo), kernel="numpy_depthwise")
+        if self.g > 1:
+            self._dense_w()
+            return NodePlan(scratch=[((self.Cg * self.kh * self.kw, npix), "float32")], data=("grouped", None, Ho, Wo),
+                            kernel="numpy_grouped")
+        choice = self.ctx.selector.choose(self.name, "conv2d", self.wf, npix)
+        scratch = [] if self.pointwise else [((C * self.kh * self.kw, npix), "float32")]
+        return NodePlan(scratch=scratch, data=("gemm", choice, Ho, Wo), kernel=choice.name)
+
+    def run(self, ins, outs, scratch, data):
+        mode, choice, Ho, Wo = data
+        x, y = ins[0], outs[0]
+        Nb, C = x.shape[:2]
+        npix = Ho * Wo
+        if mode == "dw":
+            return self._run_dw(x, y, scratch[0], Ho, Wo)
+        for n in range(Nb):
+            yn = y[n].reshape(self.O, npix)
+            if mode == "grouped":
+                Og = self.O // self.g
+                W = self._dense_w()
+                for gi in range(self.g):
+                    im2col_into(x[n, gi * self.Cg:(gi + 1) * self.Cg], scratch[0], self.kh, self.kw, self.stride,
+                                self.padding, self.dilation, Ho, Wo)
+                    np.matmul(W[gi * Og:(gi + 1) * Og], scratch[0], out=yn[gi * Og:(gi + 1) * Og])
+                epilogue_cols(yn, self.bias, self.act)
+                continue
+            if self.pointwise:
+                X = x[n].reshape(C, npix)
+            else:
+                X = scratch[0]
+                im2col_into(x[n], X, self.kh, self.kw, self.stride, self.padding, self.dilation, Ho, Wo)
+            choice.cand.run(choice.packed, X, yn, self.bias, self.act, 0.0, 0.0, None)
+
+    def _run_dw(self, x, y, t, Ho, Wo):
+        """Depthwise: y[n, o] = sum_ij w[o, ij] * x[n, o // mult] shifted (mult = O / C)."""
+        W = self._dense_w().reshape(self.O, self.kh, self.kw)
+        Nb, C, H, Wd = x.shape
+        mult = self.O // C
+        sh, sw = self.stride
+        ph, pw = self.padding
+        dh, dw = self.dilation
+        for n in range(Nb):
+            for m in range(mult):
+                yo = y[n, m::mult] if mult > 1 else y[n]
+                yo.fill(0)
+                wm = W[m::mult] if mult > 1 else W
+                for i in range(self.kh):
+                    h0, h1, ih = _valid(Ho, H, sh, ph, i * dh)
+                    if h1 <= h0:
+                        continue
+                    for j in range(self.kw):
+                        w0, w1, iw = _valid(Wo, Wd, sw, pw, j * dw)
+                        if w1 <= w0:
+                            continue
+                        xs = x[n, :, ih:ih + (h1 - h0 - 1) * sh + 1:sh, iw:iw + (w1 - w0 - 1) * sw + 1:sw]
+                        tt = t[:, h0:h1, w0:w1]
+                        np.multiply(xs, wm[:, i, j, None, None], out=tt)
+                        dst = yo[:, h0:h1, w0:w1]
+                        np.add(dst, tt, out=dst)
+            epilogue_cols(y[n].reshape(self.O, Ho * Wo), self.bias, self.act)

@@ -1,0 +1,63 @@
+"""linear: y[..., out] = act(x[..., in] @ W.T + bias), W in any weight format.
+
+Layout: the kernels compute ``Y[out, N] = W @ X[in, N]`` (feature-major). A value produced by a
+linear and consumed only by linears (an MLP chain, a transformer FFN) stays feature-major
+between them (``ctx.fm_values``), so the transposes happen once at the chain's ends. A dense
+float32 weight through BLAS (``numpy_dense``) runs in torch layout (``x @ W.T``), needing no
+transposes at all. Otherwise X is transposed into an arena scratch buffer and Y back out of one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import NodePlan, Op, register
+from ._common import act_code, prod
+
+
+@register("linear")
+class Linear(Op):
+    weight = True
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        self.wf = ctx.weight(node.inputs[1], node.name)
+        bname = node.inputs[2] if len(node.inputs) > 2 else ""
+        self.bias = ctx.constant(bname).astype(np.float32, copy=False) if bname else None
+        self.act = act_code(self.attrs["activation"], node.name)
+        self.out_f, self.in_f = self.wf.shape[0], int(np.prod(self.wf.shape[1:]))
+        self.fm_in = node.inputs[0] in ctx.fm_values
+        self.fm_out = node.outputs[0] in ctx.fm_values
+
+    def plan(self, ins, outs, env):
+        N = prod(ins[0][0][:-1])
+        choice = self.ctx.selector.choose(self.name, "linear", self.wf, N)
+        tl = choice.cand.run_tl is not None and not self.fm_in and not self.fm_out
+        scratch = []
+        if not tl:
+            if not self.fm_in:
+                scratch.append(((self.in_f, N), "float32"))
+            if not self.fm_out:
+                scratch.append(((self.out_f, N), "float32"))
+        return NodePlan(scratch=scratch, data=(choice, tl, N), kernel=choice.name)
+
+    def run(self, ins, outs, scratch, data):
+        choice, tl, N = data
+        if N == 0:
+            return
+        x, y = ins[0], outs[0]
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        if tl:
+            choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias, self.act)
+            return
+        k = 0
+        if self.fm_in:
+            xf = x.reshape(self.in_f, N)
+        else:
+            xf = scratch[0]
+            np.copyto(xf, x.reshape(N, self.in_f).T)
+            k = 1
+        yf = y.reshape(self.out_f, N) if self.fm_out else scratch[k]
+        choice.cand.run(choice.packed, xf, yf, self.bias, self.act, 0.0, 0.0, None)
+        if not self.fm_out:
+            np.copyto(y.reshape(N, self.out_f), yf.T)

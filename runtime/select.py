@@ -1,0 +1,457 @@
+"""Kernel selection per weight layer: rules first, optional on-device tuning, user overrides,
+and the selection report ("does sparsity help on this board?").
+
+Candidates for a layer with weight format ``wf`` and ``N`` columns (tokens, or output pixels of
+one image for a conv) are the kernel-table rows (``kernels.table.all_kernels()``) with op
+``gemm`` / ``gemv`` whose format, value dtype, block shape and CPU requirements
+(``kernels.cpu.has``) match and whose ``[min_n, max_n]`` contains N, plus built-in numpy paths:
+
+* ``numpy_dense``: a dense float32 weight through numpy's BLAS, straight from the memory map
+  (it also runs in torch layout, ``x @ W.T``, so a lone linear needs no transposes);
+* ``scipy_csr``: a float32 CSR weight through scipy.sparse (arrays from the memory map);
+* ``numpy_densified``: any format, dequantized/densified once at first use (a copy; the
+  fallback when no kernel row fits, e.g. before a kernel module lands).
+
+Rules (in order): a ``kernel_overrides`` entry; a tuned choice cached for this CPU / numba /
+thread count; N == 1 prefers a ``gemv`` row; a row that needs a CPU feature this CPU has beats
+a portable row; dense float32 prefers BLAS; otherwise the first matching row in table order;
+otherwise a built-in path.
+
+Tuning (``tune=True`` or ``sparsedge tune``) times every candidate once per (layer, N) on the
+layer's real shape (random activations), keeps the fastest, and also times the dense float32
+equivalent through BLAS (``dense_blas_equivalent``: not selectable, it would need the dense
+weights) so the report says whether the compressed format pays on this board. Choices are cached
+beside the model in ``MODEL.tune.json`` keyed by CPU name, numba version and thread count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+
+BUILTIN_PREFIX = ("numpy_", "scipy_")
+
+
+@dataclass
+class Candidate:
+    name: str
+    kind: str  # "table" | "builtin"
+    prepare: object  # prepare(wf) -> packed
+    run: object  # run(packed, x[in,N], y[out,N], bias, act, lo, hi, residual)
+    run_tl: object = None  # torch-layout run(packed, x2d[N,in], y2d[N,out], bias, act) or None
+    spec: object = None
+    notes: str = ""
+
+
+@dataclass
+class Choice:
+    cand: Candidate
+    packed: object
+    why: str
+    times_ms: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        return self.cand.name
+
+
+# --- format facts ------------------------------------------------------------------------------
+def weight_facts(wf) -> dict:
+    """kind, value dtype, block, shape [out, in], density of a weight format object."""
+    if isinstance(wf, np.ndarray):
+        kind, meta = "dense", {}
+    else:
+        kind, meta = wf.kind, (wf.meta() if hasattr(wf, "meta") else {})
+    if kind.endswith("_i8") or (kind == "lowrank" and meta.get("dtype") == "int8"):
+        dtype = "int8"
+    else:
+        dtype = "float32"
+    block = None
+    if kind in ("bsr", "bsr_i8"):
+        block = tuple(int(v) for v in meta["block"])
+    elif kind == "nm":
+        block = (int(meta["n"]), int(meta["m"]))
+    shape = tuple(wf.shape)
+    if len(shape) != 2:
+        shape = (shape[0], int(np.prod(shape[1:])))
+    try:
+        density = float(wf.density) if not isinstance(wf, np.ndarray) else float(np.count_nonzero(wf)) / max(wf.size, 1)
+    except Exception:
+        density = 1.0
+    if kind == "dense":
+        density = 1.0 if dtype == "float32" else density
+    return {"kind": kind, "dtype": dtype, "block": block, "shape": shape, "density": density,
+            "value_dtype": getattr(wf, "dtype", "float32") if kind == "dense" else dtype}
+
+
+def _dense2d(wf):
+    a = wf if isinstance(wf, np.ndarray) else (wf.values if getattr(wf, "kind", "") == "dense" else wf.to_dense())
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    return a.reshape(a.shape[0], -1)
+
+
+# --- built-in paths ----------------------------------------------------------------------------
+def _epi(y, bias, act, residual):
+    from .ops._common import epilogue_cols
+
+    epilogue_cols(y, bias, act, residual)
+
+
+def _dense_run(W, x, y, bias, act, lo, hi, residual):
+    np.matmul(W, x, out=y)
+    _epi(y, bias, act, residual)
+
+
+def _dense_run_tl(W, x2d, y2d, bias, act):
+    from .ops._common import epilogue_rows
+
+    np.matmul(x2d, W.T, out=y2d)
+    epilogue_rows(y2d, bias, act)
+
+
+def _scipy_prep(wf):
+    import scipy.sparse as sp
+
+    a = wf.arrays()
+    return sp.csr_matrix((a["data"], a["indices"].astype(np.int32, copy=False), a["indptr"]), shape=wf.shape)
+
+
+def _scipy_run(M, x, y, bias, act, lo, hi, residual):
+    y[...] = M @ x
+    _epi(y, bias, act, residual)
+
+
+NUMPY_DENSE = Candidate("numpy_dense", "builtin", _dense2d, _dense_run, _dense_run_tl,
+                        notes="numpy BLAS on the mapped dense weight")
+NUMPY_DENSIFIED = Candidate("numpy_densified", "builtin", _dense2d, _dense_run, _dense_run_tl,
+                            notes="weights densified (dequantized) once at load: a copy")
+SCIPY_CSR = Candidate("scipy_csr", "builtin", _scipy_prep, _scipy_run, notes="scipy.sparse CSR")
+BUILTINS = {c.name: c for c in (NUMPY_DENSE, NUMPY_DENSIFIED, SCIPY_CSR)}
+
+
+def _table_rows():
+    try:
+        from ..kernels.table import all_kernels
+
+        return all_kernels()
+    except Exception:  # a kernel module failing to import must not take the runtime down
+        import traceback
+        import warnings
+
+        warnings.warn("sparsedge: kernel table failed to import, using numpy paths:\n" + traceback.format_exc())
+        return []
+
+
+def _cpu_has(feat) -> bool:
+    try:
+        from ..kernels import cpu
+
+        return cpu.has(feat)
+    except Exception:
+        return False
+
+
+def cpu_name() -> str:
+    try:
+        from ..kernels import cpu
+
+        info = cpu.cpu_info()
+        return f"{info['arch']}:{info['name']}"
+    except Exception:
+        import platform
+
+        return platform.machine()
+
+
+def _wrap_row(r) -> Candidate:
+    prep = r.prepare if r.prepare is not None else (lambda wf: wf)
+    return Candidate(r.name, "table", prep, r.run, None, r, r.notes)
+
+
+class Selector:
+    """Chooses (and caches) a kernel per (layer, N). Thread-safe."""
+
+    def __init__(self, model_path=None, overrides=None, tune=False, threads=1, act_quant=None):
+        self.model_path = model_path
+        self.overrides = dict(overrides or {})
+        self.tune = bool(tune)
+        self.threads = threads
+        self.act_quant = dict(act_quant or {})
+        self._rows = None
+        self._lock = threading.RLock()
+        self._choices: dict = {}  # (node, N) -> Choice
+        self._packed: dict = {}  # (node, kernel) -> packed
+        self._layers: dict = {}  # node -> (op, facts)
+        self.prep_ms: dict = {}  # (node, kernel) -> ms spent in prepare
+        self.tune_path = tune_path(model_path) if model_path else None
+        self._tuned = load_tune_file(self.tune_path, self.tune_key()) if self.tune_path else {}
+        self._dirty = False
+
+    # -- candidates ---------------------------------------------------------------------------
+    @property
+    def rows(self):
+        if self._rows is None:
+            self._rows = _table_rows()
+        return self._rows
+
+    def tune_key(self) -> str:
+        import numba
+
+        return f"{cpu_name()}|numba {numba.__version__}|threads {self.threads}"
+
+    def candidates(self, wf, N: int) -> list:
+        f = weight_facts(wf)
+        out = []
+        for r in self.rows:
+            if r.op not in ("gemm", "gemv") or r.fmt != f["kind"] or r.dtype != f["dtype"]:
+                continue
+            if r.block is not None and f["block"] is not None and tuple(r.block) != f["block"]:
+                continue
+            if (r.block is None) != (f["block"] is None) and f["kind"] in ("bsr", "bsr_i8", "nm"):
+                continue
+            if not all(_cpu_has(c) for c in r.cpu):
+                continue
+            if N < r.min_n or (r.max_n is not None and N > r.max_n):
+                continue
+            out.append(_wrap_row(r))
+        if f["kind"] == "dense" and f["dtype"] == "float32":
+            out.append(NUMPY_DENSE)
+        else:
+            if f["kind"] == "csr":
+                out.append(SCIPY_CSR)
+            out.append(NUMPY_DENSIFIED)
+        return out
+
+    def _rule(self, cands, f, N):
+        table = [c for c in cands if c.kind == "table"]
+        if f["kind"] == "dense" and f["dtype"] == "float32":
+            return NUMPY_DENSE, "dense float32: numpy BLAS on the mapped weights"
+        if not table:
+            b = cands[0]
+            return b, (f"no kernel row for format {f['kind']} {f['dtype']}"
+                       f"{' block ' + 'x'.join(map(str, f['block'])) if f['block'] else ''} at N={N}: "
+                       f"built-in {b.name}")
+        if N == 1:
+            gemv = [c for c in table if c.spec.max_n == 1]
+            if gemv:
+                return gemv[0], "N=1: batch-1 (memory-bound) gemv row"
+        feat = [c for c in table if c.spec.cpu]
+        if feat:
+            return feat[0], f"CPU has {', '.join(feat[0].spec.cpu)}: specialised row"
+        return table[0], f"first {f['kind']} {f['dtype']} row for N={N}"
+
+    # -- choose -------------------------------------------------------------------------------
+    def choose(self, node: str, op: str, wf, N: int) -> Choice:
+        key = (node, int(N))
+        with self._lock:
+            ch = self._choices.get(key)
+            if ch is not None:
+                return ch
+            f = weight_facts(wf)
+            self._layers[node] = (op, f)
+            cands = self.candidates(wf, N)
+            by = {c.name: c for c in cands}
+            times = {}
+            if node in self.overrides:
+                want = self.overrides[node]
+                if want not in by:
+                    raise InputError(f"kernel {want!r} cannot run this layer ({f['kind']} {f['dtype']}, N={N}); "
+                                     f"candidates: {sorted(by)}", node=node, field="kernel_overrides")
+                cand, why = by[want], "forced by kernel_overrides"
+            else:
+                tk = f"{node}|N={N}"
+                cached = self._tuned.get(tk)
+                if self.tune and not (cached and cached.get("kernel") in by):
+                    cand, times = self._measure(node, wf, N, cands)
+                    why = f"tuned: fastest of {len(times)} measured"
+                    self._tuned[tk] = {"kernel": cand.name, "times_ms": times}
+                    self._dirty = True
+                elif cached and cached.get("kernel") in by:
+                    cand, times = by[cached["kernel"]], dict(cached.get("times_ms", {}))
+                    why = "tuned on this board (cached in " + os.path.basename(self.tune_path) + ")"
+                else:
+                    cand, why = self._rule(cands, f, N)
+            packed = self.packed(node, cand, wf)
+            ch = Choice(cand, packed, why, times)
+            self._choices[key] = ch
+            return ch
+
+    def packed(self, node, cand, wf):
+        k = (node, cand.name)
+        with self._lock:
+            if k not in self._packed:
+                t0 = time.perf_counter()
+                p = cand.prepare(wf)
+                aq = self.act_quant.get(node)
+                if aq is not None and cand.kind == "table":
+                    p = _apply_act_quant(cand, p, aq)
+                self._packed[k] = p
+                self.prep_ms[k] = (time.perf_counter() - t0) * 1e3
+            return self._packed[k]
+
+    # -- tuning -------------------------------------------------------------------------------
+    def _measure(self, node, wf, N, cands):
+        f = weight_facts(wf)
+        out_f, in_f = f["shape"]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((in_f, N)).astype(np.float32)
+        y = np.empty((out_f, N), np.float32)
+        times = {}
+        for c in cands:
+            if c.name == "numpy_densified" and len(cands) > 1:
+                continue  # a copy of the weights; only a fallback
+            try:
+                p = self.packed(node, c, wf)
+                times[c.name] = _time(lambda: c.run(p, x, y, None, 0, 0.0, 0.0, None))
+            except Exception as e:  # a broken candidate is reported, never chosen
+                times[c.name] = float("nan")
+                self.errors = getattr(self, "errors", {})
+                self.errors[(node, c.name)] = repr(e)
+        ok = {k: v for k, v in times.items() if v == v}
+        best = min(ok, key=ok.get) if ok else cands[0].name
+        if not (f["kind"] == "dense" and f["dtype"] == "float32"):
+            W = _dense2d(wf)
+            times["dense_blas_equivalent"] = _time(lambda: np.matmul(W, x, out=y))
+            del W
+        return {c.name: c for c in cands}[best], times
+
+    def save(self):
+        if self._dirty and self.tune_path:
+            save_tune_file(self.tune_path, self.tune_key(), self._tuned, self.model_path)
+            self._dirty = False
+
+    # -- report -------------------------------------------------------------------------------
+    def report(self) -> list:
+        rows = []
+        with self._lock:
+            for (node, N), ch in sorted(self._choices.items(), key=lambda kv: (list(self._layers).index(kv[0][0]), kv[0][1])):
+                op, f = self._layers[node]
+                t = dict(ch.times_ms)
+                dense_t = t.get("dense_blas_equivalent")
+                chosen_t = t.get(ch.name)
+                rows.append({
+                    "node": node, "op": op, "format": f["kind"] + (f" {'x'.join(map(str, f['block']))}" if f["block"] else ""),
+                    "dtype": f["dtype"], "shape": list(f["shape"]), "sparsity": round(1.0 - f["density"], 4), "N": N,
+                    "kernel": ch.name, "why": ch.why, "measured_ms": t,
+                    "speedup_vs_dense": (round(dense_t / chosen_t, 2) if dense_t and chosen_t else None),
+                    "prepare_ms": round(self.prep_ms.get((node, ch.name), 0.0), 3),
+                })
+        return rows
+
+
+def _apply_act_quant(cand, packed, aq):
+    import importlib
+
+    mod = importlib.import_module(cand.run.__module__)
+    fn = getattr(mod, "set_act_quant", None)
+    if fn is None or not isinstance(packed, dict):
+        return packed
+    return fn(packed, aq["scale"], aq["zero_point"], aq.get("dtype", "int8"))
+
+
+def _time(fn, min_runs=5, budget_s=0.25) -> float:
+    """ms: the median of repeated runs after one warm-up call (compilation excluded)."""
+    fn()
+    ts = []
+    t_end = time.perf_counter() + budget_s
+    while len(ts) < min_runs or (time.perf_counter() < t_end and len(ts) < 50):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return round(float(np.median(ts)) * 1e3, 4)
+
+
+def tune_path(model_path) -> str:
+    p = os.fspath(model_path)
+    base, ext = os.path.splitext(p)
+    return (base if ext == ".sparsedge" else p) + ".tune.json"
+
+
+def format_report(rows: list) -> str:
+    """Human-readable selection report."""
+    if not rows:
+        return "no weight layers planned yet (run the model or call output_shapes/planned_peak_bytes first)"
+    lines = [f"{'node':<28} {'op':<7} {'format':<10} {'dtype':<7} {'sparsity':>8} {'N':>6}  {'kernel':<22} "
+             f"{'ms':>8} {'dense ms':>9} {'speedup':>7}  why"]
+    for r in rows:
+        t = r["measured_ms"]
+        ms = t.get(r["kernel"])
+        d = t.get("dense_blas_equivalent")
+        sp = r["speedup_vs_dense"]
+        lines.append(f"{r['node'][:28]:<28} {r['op']:<7} {r['format']:<10} {r['dtype']:<7} {r['sparsity']:>8.1%} "
+                     f"{r['N']:>6}  {r['kernel'][:22]:<22} {'' if ms is None else f'{ms:.3f}':>8} "
+                     f"{'' if d is None else f'{d:.3f}':>9} {'' if sp is None else f'{sp:.2f}x':>7}  {r['why']}")
+        alts = {k: v for k, v in t.items() if k not in (r["kernel"], "dense_blas_equivalent")}
+        if alts:
+            lines.append(" " * 30 + "alternatives: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(alts.items(), key=lambda kv: kv[1])))
+    tuned = [r for r in rows if r["speedup_vs_dense"] is not None]
+    if tuned:
+        pays = sum(1 for r in tuned if r["speedup_vs_dense"] > 1.0)
+        lines.append(f"sparsity/quantization pays on this board for {pays} of {len(tuned)} compressed layers "
+                     f"(speedup = dense float32 BLAS time / chosen kernel time).")
+    else:
+        lines.append("no measurements: pass tune=True (or run `sparsedge tune MODEL`) to time the alternatives.")
+    return "\n".join(lines)
+
+
+# --- MODEL.tune.json ------------------------------------------------------------------------
+# {"version": 1, "model": {"size", "mtime_ns"}, "entries": {key: {"node|N=n": {"kernel", "times_ms"}}}}
+# Entries written for a different model file (size / mtime) are ignored. Written atomically.
+
+
+def _fingerprint(model_path):
+    try:
+        st = os.stat(model_path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        return None
+
+
+def load_tune_file(path, key) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict) or d.get("version") != 1:
+        return {}
+    base = path[: -len(".tune.json")]
+    model = base + ".sparsedge" if os.path.exists(base + ".sparsedge") else base
+    if d.get("model") != _fingerprint(model):
+        return {}
+    e = d.get("entries", {}).get(key, {})
+    return dict(e) if isinstance(e, dict) else {}
+
+
+def save_tune_file(path, key, entries, model_path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict) or d.get("model") != _fingerprint(model_path):
+            d = {}
+    except (OSError, ValueError):
+        d = {}
+    d = {"version": 1, "model": _fingerprint(model_path), "entries": dict(d.get("entries", {}))}
+    d["entries"][key] = entries
+    dirn = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=dirn)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
