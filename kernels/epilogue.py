@@ -135,20 +135,6 @@ def epilogue_vec(y, bias, res, act, lo, hi):
     _act_inplace(y, act, lo, hi)
 
 
-@jit
-def epilogue_2d(y, bias, res, act, lo, hi):
-    """In-place epilogue over a [out, N] float32 output (used after BLAS calls).
-    bias float32 [out] or len 0; res float32 [out, N] or shape (0, 0)."""
-    nb = bias.shape[0]
-    nr = res.shape[0]
-    for i in range(y.shape[0]):
-        b = bias[i] if nb != 0 else np.float32(0.0)
-        if nr != 0:
-            epilogue_tile(y[i], b, res[i], act, lo, hi)
-        else:
-            epilogue_tile(y[i], b, y[i, 0:0], act, lo, hi)
-
-
 def _erf(a):
     from math import erf
     return np.vectorize(erf, otypes=[np.float64])(a)
