@@ -85,6 +85,8 @@ def checkpoint_kind(path) -> str:
         raise CheckpointError("empty file", file=p)
     if p.endswith(".pt2"):
         return "pt2"
+    if p.endswith(".safetensors"):
+        return "safetensors"  # parsed as such, so header problems get a precise message
     if is_zip(head):
         return "torch-zip"
     if is_tar(head):

@@ -55,8 +55,9 @@ MAX_NDIM = 32
 
 
 def one_line(s, limit: int = 200) -> str:
-    """repr()-quoted, newline-free, length-limited rendering of untrusted text for messages."""
-    r = repr(s)
+    """ascii()-quoted, newline-free, length-limited rendering of untrusted text for messages
+    (look-alike characters show as escapes: 'os' vs '\\u043es')."""
+    r = ascii(s)
     return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
