@@ -33,7 +33,7 @@ def validate_act_quant(act_quant, *, file=None, values=None) -> dict:
         if extra:
             raise ModelFileError(f"unknown keys {extra}", field="act_quant", **where)
         dtype = p.get("dtype", "int8")
-        if dtype not in QRANGE or not isinstance(dtype, str):
+        if not isinstance(dtype, str) or dtype not in QRANGE:
             raise ModelFileError(f"dtype must be one of {list(QRANGE)}, got {dtype!r}", field="act_quant.dtype",
                                  **where)
         s = p.get("scale")

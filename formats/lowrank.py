@@ -118,8 +118,9 @@ class LowRank(WeightFormat):
                 (self.v_scale[:, None] * self.v.astype(np.float32)).astype(np.float32))
 
     def to_dense(self) -> np.ndarray:
-        u, v = self.factors()
-        return np.ascontiguousarray(u @ v, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            u, v = self.factors()
+            return np.ascontiguousarray(u @ v, dtype=np.float32)
 
     @property
     def nnz(self) -> int:

@@ -107,7 +107,8 @@ class DenseI8(WeightFormat):
     def to_dense(self) -> np.ndarray:
         s = self.scale[:, None] if self.granularity == "channel" else self.scale
         z = self.zero_point[:, None] if self.granularity == "channel" else self.zero_point
-        return (s * (self.q.astype(np.int32) - z).astype(np.float32)).astype(np.float32)
+        with np.errstate(over="ignore"):  # a huge (finite) scale may overflow to inf: the data says so
+            return (s * (self.q.astype(np.int32) - z).astype(np.float32)).astype(np.float32)
 
     @property
     def nnz(self) -> int:
@@ -157,7 +158,8 @@ class CSRI8(_CSRBase):
     def to_dense(self) -> np.ndarray:
         d = np.zeros(self.shape, dtype=np.float32)
         rows = self._rows()
-        d[rows, self.indices.astype(np.int64)] = self.scale[rows] * self.q.astype(np.float32)
+        with np.errstate(over="ignore"):
+            d[rows, self.indices.astype(np.int64)] = self.scale[rows] * self.q.astype(np.float32)
         return d
 
 
@@ -212,4 +214,5 @@ class BSRI8(_BSRBase):
     def to_dense(self) -> np.ndarray:
         r = self.block[0]
         s = self.scale.reshape(-1, r)[self._block_rows()][:, :, None]  # [nblk, r, 1]
-        return self._scatter((s * self.q.astype(np.float32)).astype(np.float32))
+        with np.errstate(over="ignore"):
+            return self._scatter((s * self.q.astype(np.float32)).astype(np.float32))
