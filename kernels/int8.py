@@ -1,0 +1,783 @@
+"""int8 GEMM kernels: ``Y[out, N] float32 = dequant(Wq[out, in] int8 @ Xq[in, N])`` + fused epilogue.
+
+Weights: ``dense_i8`` (symmetric or affine, per channel or per tensor), ``csr_i8``, ``bsr_i8``
+(any block shape). Activations X ``[in, N]`` float32 are quantized on the fly to **uint8**
+with a zero point, per call:
+
+* dynamic per tensor (default, = ONNX DynamicQuantizeLinear):
+  ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``sx = (hi - lo) / 255`` (1 if 0),
+  ``zx = clip(rint(-lo / sx), 0, 255)``;
+* dynamic per column (per token; ``granularity="column"``): the same per column n;
+* static: a given ``scale`` / ``zero_point`` (``set_act_quant``; an int8 zero point z of
+  ``Graph.act_quant`` is the uint8 zero point z + 128 -- the same numbers).
+
+``xq = clip(rint(x * float32(1 / sx)) + zx, 0, 255)`` (float32 arithmetic; the numpy
+reference ``quantize_ref`` does exactly the same). All integer work is exact (int32
+accumulators, int64 corrections):
+
+    acc[o, n]  = sum_k xq[k, n] * wq[o, k]
+    corr[o, n] = acc - zx[n] * rowsum(wq)[o] - zw[o] * (colsum(xq)[n] - in * zx[n])
+    y[o, n]    = act(float32(corr) * float32(sx[n] * sw[o]) + bias[o] + residual[o, n])
+
+Paths (one row each in ``KERNELS``; every path gives bit-identical ``corr``):
+
+* ``*_vnni`` (x86 with ``avx512_vnni``): ``vpdpbusd`` (u8 x s8) through the ``@intrinsic``
+  in ``_vnni.py``. Activations packed ``[ceil(in/4), Npad16, 4]`` uint8 while quantizing.
+  dense: register tile 8 rows x 64 columns, weights used straight from the file when
+  ``in % 4 == 0`` (else padded once). csr/bsr: repacked at load into "quads" -- for every
+  group of R output rows (R = 1 for csr, 8/4/1 for bsr by block height) the list of input
+  groups of 4 features that hold a non-zero, with the R x 4 int8 weights (zeros filled).
+* portable (any CPU, plain loops): activations shifted to int8 (``xq - 128``, corrected by
+  ``128 * rowsum``). Dense uses the dot form (``x`` transposed to ``[N, in]``, a contiguous
+  int8 dot product per output) which LLVM turns into ``sdot`` on aarch64 cores with the
+  dot-product extension (cortex-a76, neoverse-n1) and ``vpmaddwd`` on x86; csr/bsr loop over
+  non-zeros with contiguous int32 accumulators over N.
+* ``*_gemv`` (N = 1, memory-bound decoding): dot form / gather, no packing.
+
+``prepare(wf, act_quant=None, granularity="tensor", path=None)`` returns a dict ``packed``
+(``packed["repack_bytes"]``, ``packed["repack_s"]`` report the load-time repack cost);
+``run(packed, x, y, bias, act, lo, hi, residual)`` as in ``kernels/table.py``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from numba import prange
+
+from . import cpu as _cpu
+from ._jit import jit, pjit
+from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6,
+                    ACT_SIGMOID, ACT_SILU, KernelSpec)
+
+__all__ = ["KERNELS", "prepare", "set_act_quant", "quantize_activations", "quantize_ref", "act_params",
+           "gemm_ref", "vnni_available"]
+
+_F32 = np.float32
+_EMPTY_F32 = np.empty(0, np.float32)
+_EMPTY_F32_2D = np.empty((0, 0), np.float32)
+_EMPTY_I32 = np.empty(0, np.int32)
+_TILE_R = 8  # dense VNNI tile rows
+_TILE_C = 48  # dense VNNI column tile (3 zmm of 16 int32): 24 accumulators, measured best of 8x4/8x3/6x4/4x4/8x2
+
+
+def vnni_available() -> bool:
+    return _cpu.cpu_info()["arch"] == "x86_64" and _cpu.has("avx512_vnni")
+
+
+# ----------------------------------------------------------------------------------------------
+# epilogue (same scalar code on every path: bit-identical outputs)
+_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@jit(inline="always")
+def _act(v, act, lo, hi):
+    if act == ACT_NONE:
+        return v
+    if act == ACT_RELU:
+        return v if v > 0.0 else _F32(0.0)
+    if act == ACT_RELU6:
+        return min(max(v, _F32(0.0)), _F32(6.0))
+    if act == ACT_CLAMP:
+        return min(max(v, lo), hi)
+    if act == ACT_GELU:
+        return _F32(0.5 * v * (1.0 + math.erf(v * _SQRT_HALF)))
+    if act == ACT_GELU_TANH:
+        return _F32(0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))))
+    if act == ACT_SILU:
+        return _F32(v / (1.0 + math.exp(-v)))
+    if act == ACT_HARDSWISH:
+        return _F32(v * min(max(v + 3.0, 0.0), 6.0) / 6.0)
+    if act == ACT_SIGMOID:
+        return _F32(1.0 / (1.0 + math.exp(-v)))
+    return v
+
+
+@jit(inline="always")
+def _epi(corr, s, o, n, bias, residual, act, lo, hi):
+    v = _F32(corr) * s
+    if bias.shape[0] > 0:
+        v += bias[o]
+    if residual.shape[0] > 0:
+        v += residual[o, n]
+    return _act(v, act, lo, hi)
+
+
+def _act_ref(v, act, lo, hi):
+    from .table import ACTIVATIONS as A
+    import scipy.special as sp
+    v = v.astype(np.float64) if act in (A["gelu"], A["gelu_tanh"], A["silu"], A["hardswish"], A["sigmoid"]) else v
+    if act == ACT_NONE:
+        r = v
+    elif act == ACT_RELU:
+        r = np.maximum(v, 0)
+    elif act == ACT_RELU6:
+        r = np.clip(v, 0, 6)
+    elif act == ACT_CLAMP:
+        r = np.clip(v, lo, hi)
+    elif act == ACT_GELU:
+        r = 0.5 * v * (1 + sp.erf(v * _SQRT_HALF))
+    elif act == ACT_GELU_TANH:
+        r = 0.5 * v * (1 + np.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v ** 3)))
+    elif act == ACT_SILU:
+        r = v * sp.expit(v)
+    elif act == ACT_HARDSWISH:
+        r = v * np.clip(v + 3, 0, 6) / 6
+    elif act == ACT_SIGMOID:
+        r = sp.expit(v)
+    else:
+        raise ValueError(act)
+    return np.asarray(r, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation quantization
+@pjit
+def _minmax_rows(x, mn, mx):
+    """x float32 [K, N] -> per-row min / max (float32 [K])."""
+    K, N = x.shape
+    for k in prange(K):
+        r = x[k]
+        a = r[0]
+        b = r[0]
+        for n in range(1, N):
+            v = r[n]
+            a = min(a, v)
+            b = max(b, v)
+        mn[k] = a
+        mx[k] = b
+
+
+@jit
+def _minmax_cols(x, mn, mx):
+    """x float32 [K, N] -> per-column min / max (float32 [N])."""
+    K, N = x.shape
+    for n in range(N):
+        mn[n] = x[0, n]
+        mx[n] = x[0, n]
+    for k in range(1, K):
+        r = x[k]
+        for n in range(N):
+            mn[n] = min(mn[n], r[n])
+            mx[n] = max(mx[n], r[n])
+
+
+@jit(inline="always")
+def _q(v, inv, zpf):
+    t = np.rint(v * inv) + zpf
+    t = min(max(t, _F32(0.0)), _F32(255.0))
+    return np.int32(t)
+
+
+@pjit
+def _quant_x4(x, inv, zpf, x4, npad):
+    """x float32 [K, N] -> x4 uint8 flat [ceil(K/4), npad, 4] (zeros in padding)."""
+    K, N = x.shape
+    G = (K + 3) // 4
+    for c in prange(npad // 16):
+        n0 = c * 16
+        n1 = min(n0 + 16, N)
+        for g in range(G):
+            for j in range(4):
+                k = 4 * g + j
+                base = (g * npad) * 4 + j
+                if k < K:
+                    r = x[k]
+                    for n in range(n0, n1):
+                        x4[base + 4 * n] = np.uint8(_q(r[n], inv[n], zpf[n]))
+                    for n in range(n1, n0 + 16):
+                        x4[base + 4 * n] = 0
+                else:
+                    for n in range(n0, n0 + 16):
+                        x4[base + 4 * n] = 0
+
+
+@pjit
+def _quant_kn(x, inv, zpf, xs):
+    """x float32 [K, N] -> xs int8 [K, N] = xq - 128."""
+    K, N = x.shape
+    for k in prange(K):
+        r = x[k]
+        o = xs[k]
+        for n in range(N):
+            o[n] = np.int8(_q(r[n], inv[n], zpf[n]) - 128)
+
+
+@pjit
+def _quant_nk(x, inv, zpf, xt):
+    """x float32 [K, N] -> xt int8 [N, K] = (xq - 128) transposed."""
+    K, N = x.shape
+    nb = (K + 255) // 256
+    for b in prange(nb):
+        k0 = b * 256
+        k1 = min(k0 + 256, K)
+        for n in range(N):
+            o = xt[n]
+            for k in range(k0, k1):
+                o[k] = np.int8(_q(x[k, n], inv[n], zpf[n]) - 128)
+
+
+def act_params(x, granularity="tensor"):
+    """Dynamic quantization parameters of x float32 [K, N]: (scale f32 [N], zero_point i32 [N]),
+    per tensor (the same value repeated) or per column. Float32 arithmetic as ONNX."""
+    K, N = x.shape
+    if granularity == "tensor":
+        if K == 0 or N == 0:
+            lo = hi = _F32(0)
+        else:
+            mn = np.empty(K, _F32)
+            mx = np.empty(K, _F32)
+            _minmax_rows(x, mn, mx)
+            lo, hi = mn.min(), mx.max()
+        lo, hi = np.asarray([lo], _F32), np.asarray([hi], _F32)
+    elif granularity == "column":
+        lo = np.zeros(N, _F32)
+        hi = np.zeros(N, _F32)
+        if K and N:
+            _minmax_cols(x, lo, hi)
+    else:
+        raise ValueError(f"granularity must be 'tensor' or 'column', got {granularity!r}")
+    lo = np.minimum(lo, _F32(0))
+    hi = np.maximum(hi, _F32(0))
+    scale = ((hi - lo) / _F32(255)).astype(_F32)
+    scale[~(scale > 0) | ~np.isfinite(scale)] = 1
+    zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.int32)
+    if granularity == "tensor":
+        scale, zp = np.full(N, scale[0], _F32), np.full(N, zp[0], np.int32)
+    return scale, zp
+
+
+def _params(packed, x):
+    aq = packed["act_quant"]
+    N = x.shape[1]
+    if aq is None:
+        sx, zx = act_params(x, packed["granularity"])
+    else:
+        sx = np.full(N, aq[0], _F32)
+        zx = np.full(N, aq[1], np.int32)
+    inv = (_F32(1) / sx).astype(_F32)
+    return sx, zx, inv, zx.astype(_F32)
+
+
+def quantize_activations(x, scale=None, zero_point=None, granularity="tensor"):
+    """x float32 [K, N] -> (xq uint8 [K, N], scale f32 [N], zero_point i32 [N]) with the kernels'
+    own quantizer (static when scale / zero_point are given)."""
+    x = np.ascontiguousarray(x, dtype=_F32)
+    p = {"act_quant": None if scale is None else (float(scale), int(zero_point)), "granularity": granularity}
+    sx, zx, inv, zpf = _params(p, x)
+    xs = np.empty(x.shape, np.int8)
+    _quant_kn(x, inv, zpf, xs)
+    return (xs.view(np.uint8) ^ np.uint8(128)), sx, zx
+
+
+def quantize_ref(x, scale=None, zero_point=None, granularity="tensor"):
+    """numpy reference of ``quantize_activations`` (same float32 operations)."""
+    x = np.asarray(x, dtype=_F32)
+    K, N = x.shape
+    if scale is None:
+        if granularity == "tensor":
+            lo = np.full(N, min(x.min(), 0) if x.size else 0, _F32)
+            hi = np.full(N, max(x.max(), 0) if x.size else 0, _F32)
+        else:
+            lo = np.minimum(x.min(axis=0), 0).astype(_F32) if K else np.zeros(N, _F32)
+            hi = np.maximum(x.max(axis=0), 0).astype(_F32) if K else np.zeros(N, _F32)
+        sx = ((hi - lo) / _F32(255)).astype(_F32)
+        sx[~(sx > 0) | ~np.isfinite(sx)] = 1
+        zx = np.clip(np.rint(-lo / sx), 0, 255).astype(np.int32)
+    else:
+        sx = np.full(N, scale, _F32)
+        zx = np.full(N, zero_point, np.int32)
+    inv = (_F32(1) / sx).astype(_F32)
+    t = np.rint(x * inv[None, :]) + zx.astype(_F32)[None, :]
+    xq = np.clip(t, 0, 255).astype(np.uint8)
+    return xq, sx, zx
+
+
+# ----------------------------------------------------------------------------------------------
+# VNNI kernels (compiled only when called, i.e. on CPUs with avx512_vnni)
+from ._vnni import vnni_tile  # noqa: E402
+
+
+@jit(inline="always")
+def _epi_row(acc, a0, o, n0, n1, K, shift, rowsum, zw, affine, colsum, sx, zx, sw,
+             bias, residual, act, lo, hi, y):
+    """y[o, n0:n1] from int32 sums acc[a0 + n - n0]; separate simple loops so each vectorizes."""
+    rs = np.int64(rowsum[o])
+    swo = sw[o]
+    yo = y[o]
+    if affine:
+        zwo = np.int64(zw[o])
+        for n in range(n0, n1):
+            z = np.int64(zx[n])
+            corr = np.int64(acc[a0 + n - n0]) + (shift - z) * rs - zwo * (np.int64(colsum[n]) - K * z)
+            yo[n] = _F32(corr) * (sx[n] * swo)
+    else:
+        for n in range(n0, n1):
+            corr = np.int64(acc[a0 + n - n0]) + (shift - np.int64(zx[n])) * rs
+            yo[n] = _F32(corr) * (sx[n] * swo)
+    if bias.shape[0] > 0:
+        b = bias[o]
+        for n in range(n0, n1):
+            yo[n] += b
+    if residual.shape[0] > 0:
+        ro = residual[o]
+        for n in range(n0, n1):
+            yo[n] += ro[n]
+    if act != ACT_NONE:
+        for n in range(n0, n1):
+            yo[n] = _act(yo[n], act, lo, hi)
+
+
+@jit
+def _epi_tile(acc, nr, nt, r0, c0, out, N, K, shift, rowsum, zw, affine, colsum, sx, zx, sw,
+              bias, residual, act, lo, hi, y):
+    """acc int32 [nr, nt*16] (tile at rows r0.., columns c0..) -> y rows < out, columns < N."""
+    n1 = min(c0 + nt * 16, N)
+    for rr in range(min(nr, out - r0)):
+        _epi_row(acc, rr * nt * 16, r0 + rr, c0, n1, K, shift, rowsum, zw, affine, colsum, sx, zx, sw,
+                 bias, residual, act, lo, hi, y)
+
+
+@pjit
+def _dense_vnni(w, K4, out, x4, npad, N, K, rowsum, zw, affine, colsum, sx, zx, sw,
+                bias, residual, act, lo, hi, y):
+    """w int8 flat [out, K4] (K4 % 4 == 0), x4 uint8 flat [K4/4, npad, 4]."""
+    G = K4 // 4
+    xgs = npad * 4
+    nrb = (out + _TILE_R - 1) // _TILE_R
+    nct = (npad + _TILE_C - 1) // _TILE_C
+    dummy = np.empty(0, np.int32)
+    for task in prange(nrb * nct):
+        ct = task // nrb
+        rb = task - ct * nrb
+        c0 = ct * _TILE_C
+        nt = min(_TILE_C // 16, (npad - c0) // 16)
+        r0 = rb * _TILE_R
+        acc = np.empty(_TILE_R * _TILE_C, np.int32)
+        if r0 + _TILE_R <= out:
+            wo = r0 * K4
+            if nt == 3:
+                vnni_tile(8, 3, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+            elif nt == 2:
+                vnni_tile(8, 2, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+            else:
+                vnni_tile(8, 1, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+            _epi_tile(acc, _TILE_R, nt, r0, c0, out, N, K, 0, rowsum, zw, affine, colsum, sx, zx, sw,
+                      bias, residual, act, lo, hi, y)
+        else:
+            for o in range(r0, out):
+                wo = o * K4
+                if nt == 3:
+                    vnni_tile(1, 3, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                elif nt == 2:
+                    vnni_tile(1, 2, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                else:
+                    vnni_tile(1, 1, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                _epi_tile(acc, 1, nt, o, c0, out, N, K, 0, rowsum, zw, affine, colsum, sx, zx, sw,
+                          bias, residual, act, lo, hi, y)
+
+
+@pjit
+def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, N, K, rowsum, sx, zx, sw,
+                bias, residual, act, lo, hi, y):
+    """Quad-sparse: block row b (rows b*R..) has quads qptr[b]..qptr[b+1]; quad q covers input
+    features 4*qidx[q]..+3 with weights qw flat [nq, R, 4]. R in (1, 4, 8)."""
+    nrb = qptr.shape[0] - 1
+    xgs = npad * 4
+    tc = 48 if R == 8 else 64  # 24 or 16 accumulators
+    nct = (npad + tc - 1) // tc
+    zw = np.empty(0, np.int32)
+    for task in prange(nrb * nct):
+        ct = task // nrb
+        rb = task - ct * nrb
+        c0 = ct * tc
+        nt = min(tc // 16, (npad - c0) // 16)
+        q0 = qptr[rb]
+        q1 = qptr[rb + 1]
+        acc = np.empty(384, np.int32)
+        if R == 8:
+            if nt == 3:
+                vnni_tile(8, 3, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+            elif nt == 2:
+                vnni_tile(8, 2, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+            else:
+                vnni_tile(8, 1, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+        elif R == 4:
+            if nt == 4:
+                vnni_tile(4, 4, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+            elif nt == 3:
+                vnni_tile(4, 3, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+            elif nt == 2:
+                vnni_tile(4, 2, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+            else:
+                vnni_tile(4, 1, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+        else:
+            if nt == 4:
+                vnni_tile(1, 4, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+            elif nt == 3:
+                vnni_tile(1, 3, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+            elif nt == 2:
+                vnni_tile(1, 2, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+            else:
+                vnni_tile(1, 1, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+        _epi_tile(acc, R, nt, rb * R, c0, out, N, K, 0, rowsum, zw, False, zw, sx, zx, sw,
+                  bias, residual, act, lo, hi, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# portable kernels (plain loops; exact on every CPU)
+@jit
+def dot_i8(a, b):
+    """sum(int32(a[k]) * int32(b[k])), a, b int8 1-D of equal length -> int32 (exact for
+    len <= 2**17). The inner kernel of the portable dense path; becomes ``sdot`` on aarch64
+    dot-product cores (tests/test_arm_codegen.py)."""
+    s = np.int32(0)
+    for k in range(a.shape[0]):
+        s += np.int32(a[k]) * np.int32(b[k])
+    return np.int32(s)
+
+
+@pjit
+def _dense_dot(wq, xt, K, rowsum, zw, affine, colsum, sx, zx, sw, bias, residual, act, lo, hi, y):
+    """wq int8 [out, K]; xt int8 [N, K] (= xq - 128); y [out, N]."""
+    out = wq.shape[0]
+    N = xt.shape[0]
+    for o in prange(out):
+        wr = wq[o]
+        rs = np.int64(rowsum[o])
+        swo = sw[o]
+        for n in range(N):
+            z = np.int64(zx[n])
+            corr = np.int64(dot_i8(wr, xt[n])) + (128 - z) * rs
+            if affine:
+                corr -= np.int64(zw[o]) * (np.int64(colsum[n]) - K * z)
+            y[o, n] = _epi(corr, sx[n] * swo, o, n, bias, residual, act, lo, hi)
+
+
+@jit(inline="always")
+def _row_epi(acc, o, N, rs, swo, sx, zx, bias, residual, act, lo, hi, y):
+    yo = y[o]
+    for n in range(N):
+        corr = np.int64(acc[n]) + (128 - np.int64(zx[n])) * rs
+        yo[n] = _epi(corr, sx[n] * swo, o, n, bias, residual, act, lo, hi)
+
+
+@pjit
+def _csr_kn(indptr, indices, q, xs, rowsum, sx, zx, sw, bias, residual, act, lo, hi, y):
+    """CSR int8 rows x xs int8 [K, N] (= xq - 128), contiguous int32 accumulation over N."""
+    out = indptr.shape[0] - 1
+    N = xs.shape[1]
+    nchunk = (out + 15) // 16
+    for c in prange(nchunk):
+        acc = np.empty(N, np.int32)
+        for o in range(c * 16, min(c * 16 + 16, out)):
+            acc[:] = 0
+            for j in range(indptr[o], indptr[o + 1]):
+                wv = np.int32(q[j])
+                xr = xs[np.int64(indices[j])]
+                for n in range(N):
+                    acc[n] += wv * np.int32(xr[n])
+            _row_epi(acc, o, N, np.int64(rowsum[o]), sw[o], sx, zx, bias, residual, act, lo, hi, y)
+
+
+@pjit
+def _bsr_kn(r, c, indptr, indices, q, xs, out, rowsum, sx, zx, sw, bias, residual, act, lo, hi, y):
+    """BSR int8 (q [nblk, r, c]) x xs int8 [K, N]; never reads X rows >= K nor writes rows >= out."""
+    K, N = xs.shape
+    nbr = indptr.shape[0] - 1
+    for b in prange(nbr):
+        acc = np.zeros((r, N), np.int32)
+        for j in range(indptr[b], indptr[b + 1]):
+            k0 = np.int64(indices[j]) * c
+            blk = q[j]
+            for cc in range(c):
+                k = k0 + cc
+                if k >= K:
+                    break
+                xr = xs[k]
+                for rr in range(r):
+                    wv = np.int32(blk[rr, cc])
+                    if wv != 0:
+                        a = acc[rr]
+                        for n in range(N):
+                            a[n] += wv * np.int32(xr[n])
+        for rr in range(r):
+            o = b * r + rr
+            if o >= out:
+                break
+            _row_epi(acc[rr], o, N, np.int64(rowsum[o]), sw[o], sx, zx, bias, residual, act, lo, hi, y)
+
+
+@pjit
+def _csr_gemv(indptr, indices, q, xv, rowsum, s, zx0, bias, residual, act, lo, hi, y):
+    """N = 1: y[o, 0] from CSR int8 rows and xv int8 [K] (= xq - 128); s = sx * sw [out]."""
+    out = indptr.shape[0] - 1
+    for o in prange(out):
+        acc = np.int32(0)
+        for j in range(indptr[o], indptr[o + 1]):
+            acc += np.int32(q[j]) * np.int32(xv[np.int64(indices[j])])
+        corr = np.int64(acc) + (128 - np.int64(zx0)) * np.int64(rowsum[o])
+        y[o, 0] = _epi(corr, s[o], o, 0, bias, residual, act, lo, hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare (load-time repack) and run
+def _f32_per_row(a, out, pad_to=None):
+    a = np.asarray(a, np.float32)
+    a = np.full(out, a[0], np.float32) if a.shape[0] == 1 and out != 1 else a[:out]
+    return np.ascontiguousarray(a)
+
+
+def _quads(rows, cols, vals, out, K, R):
+    """Entries (row, col, int8 val) -> quad-sparse arrays for row groups of R:
+    qptr int32 [ceil(out/R)+1], qidx int32 [nq], qw int8 [nq, R, 4]."""
+    G = max((K + 3) // 4, 1)
+    nrb = (out + R - 1) // R
+    keep = vals != 0
+    rows, cols, vals = rows[keep].astype(np.int64), cols[keep].astype(np.int64), vals[keep]
+    key = (rows // R) * G + cols // 4
+    uq, inv = np.unique(key, return_inverse=True)
+    qw = np.zeros((uq.shape[0], R, 4), np.int8)
+    qw[inv, rows % R, cols % 4] = vals
+    qptr = np.searchsorted(uq // G, np.arange(nrb + 1)).astype(np.int32)
+    return qptr, (uq % G).astype(np.int32), qw
+
+
+def _entries(wf):
+    a = wf.arrays()
+    out, K = wf.shape
+    if wf.kind == "csr_i8":
+        indptr = np.asarray(a["indptr"])
+        rows = np.repeat(np.arange(out, dtype=np.int64), np.diff(indptr))
+        return rows, np.asarray(a["indices"], np.int64), np.asarray(a["q"], np.int8).ravel()
+    r, c = (int(v) for v in wf.meta()["block"])
+    indptr = np.asarray(a["indptr"])
+    q = np.asarray(a["q"], np.int8)
+    brow = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
+    bcol = np.asarray(a["indices"], np.int64)
+    rr, cc = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
+    rows = (brow[:, None, None] * r + rr[None]).ravel()
+    cols = (bcol[:, None, None] * c + cc[None]).ravel()
+    vals = q.ravel()
+    ok = (rows < out) & (cols < K)
+    return rows[ok], cols[ok], vals[ok]
+
+
+def set_act_quant(packed, scale, zero_point, dtype="uint8"):
+    """Switch ``packed`` to static activation quantization (``Graph.act_quant`` entry values;
+    an int8 zero point z is used as the uint8 zero point z + 128). Returns ``packed``."""
+    zp = int(zero_point) + (128 if dtype == "int8" else 0)
+    if not (0 <= zp <= 255) or not (float(scale) > 0 and math.isfinite(float(scale))):
+        raise ValueError(f"bad static activation quantization scale={scale!r} zero_point={zero_point!r}")
+    packed["act_quant"] = (float(np.float32(scale)), zp)
+    return packed
+
+
+def prepare(wf, act_quant=None, granularity="tensor", path=None):
+    """Load-time preparation of an int8 weight format object -> packed dict.
+
+    path: "vnni" | "portable" | "gemv" (default: "vnni" when the CPU has avx512_vnni, else
+    "portable"). act_quant: None (dynamic, ``granularity`` "tensor" or "column") or
+    (scale, uint8 zero_point) for static quantization (see ``set_act_quant``)."""
+    t0 = time.perf_counter()
+    if path is None:
+        path = "vnni" if vnni_available() else "portable"
+    kind = wf.kind
+    out, K = (int(v) for v in wf.shape)
+    a = wf.arrays()
+    p = {"kind": kind, "path": path, "out": out, "K": K, "granularity": granularity, "act_quant": None,
+         "repack_bytes": 0}
+    if act_quant is not None:
+        set_act_quant(p, *act_quant)
+    if kind == "dense_i8":
+        q = np.ascontiguousarray(a["q"], dtype=np.int8)
+        p["sw"] = _f32_per_row(a["scale"], out)
+        zw = np.asarray(a["zero_point"], np.int32)
+        zw = np.full(out, zw[0], np.int32) if zw.shape[0] == 1 and out != 1 else np.ascontiguousarray(zw[:out])
+        p["zw"] = zw
+        p["affine"] = bool(np.any(zw != 0))
+        p["rowsum"] = q.sum(axis=1, dtype=np.int64).astype(np.int32)
+        p["q"] = q
+        if path == "vnni":
+            K4 = (K + 3) // 4 * 4
+            if K4 == K:
+                p["w4"] = q.reshape(-1)
+            else:
+                w4 = np.zeros((out, K4), np.int8)
+                w4[:, :K] = q
+                p["w4"] = w4.reshape(-1)
+                p["repack_bytes"] = w4.nbytes
+            p["K4"] = K4
+    elif kind in ("csr_i8", "bsr_i8"):
+        p["sw"] = _f32_per_row(a["scale"], out)
+        rows, cols, vals = _entries(wf)
+        p["rowsum"] = np.bincount(rows, weights=vals.astype(np.float64), minlength=out)[:out].astype(np.int32)
+        if kind == "csr_i8":
+            p.update(indptr=np.asarray(a["indptr"], np.int32), indices=a["indices"],
+                     qv=np.asarray(a["q"], np.int8))
+        else:
+            r, c = (int(v) for v in wf.meta()["block"])
+            p.update(block=(r, c), indptr=np.asarray(a["indptr"], np.int32),
+                     indices=np.asarray(a["indices"], np.int32), qv=np.asarray(a["q"], np.int8))
+        if path == "vnni":
+            R = 1 if kind == "csr_i8" else (8 if p["block"][0] % 8 == 0 else 4 if p["block"][0] % 4 == 0 else 1)
+            qptr, qidx, qw = _quads(rows, cols, vals, out, K, R)
+            p.update(R=R, qptr=qptr, qidx=qidx, qw=qw.reshape(-1))
+            p["repack_bytes"] = qptr.nbytes + qidx.nbytes + qw.nbytes
+        elif path == "gemv" and kind == "bsr_i8":
+            # batch-1 on BSR: row-wise CSR entries (a repack; exact)
+            order = np.lexsort((cols, rows))
+            rows, cols, vals = rows[order], cols[order], vals[order]
+            p.update(indptr=np.searchsorted(rows, np.arange(out + 1)).astype(np.int32),
+                     indices=cols.astype(np.int32), qv=vals.astype(np.int8))
+            p["repack_bytes"] = p["indptr"].nbytes + p["indices"].nbytes + p["qv"].nbytes
+    else:
+        raise ValueError(f"int8 kernels take dense_i8 / csr_i8 / bsr_i8 weights, got {kind!r}")
+    p["repack_s"] = time.perf_counter() - t0
+    return p
+
+
+def _opt(bias, residual):
+    return (_EMPTY_F32 if bias is None else bias), (_EMPTY_F32_2D if residual is None else residual)
+
+
+def _colsum_kn(xs, K):
+    """column sums of xq (uint8) from xs = xq - 128 int8 [K, N]."""
+    return (xs.sum(axis=0, dtype=np.int64) + 128 * K).astype(np.int32)
+
+
+def run_vnni(p, x, y, bias, act, lo, hi, residual):
+    K, N = x.shape
+    out = p["out"]
+    if out == 0 or N == 0:
+        return
+    bias, residual = _opt(bias, residual)
+    sx, zx, inv, zpf = _params(p, x)
+    npad = (N + 15) // 16 * 16
+    G = (K + 3) // 4
+    x4 = np.empty(max(G, 1) * npad * 4, np.uint8)
+    if G == 0:
+        x4[:] = 0
+    else:
+        _quant_x4(x, inv, zpf, x4, npad)
+    lo, hi = _F32(lo), _F32(hi)
+    if p["kind"] == "dense_i8":
+        colsum = (x4.reshape(-1, npad, 4)[:, :N].sum(axis=(0, 2), dtype=np.int64).astype(np.int32)
+                  if p["affine"] else _EMPTY_I32)
+        _dense_vnni(p["w4"], p["K4"], out, x4, npad, N, K, p["rowsum"], p["zw"], p["affine"], colsum,
+                    sx, zx, p["sw"], bias, residual, act, lo, hi, y)
+    else:
+        _quads_vnni(p["R"], p["qptr"], p["qidx"], p["qw"], out, x4, npad, N, K, p["rowsum"], sx, zx, p["sw"],
+                    bias, residual, act, lo, hi, y)
+
+
+def run_portable(p, x, y, bias, act, lo, hi, residual):
+    K, N = x.shape
+    out = p["out"]
+    if out == 0 or N == 0:
+        return
+    bias, residual = _opt(bias, residual)
+    sx, zx, inv, zpf = _params(p, x)
+    lo, hi = _F32(lo), _F32(hi)
+    if p["kind"] == "dense_i8":
+        xt = np.empty((N, K), np.int8)
+        _quant_nk(x, inv, zpf, xt)
+        colsum = ((xt.sum(axis=1, dtype=np.int64) + 128 * K).astype(np.int32) if p["affine"] else _EMPTY_I32)
+        _dense_dot(p["q"], xt, K, p["rowsum"], p["zw"], p["affine"], colsum, sx, zx, p["sw"],
+                   bias, residual, act, lo, hi, y)
+        return
+    xs = np.empty((K, N), np.int8)
+    _quant_kn(x, inv, zpf, xs)
+    if p["kind"] == "csr_i8":
+        _csr_kn(p["indptr"], p["indices"], p["qv"], xs, p["rowsum"], sx, zx, p["sw"], bias, residual, act,
+                lo, hi, y)
+    else:
+        r, c = p["block"]
+        _bsr_kn(r, c, p["indptr"], p["indices"], p["qv"], xs, out, p["rowsum"], sx, zx, p["sw"], bias,
+                residual, act, lo, hi, y)
+
+
+def run_gemv(p, x, y, bias, act, lo, hi, residual):
+    """N = 1 (batch-1 decoding): dense dot form or CSR gather; no activation packing."""
+    K, N = x.shape
+    if N != 1 or p["kind"] == "dense_i8":
+        return run_portable(p, x, y, bias, act, lo, hi, residual)
+    if p["out"] == 0:
+        return
+    bias, residual = _opt(bias, residual)
+    sx, zx, inv, zpf = _params(p, x)
+    xs = np.empty((K, 1), np.int8)
+    _quant_kn(x, inv, zpf, xs)
+    s = (p["sw"] * sx[0]).astype(_F32)
+    _csr_gemv(p["indptr"], p["indices"], p["qv"], xs.reshape(-1), p["rowsum"], s, zx[0], bias, residual, act,
+              _F32(lo), _F32(hi), y)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact numpy references
+def gemm_ref(wf, x, bias=None, act=ACT_NONE, lo=0.0, hi=0.0, residual=None, act_quant=None,
+             granularity="tensor", return_int=False):
+    """numpy reference: quantize x (``quantize_ref``), exact integer GEMM (int64), dequantize and
+    epilogue with the kernels' float32 operation order. return_int: also return corr int64."""
+    out, K = (int(v) for v in wf.shape)
+    a = wf.arrays()
+    if act_quant is None:
+        xq, sx, zx = quantize_ref(x, granularity=granularity)
+    else:
+        xq, sx, zx = quantize_ref(x, act_quant[0], act_quant[1])
+    if wf.kind == "dense_i8":
+        wq = np.asarray(a["q"], np.int64)
+        zw = np.asarray(a["zero_point"], np.int64)
+        zw = np.broadcast_to(zw, (out,)) if zw.shape[0] == 1 else zw[:out]
+    else:
+        rows, cols, vals = _entries(wf)
+        wq = np.zeros((out, K), np.int64)
+        wq[rows, cols] = vals
+        zw = np.zeros(out, np.int64)
+    sw = _f32_per_row(a["scale"], out)
+    xi = xq.astype(np.int64) - zx.astype(np.int64)[None, :]
+    # exact: |values| < 2**53 in float64 for any realistic K
+    corr = np.rint((wq - zw[:, None]).astype(np.float64) @ xi.astype(np.float64)).astype(np.int64)
+    s = (sx[None, :] * sw[:, None]).astype(_F32)
+    v = corr.astype(_F32) * s
+    if bias is not None:
+        v = (v + np.asarray(bias, _F32)[:, None]).astype(_F32)
+    if residual is not None:
+        v = (v + residual).astype(_F32)
+    yref = _act_ref(v, act, _F32(lo), _F32(hi))
+    return (yref, corr) if return_int else yref
+
+
+def _reference(wf, x, bias, act, lo, hi, residual):
+    return gemm_ref(wf, x, bias, act, lo, hi, residual)
+
+
+def _prep(path):
+    return lambda wf: prepare(wf, path=path)
+
+
+_BLOCKS = ((1, 4), (4, 1), (8, 1), (16, 1), (1, 16), (4, 4), (2, 2))
+KERNELS = [
+    KernelSpec("dense_i8_vnni", "gemm", "dense_i8", "int8", None, ("avx512_vnni",), _prep("vnni"), run_vnni,
+               _reference, min_n=2, notes="vpdpbusd u8xs8, tile 8 rows x 64 cols; dynamic per-tensor act quant"),
+    KernelSpec("dense_i8", "gemm", "dense_i8", "int8", None, (), _prep("portable"), run_portable, _reference,
+               notes="portable dot form (sdot on aarch64 dotprod cores)"),
+    KernelSpec("dense_i8_gemv", "gemv", "dense_i8", "int8", None, (), _prep("gemv"), run_gemv, _reference,
+               max_n=1, notes="batch-1 dot form"),
+    KernelSpec("csr_i8_vnni", "gemm", "csr_i8", "int8", None, ("avx512_vnni",), _prep("vnni"), run_vnni,
+               _reference, min_n=2, notes="repacked to quads (1 row x 4 inputs) at load"),
+    KernelSpec("csr_i8", "gemm", "csr_i8", "int8", None, (), _prep("portable"), run_portable, _reference),
+    KernelSpec("csr_i8_gemv", "gemv", "csr_i8", "int8", None, (), _prep("gemv"), run_gemv, _reference,
+               max_n=1),
+]
+for _b in _BLOCKS:
+    _s = f"{_b[0]}x{_b[1]}"
+    KERNELS += [
+        KernelSpec(f"bsr_i8_{_s}_vnni", "gemm", "bsr_i8", "int8", _b, ("avx512_vnni",), _prep("vnni"), run_vnni,
+                   _reference, min_n=2, notes="repacked to quads (8/4/1 rows x 4 inputs) at load"),
+        KernelSpec(f"bsr_i8_{_s}", "gemm", "bsr_i8", "int8", _b, (), _prep("portable"), run_portable, _reference),
+        KernelSpec(f"bsr_i8_{_s}_gemv", "gemv", "bsr_i8", "int8", _b, (), _prep("gemv"), run_gemv, _reference,
+                   max_n=1, notes="row-wise CSR repack, gather"),
+    ]
