@@ -24,54 +24,12 @@ from sparsedge.formats.dense import Dense
 from sparsedge.formats.graph import Graph, Node, ValueInfo
 from sparsedge.formats.modelfile import write_model
 from sparsedge.formats.quant import DenseI8
+from sparsedge.runtime import Session
 
 CC = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(
     CC is None or not sysconfig.get_config_var("Py_ENABLE_SHARED"),
     reason="needs a C compiler and a shared libpython")
-
-# A stand-in for sparsedge.runtime.Session (same API) used only while the runtime's Session is
-# not importable: model files are read by formats.modelfile and run by the numpy reference.
-STANDIN = '''
-import numpy as np
-from sparsedge.errors import InputError
-from sparsedge.formats.modelfile import read_model
-from sparsedge.runtime.reference import run_reference
-from sparsedge.runtime.shapes import infer
-
-class _Info:
-    def __init__(self, vi):
-        self.name, self.shape, self.dtype = vi.name, list(vi.shape), np.dtype(vi.dtype)
-
-class Session:
-    def __init__(self, path, threads=None, **kw):
-        self.model = read_model(path)
-    def get_inputs(self):
-        return [_Info(v) for v in self.model.graph.inputs]
-    def get_outputs(self):
-        return [_Info(v) for v in self.model.graph.outputs]
-    def output_shapes(self, input_shapes):
-        sh = infer(self.model.graph, self.model.tensors, {k: list(v) for k, v in input_shapes.items()})
-        return {v.name: tuple(sh.shapes[v.name]) for v in self.model.graph.outputs}
-    def run(self, names, feeds):
-        for v in self.model.graph.inputs:
-            a = feeds[v.name]
-            if a.dtype != np.dtype(v.dtype):
-                raise InputError(f"dtype {a.dtype}", tensor=v.name)
-        names = names or [o.name for o in self.model.graph.outputs]
-        dt = {o.name: np.dtype(o.dtype) for o in self.model.graph.outputs}
-        out = run_reference(self.model, feeds, names)
-        return [np.asarray(out[n], dtype=dt[n]) for n in names]
-'''
-
-
-def _runtime_session():
-    try:
-        from sparsedge.runtime import Session  # noqa: F401
-    except ImportError:
-        return None
-    return Session
-
 
 ERRORS_C = r'''
 #include <pthread.h>
@@ -288,17 +246,7 @@ def capi(tmp_path_factory):
     corrupt.write_bytes(bytes(data))
     env = dict(os.environ)
     env.pop("SPARSEDGE_PYTHON", None)
-    session_cls = _runtime_session()
-    if session_cls is None:  # runtime Session not landed yet: the stand-in (same API)
-        (root / "capi_standin.py").write_text(STANDIN)
-        env["SPARSEDGE_CAPI_TEST_SESSION"] = "capi_standin:Session"
-        env["PYTHONPATH"] = str(root)
-        sys.path.insert(0, str(root))
-        import capi_standin
-
-        session_cls = capi_standin.Session
     return SimpleNamespace(root=root, libdir=libdir, model=model, corrupt=corrupt, env=env,
-                           Session=session_cls,
                            example=_cc(libdir / "example.c", root / "example", libdir))
 
 
@@ -329,13 +277,16 @@ def test_example_matches_python_session(capi):
     assert "output 0: y float32 [-1, 8]" in p.stdout
     assert "result y float32 [3, 8] 96 bytes" in p.stdout
     assert "result s float32 [3, 4] 48 bytes" in p.stdout
-    sess = capi.Session(str(capi.model), threads=2)
+    sess = Session(str(capi.model), threads=2)
     want = dict(zip(["y", "s"], sess.run(["y", "s"], feeds)))
     ref = run_reference(read_model(str(capi.model)), feeds)
     for name, shape in (("y", (3, 8)), ("s", (3, 4))):
         got = np.fromfile(capi.root / f"out_{name}.bin", dtype=np.float32).reshape(shape)
         np.testing.assert_allclose(got, want[name], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-4)
+        # y goes through an int8 layer with dynamically quantized activations: ~1% off the float
+        # reference; s (embedding + sum) is exact float math
+        tol = 0.02 * np.abs(ref[name]).max() if name == "y" else 1e-5
+        np.testing.assert_allclose(got, ref[name], rtol=0, atol=tol)
         assert np.abs(got).sum() > 0
 
 
@@ -343,7 +294,7 @@ def test_example_batch_one_and_threads_option(capi):
     feeds = _feeds(1, seed=7)
     p = _run_example(capi, feeds, "-t", "1", prefix="b1_")
     assert p.returncode == 0, p.stdout + p.stderr
-    want = capi.Session(str(capi.model), threads=1).run(["y"], feeds)[0]
+    want = Session(str(capi.model), threads=1).run(["y"], feeds)[0]
     got = np.fromfile(capi.root / "b1_y.bin", dtype=np.float32).reshape(1, 8)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -354,7 +305,7 @@ def test_concurrent_runs_from_pthreads(capi):
     p = _run_example(capi, feeds, "-j", "4", "-r", "25", prefix="mt_")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "concurrent: 4 threads x 25 runs, 0 bad" in p.stdout
-    want = capi.Session(str(capi.model)).run(["y"], feeds)[0]
+    want = Session(str(capi.model)).run(["y"], feeds)[0]
     got = np.fromfile(capi.root / "mt_y.bin", dtype=np.float32).reshape(4, 8)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

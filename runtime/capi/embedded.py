@@ -99,19 +99,6 @@ class _Entry:
             self.index.append({r[0]: i for i, r in enumerate(rows)})
 
 
-def _session_class():
-    """The runtime's Session. SPARSEDGE_CAPI_TEST_SESSION=module:attr replaces it (tests only)."""
-    spec = os.environ.get("SPARSEDGE_CAPI_TEST_SESSION")
-    if spec:
-        import importlib
-
-        mod, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(mod), attr)
-    from .. import Session
-
-    return Session
-
-
 def _entry(handle) -> _Entry:
     if handle == _ffi.NULL:
         raise CapiError(ERR_ARGUMENT, "session is NULL")
@@ -154,7 +141,9 @@ def open_(path, options, out):
     if not os.path.isfile(p):
         raise CapiError(ERR_MODEL_FILE, f"model file {p!r}: " + ("is not a file" if os.path.exists(p) else "not found"))
     try:
-        session = _session_class()(p, **kwargs)
+        from .. import Session
+
+        session = Session(p, **kwargs)
     except OSError as e:
         raise CapiError(ERR_MODEL_FILE, f"model file {p!r}: {e.strerror or e}") from None
     entry = _Entry(session)
@@ -168,8 +157,12 @@ def open_(path, options, out):
 def close(handle):
     _entry(handle)
     with _lock:
-        if _sessions.pop(int(_ffi.cast("uintptr_t", handle)), None) is None:
-            raise CapiError(ERR_ARGUMENT, "invalid or closed session")
+        e = _sessions.pop(int(_ffi.cast("uintptr_t", handle)), None)
+    if e is None:
+        raise CapiError(ERR_ARGUMENT, "invalid or closed session")
+    close_fn = getattr(e.session, "close", None)
+    if close_fn is not None:
+        close_fn()
     return OK
 
 
