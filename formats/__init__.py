@@ -11,9 +11,12 @@ from .nm import NM
 from .quant import DenseI8, CSRI8, BSRI8
 from .lowrank import LowRank
 from .actquant import validate_act_quant, act_quant_from_range
+from .graph import Graph, Node, ValueInfo
+from .modelfile import ModelFile, read_model, write_model
 
 __all__ = ["FORMATS", "WeightFormat", "register", "Dense", "CSR", "BSR", "NM", "DenseI8", "CSRI8", "BSRI8",
-           "LowRank", "validate_act_quant", "act_quant_from_range", "from_arrays"]
+           "LowRank", "validate_act_quant", "act_quant_from_range", "from_arrays", "Graph", "Node", "ValueInfo",
+           "ModelFile", "read_model", "write_model"]
 
 
 def from_arrays(kind: str, shape, meta: dict, arrays: dict, *, name=None, orig_shape=None) -> WeightFormat:

@@ -72,7 +72,8 @@ class WeightFormat:
 
     @property
     def nnz(self) -> int:
-        """Stored non-zeros (for dense: count of non-zero entries)."""
+        """Stored non-zeros: csr/csr_i8 stored entries; bsr/bsr_i8 stored block entries inside the
+        logical shape (padding excluded); dense/dense_i8/nm non-zero values; lowrank out*k + k*in."""
         raise NotImplementedError
 
     @property

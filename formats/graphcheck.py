@@ -13,7 +13,10 @@ Every failure raises ``ModelFileError`` (or ``UnsupportedOpInFileError``) naming
 """
 from __future__ import annotations
 
+import json
 import math
+
+import numpy as np
 
 from ..errors import ModelFileError, UnsupportedOpInFileError
 from . import optable
@@ -23,6 +26,14 @@ from .graph import VALUE_DTYPES, Graph, Node, ValueInfo
 MAX_NAME = 4096  # characters in a value / node name
 MAX_RANK = 16  # dims of a declared value
 MAX_LIST = 4096  # elements of a list attribute
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (tuple, np.ndarray)):
+        return list(o.tolist() if isinstance(o, np.ndarray) else o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
 def _err(msg, file, node=None, field=None):
@@ -109,6 +120,10 @@ def check_graph(g, *, tensors: dict | None = None, file=None) -> Graph:
              "outputs": [v.to_json() if isinstance(v, ValueInfo) else v for v in g.outputs],
              "nodes": [n.to_json() if isinstance(n, Node) else n for n in g.nodes],
              "act_quant": g.act_quant}
+        try:  # normalise as the file will hold it: tuples -> lists, numpy scalars -> Python numbers
+            g = json.loads(json.dumps(g, default=_json_default, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            _err(f"graph is not JSON-serialisable: {e}", file, None, "graph")
     tensors = tensors or {}
     if not isinstance(g, dict):
         _err("graph must be an object", file, None, "graph")

@@ -272,3 +272,18 @@ def test_inspect(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.sparsedge" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert cli_main(["inspect", str(tmp_path / "missing.sparsedge")]) == 1
+
+
+def test_graph_from_python_objects_is_normalised(tmp_path):
+    """Tuples and numpy scalars in a Graph built by the converter are stored as JSON lists/numbers."""
+    w = CSR.from_dense(np.ones((4, 2 * 3 * 3), np.float32))
+    g = Graph([ValueInfo("x", "float32", ("batch", 2, 5, 5))], [ValueInfo("y", "float32", ["batch", 4, 5, 5])],
+              [Node("conv2d", "c", ("x", "w"), ("y",), {"stride": (1, 1), "padding": (np.int64(1), 1),
+                                                          "groups": np.int32(1)})],
+              {"x": {"scale": np.float32(0.5), "zero_point": np.int64(0)}})
+    p = tmp_path / "n.sparsedge"
+    write_model(p, g, {"w": w})
+    with read_model(p) as mf:
+        n = mf.graph.nodes[0]
+        assert n.attrs == {"stride": [1, 1], "padding": [1, 1], "groups": 1} and n.inputs == ["x", "w"]
+        assert mf.graph.inputs[0].shape == ["batch", 2, 5, 5]
