@@ -12,7 +12,9 @@ Accepted sources (the kind is sniffed from the content, the extension only break
 * ``.safetensors`` files and sharded checkpoints (``*.safetensors.index.json``,
   ``pytorch_model.bin.index.json``),
 * a Hugging Face model folder: ``model.safetensors``, ``model.safetensors.index.json``,
-  ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (first found, in this order).
+  ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (first found, in this order), else
+  the folder's only ``*.safetensors.index.json`` / ``*.safetensors`` / ``*.bin.index.json`` /
+  ``*.bin|.pt|.pth|.ckpt`` file.
 
 ``.pt2`` (torch.export) archives are refused: their loader uses ``torch.load`` and may run
 code. With ``trusted=True`` a :class:`Pt2ArchiveError` (a CheckpointError) is raised instead,
@@ -40,13 +42,11 @@ from .torchzip import DEFAULT_SIZE_CAP, is_zip, read_torch_zip
 from .unpickler import MAX_PICKLE_BYTES, TensorRef, one_line
 
 __all__ = ["load_state_dict", "checkpoint_kind", "find_state_dict", "Pt2ArchiveError", "DEFAULT_SIZE_CAP",
-           "HF_WEIGHT_FILES", "STATE_DICT_KEYS"]
+           "HF_WEIGHT_FILES"]
 
 # looked for, in this order, in a Hugging Face model folder
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
-# keys under which training checkpoints commonly keep the state_dict (documentation / hints)
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 _MAX_SEARCH_DEPTH = 4
 _MAX_SEARCH_NODES = 100_000
 
@@ -107,9 +107,20 @@ def _hf_folder(path) -> str:
         if os.path.isfile(f):
             return f
     try:
-        listing = sorted(os.listdir(path))[:20]
+        listing = sorted(os.listdir(path))
     except OSError:
         listing = []
+    # otherwise a single weights file of another name (diffusers, exported checkpoints...)
+    for suffixes in ((".safetensors.index.json",), (".safetensors",), (".bin.index.json",),
+                     (".bin", ".pt", ".pth", ".ckpt")):
+        found = [n for n in listing if n.endswith(suffixes) and os.path.isfile(os.path.join(path, n))
+                 and not (suffixes == (".safetensors",) and "-of-" in n)]
+        if len(found) == 1:
+            return os.path.join(path, found[0])
+        if len(found) > 1:
+            raise CheckpointError(f"model folder holds several weight files ({', '.join(found[:6])}); "
+                                  "give the file itself", file=path)
+    listing = listing[:20]
     raise CheckpointError(f"model folder holds none of {', '.join(HF_WEIGHT_FILES)} (found: "
                           f"{', '.join(listing) or 'nothing'})", file=path)
 

@@ -8,8 +8,8 @@ storage bytes, usually stored uncompressed and 64-byte aligned), ``byteorder`` (
 
 * Stored records are memory-mapped: arrays are ``np.frombuffer`` views on an ``mmap`` (zero
   copy; read-only; the mmap stays alive as long as any array's ``.base`` chain refers to it).
-* Deflated records are decompressed with a bound: a record whose declared size exceeds
-  ``size_cap``, whose output would exceed its declared size, whose total with the other
+* Deflated records are decompressed with a bound (stored ones are mapped, so only the file
+  size bounds them): a record whose declared size exceeds ``size_cap``, whose output would exceed its declared size, whose total with the other
   records exceeds ``size_cap``, or whose CRC does not match, is refused (zip-bomb defence;
   nothing is decompressed past ``declared + 1`` bytes). Other compression methods are refused.
 * Entry names with ``..``, absolute paths, backslashes or NULs, duplicate names, and local
@@ -131,8 +131,9 @@ class ZipCheckpoint:
         zi = self.entries.get(full)
         if zi is None:
             raise CheckpointError(f"missing record {one_line(full)}", file=self.path)
+        # stored records are mapped, not copied: only explicit limits (pickle, byteorder) apply
         cap = self.size_cap if limit is None else min(limit, self.size_cap)
-        if zi.file_size > cap:
+        if zi.file_size > cap and (limit is not None or zi.compress_type != zipfile.ZIP_STORED):
             raise CheckpointError(f"record {one_line(full)} declares {zi.file_size} bytes, over the cap of "
                                   f"{cap} bytes", file=self.path)
         start, end = self._data_span(zi)
@@ -189,7 +190,6 @@ def read_torch_zip(path, *, size_cap: int = DEFAULT_SIZE_CAP, pickle_cap: int = 
             raise CheckpointError(f"unknown byteorder record {one_line(bo)}", file=path)
         swap = bo == b"big"
     pkl = z.record("data.pkl", limit=pickle_cap)
-    refs: dict[str, int] = {}
 
     def resolve(pid):
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
@@ -208,7 +208,6 @@ def read_torch_zip(path, *, size_cap: int = DEFAULT_SIZE_CAP, pickle_cap: int = 
         if zi.file_size != nbytes:
             raise CheckpointError(f"storage {key!r} size mismatch: declared {numel} x torch.{dt.name} = "
                                   f"{nbytes} bytes, record holds {zi.file_size}", file=path)
-        refs[key] = nbytes
         return StorageRef(key, dt, nbytes)
 
     obj = restricted_loads(memoryview(pkl), resolve=resolve, source=path, limit=pickle_cap)

@@ -159,6 +159,8 @@ def widen(raw: np.ndarray, dt: TorchDType) -> np.ndarray:
         return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
     if dt.widen:
         return FP8_TABLES[dt.widen][raw.view(np.uint8)]
+    if dt.name == "bool" and raw.size and raw.view(np.uint8).max() > 1:
+        return raw.view(np.uint8) != 0  # bytes other than 0/1 would make an odd numpy bool
     return raw
 
 
@@ -239,9 +241,10 @@ class TensorRef:
         numel = 1
         for s in self.shape:
             numel *= s
-        if size_cap is not None and numel * dt.out.itemsize > size_cap:
-            raise CheckpointError(f"tensor of {numel} elements exceeds the size cap of {size_cap} bytes",
-                                  file=src, tensor=name)
+        if size_cap is not None and numel > n_elem and numel * dt.out.itemsize > size_cap:
+            # a view larger than its storage (stride 0): bounded so that a copy cannot explode
+            raise CheckpointError(f"tensor of {numel} elements over a storage of {n_elem} exceeds the size cap "
+                                  f"of {size_cap} bytes", file=src, tensor=name)
         if numel == 0:
             return np.zeros(self.shape, dtype=dt.out)
         last = self.offset + sum((s - 1) * t for s, t in zip(self.shape, self.stride))
@@ -517,7 +520,8 @@ ALLOWED_GLOBALS = _build_allowed()
 def _refuse(module, name, source):
     g = f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else f"{module!r}.{name!r}"
     return CheckpointError(f"refused global {one_line(g)} (only tensors, dtypes, storages and plain "
-                           "containers may appear in a checkpoint; nothing was executed)", file=source)
+                           "containers may appear in a checkpoint; nothing was executed; if you trust the file, "
+                           "re-save just its state_dict with torch.save)", file=source)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -581,7 +585,11 @@ def scan_pickle(buf, start: int = 0, *, limit: int = MAX_PICKLE_BYTES, source=No
     longer than ``limit`` and malformed / truncated ones (CheckpointError)."""
     if isinstance(buf, memoryview):
         buf = buf.tobytes()
-    w = _Window(buf, start, limit)
+    if isinstance(buf, (bytes, bytearray)) and start == 0 and len(buf) <= limit:
+        w = io.BytesIO(buf)  # C-speed reads; the whole pickle is already in memory
+        w.start, w.end = 0, len(buf)
+    else:
+        w = _Window(buf, start, limit)
     try:
         for op, arg, pos in pickletools.genops(w):
             if op.name in _EXT:
@@ -596,7 +604,7 @@ def scan_pickle(buf, start: int = 0, *, limit: int = MAX_PICKLE_BYTES, source=No
     except CheckpointError:
         raise
     except Exception as e:  # ValueError from genops on malformed data, UnicodeDecodeError...
-        if w.pos >= w.end and w.end - start >= limit:
+        if (w.tell() + start) >= w.end and w.end - start >= limit:
             raise CheckpointError(f"pickle larger than the cap of {limit} bytes", file=source) from None
         raise CheckpointError(f"malformed pickle: {one_line(str(e))}", file=source) from None
     raise CheckpointError("pickle has no STOP opcode (truncated)", file=source)

@@ -457,6 +457,22 @@ def test_sharded_safetensors_and_hf_folders(tmp_path, rng):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="holds none of"):
         load_state_dict(empty)
+    # a folder with one weights file of another name
+    other = tmp_path / "diffusers"
+    other.mkdir()
+    write_safetensors(other / "diffusion_pytorch_model.safetensors", {"u": np.ones(3, np.float32)})
+    assert list(load_state_dict(other)) == ["u"]
+    write_safetensors(other / "second.safetensors", {"v": np.ones(3, np.float32)})
+    with pytest.raises(CheckpointError, match="several weight files"):
+        load_state_dict(other)
+
+
+def test_safetensors_bool_bytes_normalised(tmp_path):
+    f = tmp_path / "b.safetensors"
+    write_safetensors(f, {}, raw={"b": ("BOOL", [4], bytes([0, 1, 2, 255]))})
+    out = load_state_dict(f)["b"]
+    assert out.dtype == np.bool_ and out.tolist() == [False, True, True, True]
+    assert out.view(np.uint8).max() == 1
 
 
 def test_hf_folder_pytorch_bin_shards(tmp_path):
