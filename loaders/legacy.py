@@ -60,7 +60,7 @@ class _Cursor:
         self.buf, self.pos, self.end, self.source, self.cap = buf, start, end, source, pickle_cap
 
     def pickle(self, resolve=None):
-        end = scan_pickle(self.buf, self.pos, limit=min(self.cap, self.end - self.pos), source=self.source)
+        end = scan_pickle(self.buf, self.pos, limit=self.cap, end=self.end, source=self.source)
         obj = restricted_loads(self.buf[self.pos:end], resolve=resolve, source=self.source, limit=self.cap)
         self.pos = end
         return obj

@@ -579,17 +579,19 @@ class _Window(io.RawIOBase):
         return self.pos - self.start
 
 
-def scan_pickle(buf, start: int = 0, *, limit: int = MAX_PICKLE_BYTES, source=None) -> int:
-    """Walk the opcodes of the pickle at ``buf[start:]`` without executing it; returns its end
-    offset (one past STOP). Refuses EXT opcodes, GLOBAL/INST of names not allowed, pickles
-    longer than ``limit`` and malformed / truncated ones (CheckpointError)."""
+def scan_pickle(buf, start: int = 0, *, limit: int = MAX_PICKLE_BYTES, end: int | None = None,
+                source=None) -> int:
+    """Walk the opcodes of the pickle at ``buf[start:end]`` without executing it; returns its
+    end offset (one past STOP). Refuses EXT opcodes, GLOBAL/INST of names not allowed, pickles
+    longer than ``limit`` bytes and malformed / truncated ones (CheckpointError)."""
     if isinstance(buf, memoryview):
         buf = buf.tobytes()
-    if isinstance(buf, (bytes, bytearray)) and start == 0 and len(buf) <= limit:
+    hard_end = len(buf) if end is None else min(end, len(buf))
+    window = min(limit, hard_end - start)
+    if isinstance(buf, (bytes, bytearray)) and start == 0 and hard_end == len(buf) and len(buf) <= limit:
         w = io.BytesIO(buf)  # C-speed reads; the whole pickle is already in memory
-        w.start, w.end = 0, len(buf)
     else:
-        w = _Window(buf, start, limit)
+        w = _Window(buf, start, window)
     try:
         for op, arg, pos in pickletools.genops(w):
             if op.name in _EXT:
@@ -604,9 +606,11 @@ def scan_pickle(buf, start: int = 0, *, limit: int = MAX_PICKLE_BYTES, source=No
     except CheckpointError:
         raise
     except Exception as e:  # ValueError from genops on malformed data, UnicodeDecodeError...
-        if (w.tell() + start) >= w.end and w.end - start >= limit:
+        if w.tell() >= window and start + window < hard_end:
             raise CheckpointError(f"pickle larger than the cap of {limit} bytes", file=source) from None
-        raise CheckpointError(f"malformed pickle: {one_line(str(e))}", file=source) from None
+        raise CheckpointError(f"malformed or truncated pickle: {one_line(str(e))}", file=source) from None
+    if start + window < hard_end:
+        raise CheckpointError(f"pickle larger than the cap of {limit} bytes", file=source)
     raise CheckpointError("pickle has no STOP opcode (truncated)", file=source)
 
 

@@ -155,6 +155,38 @@ def test_sanity_hand_assembled_pickle_is_readable(tmp_path):
     np.testing.assert_array_equal(load_state_dict(g)["w"], np.arange(6, dtype=np.float32))
 
 
+def test_old_pickle_shapes_are_readable(tmp_path):
+    """Older torch pickles: 4-arg _rebuild_tensor, legacy persistent ids with view metadata."""
+    def old_rebuild(p):
+        p.glob("torch._utils", "_rebuild_tensor").mark()
+        p.mark().s("storage").glob("torch", "FloatStorage").s("0").s("cpu").i(6).tup().persid()
+        return p.i(1).mark().i(2).i(2).tup().mark().i(1).i(2).tup().tup().reduce()
+
+    def view_pid(p):  # storage view: elements 2..5 of storage 0, tensor over the view
+        p.glob("torch._utils", "_rebuild_tensor_v2").mark()
+        p.mark().s("storage").glob("torch", "FloatStorage").s("0").s("cpu").i(6)
+        p.mark().s("v1").i(2).i(4).tup().tup().persid()
+        return p.i(1).mark().i(3).tup().mark().i(1).tup().false().none().tup().reduce()
+
+    f = tmp_path / "old.pt"
+    write_legacy(f, _state_dict([("a", old_rebuild), ("v", view_pid)]))
+    out = load_state_dict(f)
+    np.testing.assert_array_equal(out["a"], np.array([[1, 3], [2, 4]], np.float32))
+    np.testing.assert_array_equal(out["v"], np.array([3, 4, 5], np.float32))
+    assert np.shares_memory(out["a"], out["v"])
+    # a view reaching past its root storage is refused
+    def bad_view(p):
+        p.glob("torch._utils", "_rebuild_tensor_v2").mark()
+        p.mark().s("storage").glob("torch", "FloatStorage").s("0").s("cpu").i(6)
+        p.mark().s("v1").i(4).i(4).tup().tup().persid()
+        return p.i(0).mark().i(1).tup().mark().i(1).tup().false().none().tup().reduce()
+
+    write_legacy(f, _state_dict([("v", bad_view)]))
+    refused(f, match="storage view past the end")
+    write_legacy(f, _state_dict([(f"w{i}", _tensor) for i in range(50)]))
+    refused(f, match="larger than the cap", pickle_cap=200)
+
+
 # ------------------------------------------------------------------------------------------
 # code-execution payloads
 def _payloads(c):
