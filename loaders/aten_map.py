@@ -733,12 +733,46 @@ def _squeeze(m, n, a):
     return m.val_for(n, "squeeze", [m.inp(x)], {"axes": axes})
 
 
-def _slice_like(m, n, x, axis, start, sym: Sym):
-    if not (sym.src and isinstance(sym.dim, str)):
-        raise _Unsupported("slice to a compound symbolic size")
-    like, like_axis = sym.src
-    return m.val_for(n, "slice_like", [m.inp(x, "table"), like],
-                     {"axis": axis, "start": int(start or 0), "like_axis": like_axis})
+def arange_sym(b: Builder, like: str, like_axis: int, sym: str, bound: int, dtype="int64", name="positions") -> str:
+    """Graph values computing ``arange(S)`` (1-D, ``dtype``) for ``S = like.shape[like_axis]``, S <= bound,
+    with table ops only: expand ``arange(bound)`` to ``[S, bound]``, flatten, and take every
+    ``(bound + 1)``-th element (the diagonal), which is ``0, 1, ..., S - 1``."""
+    del like, like_axis
+    v = b.const(np.arange(bound, dtype=dtype)[None, :], f"{name}_range")
+    e = b.add("expand", [v], {"shape": [sym, bound]}, name=f"{name}_grid")
+    f = b.add("reshape", [e], {"shape": [-1]}, name=f"{name}_flat")
+    return b.add("slice", [f], {"axis": 0, "start": 0, "step": bound + 1}, name=name)
+
+
+def _slice_sym(m, n, x, axis, start, sym: Sym):
+    """``x[..., start:S, ...]`` for a constant ``x`` and a symbolic S (position ids / tables)."""
+    if not (sym.src and isinstance(sym.dim, str)) or not isinstance(x, Const) or start not in (0, None):
+        raise _Unsupported("slice of a computed tensor to a symbolic size")
+    arr = np.asarray(x.arr)
+    big = arr.shape[axis]
+    ids = arange_sym(m.b, sym.src[0], sym.src[1], sym.dim, big, name=f"{n.name}_ids")
+    moved = np.moveaxis(arr, axis, 0)
+    rest = list(moved.shape[1:])
+    is_range = moved.ndim >= 1 and all(d == 1 for d in rest) and \
+        np.array_equal(moved.reshape(big), np.arange(big))
+    if is_range:
+        out = ids if arr.dtype == np.int64 else m.b.add("cast", [ids], {"dtype": dtype_str_np(arr.dtype)}, name="cast")
+        have = [sym.dim]
+    else:
+        table = m.b.const(np.ascontiguousarray(moved.reshape(big, -1)), "table")
+        out = m.b.add("embedding", [ids, table], name=f"{n.name}_rows")
+        have = [sym.dim, int(np.prod(rest))]
+    want = [sym.dim] + rest
+    if have != want:
+        out = m.b.add("reshape", [out], {"shape": want}, name=f"{n.name}_shape")
+    if axis != 0:
+        perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, arr.ndim))
+        out = m.b.add("transpose", [out], {"perm": perm}, name=f"{n.name}_perm")
+    return Val(out, m.dtype_of(n), m.shape_of(n))
+
+
+def dtype_str_np(dt) -> str:
+    return str(np.dtype(dt))
 
 
 @_h("aten.slice.Tensor")
@@ -758,7 +792,7 @@ def _slice(m, n, a):
         else:
             if step != 1:
                 raise _Unsupported("symbolic slice end with a step")
-            return _slice_like(m, n, x, axis, start, end)
+            return _slice_sym(m, n, x, axis, start, end)
     start = 0 if start is None else int(start)
     end = None if (end is None or end >= _BIG) else int(end)
     if isinstance(x, Val):
@@ -847,8 +881,14 @@ def _arange(m, n, a):
         bound = _embedding_rows(m, n)
     if bound is None:
         raise _Unsupported(f"arange to the unbounded size {end.dim!r} (give the dim a maximum)")
-    table = Const(np.arange(start, start + bound, dtype=m.dtype_of(n)))
-    return _slice_like(m, n, table, 0, 0, end)
+    ids = arange_sym(m.b, end.src[0], end.src[1], end.dim, bound, name=f"{n.name}_ids") if end.src else None
+    if ids is None:
+        raise _Unsupported("arange to a compound symbolic size")
+    if start:
+        ids = m.b.add("add", [ids, m.b.const(np.array(start, dtype="int64"), "start")], name="arange_start")
+    if m.dtype_of(n) != "int64":
+        ids = m.b.add("cast", [ids], {"dtype": m.dtype_of(n)}, name="cast")
+    return Val(ids, m.dtype_of(n), m.shape_of(n))
 
 
 def _embedding_rows(m, n):
