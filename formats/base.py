@@ -104,6 +104,9 @@ def _fail(name, field, msg):
     raise FormatError(msg, tensor=name, field=field)
 
 
+MAX_WEIGHT_DIM = 2 ** 31 - 1  # out / in of a 2-D weight format (kernels index with int32)
+
+
 def parse_shape(shape, *, name=None, field="shape", ndim=None) -> tuple:
     """A shape as a tuple of Python ints >= 0 (bools, floats, negatives rejected)."""
     if not isinstance(shape, (list, tuple)):
@@ -117,6 +120,8 @@ def parse_shape(shape, *, name=None, field="shape", ndim=None) -> tuple:
         out.append(int(d))
     if ndim is not None and len(out) != ndim:
         _fail(name, field, f"must have {ndim} dims, got {len(out)}")
+    if ndim == 2 and max(out, default=0) > MAX_WEIGHT_DIM:
+        _fail(name, field, f"a weight dim must be <= {MAX_WEIGHT_DIM} (int32 indices), got {list(out)}")
     return tuple(out)
 
 

@@ -405,6 +405,8 @@ def test_from_arrays_rejects_bad_meta_and_arrays():
         from_arrays("csr", (4, -4), {}, f.arrays(), name="w")
     with pytest.raises(FormatError, match="shape"):
         from_arrays("csr", (4, 4, 1), {}, f.arrays(), name="w")
+    with pytest.raises(FormatError, match="int32"):  # a huge logical width with no stored entries
+        from_arrays("csr", (4, 2 ** 40), {}, f.arrays(), name="w")
     with pytest.raises(FormatError, match="kind"):
         from_arrays("coo", (4, 4), {}, f.arrays(), name="w")
     b = BSR.from_dense(np.eye(4, dtype=np.float32), block=(2, 2))
