@@ -32,6 +32,7 @@ skipped.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -70,6 +71,15 @@ def _head(path, n=512) -> bytes:
         raise CheckpointError(f"cannot read: {e.strerror or e}", file=path) from None
 
 
+def _is_pt2_zip(path) -> bool:
+    """A torch.export archive under another extension (it has an ``<folder>/archive_format`` record)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.count("/") == 1 and n.endswith("/archive_format") for n in zf.namelist())
+    except Exception:  # unreadable zips are reported by the zip reader itself
+        return False
+
+
 def checkpoint_kind(path) -> str:
     """What ``path`` is: "hf-folder", "safetensors", "safetensors-index", "torch-index",
     "pt2", "torch-zip", "torch-legacy", "torch-tar". Raises CheckpointError if unknown."""
@@ -88,7 +98,7 @@ def checkpoint_kind(path) -> str:
     if p.endswith(".safetensors"):
         return "safetensors"  # parsed as such, so header problems get a precise message
     if is_zip(head):
-        return "torch-zip"
+        return "pt2" if _is_pt2_zip(p) else "torch-zip"
     if is_tar(head):
         return "torch-tar"
     if is_legacy_pickle(head):

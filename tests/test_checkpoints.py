@@ -501,10 +501,23 @@ def test_pt2_refused_unless_trusted(tmp_path):
     with pytest.raises(Pt2ArchiveError) as ei:
         load_state_dict(f, trusted=True)
     assert ei.value.path == str(f)
-    g = tmp_path / "renamed.pt"  # a .pt2 archive under another extension is refused too
+    g = tmp_path / "renamed.pt"  # a .pt2 archive under another extension is recognised too
     os.rename(f, g)
-    with pytest.raises(CheckpointError, match="pt2"):
+    assert checkpoint_kind(g) == "pt2"
+    with pytest.raises(CheckpointError, match="pt2") as ei:
         load_state_dict(g)
+    assert not isinstance(ei.value, Pt2ArchiveError)
+    with pytest.raises(Pt2ArchiveError):
+        load_state_dict(g, trusted=True)
+
+
+def test_real_pt2_archive_refused(tmp_path):
+    torch = _torch()
+    ep = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(2, 3),))
+    f = tmp_path / "lin.pt2"
+    torch.export.save(ep, f)
+    with pytest.raises(CheckpointError, match="may execute code"):
+        load_state_dict(f)
 
 
 def test_readers_never_import_torch(tmp_path, rng):
