@@ -212,8 +212,9 @@ def load_state_dict(path, *, key: str | None = None, size_cap: int = DEFAULT_SIZ
     ``path``: a torch checkpoint (zip or legacy), a .safetensors file, a sharded index json
     or a Hugging Face model folder. ``key``: where the state_dict sits in a training
     checkpoint (e.g. "model", "state_dict", or a nested path "a/b"); by default it must be
-    unambiguous. ``size_cap``: bytes; refuses any decompressed record, total of decompressed
-    records or single tensor larger than this (zip-bomb defence). ``trusted``: only changes
+    unambiguous. ``size_cap``: bytes; refuses a deflated record, or the total of deflated records,
+    inflating to more than this (zip-bomb defence), and a view larger than both its storage and
+    this (stride-0 expansion); memory-mapped data is bounded by the file size instead. ``trusted``: only changes
     how ``.pt2`` archives are refused (see :class:`Pt2ArchiveError`). ``pickle_cap``: bytes
     of pickle accepted.
 
