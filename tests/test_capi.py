@@ -356,3 +356,18 @@ def test_python_start_failure_is_an_error_code(capi, tmp_path):
 def _write(path, text):
     path.write_text(textwrap.dedent(text))
     return path
+
+
+@pytest.mark.parametrize("lang", ["c89", "c++"])
+def test_header_is_plain_c89_and_cpp(capi, tmp_path, lang):
+    src = tmp_path / ("h.c" if lang == "c89" else "h.cpp")
+    src.write_text('#include "sparsedge.h"\nint main(void) { sparsedge_options o; sparsedge_options_init(&o);'
+                   ' return o.threads + (int)sparsedge_dtype_size(SPARSEDGE_INT8) - 1; }\n')
+    compiler = CC if lang == "c89" else shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    flags = ["-std=c89", "-pedantic"] if lang == "c89" else ["-pedantic"]
+    exe = tmp_path / "h"
+    subprocess.run([compiler, *flags, "-Wall", "-Wextra", "-Werror", "-I", str(capi.libdir), str(src), "-L",
+                    str(capi.libdir), "-lsparsedge", f"-Wl,-rpath,{capi.libdir}", "-o", str(exe)], check=True)
+    assert subprocess.run([str(exe)], env=capi.env, timeout=60).returncode == 0
