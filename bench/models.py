@@ -23,7 +23,16 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["resnet_small", "mobilenetv2_small", "bert_small", "mlp", "build"]
+__all__ = ["resnet_small", "mobilenetv2_small", "bert_small", "hf_bert", "mlp", "build", "SHAPES"]
+
+# default ``--shape`` specs per factory (used by ``sparsedge convert --arch`` when none are given)
+SHAPES = {
+    "resnet_small": ["x:batch,3,32,32"],
+    "mobilenetv2_small": ["x:batch,3,32,32"],
+    "bert_small": ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"],
+    "hf_bert": ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64", "token_type_ids:batch,seq:int64"],
+    "mlp": ["x:batch,64"],
+}
 
 
 def _nn():
@@ -183,6 +192,133 @@ def bert_small(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int =
             return out
 
     return _init(BertSmall())
+
+
+def hf_bert(vocab_size: int = 100, hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+            intermediate_size: int = 64, max_position_embeddings: int = 64, type_vocab_size: int = 2,
+            layer_norm_eps: float = 1e-12, hidden_act: str = "gelu", pooler: bool = True, sentence: bool = False,
+            normalize: bool = True):
+    """A Hugging Face ``BertModel`` rebuilt by hand (same state_dict keys and eager math; transformers
+    is not needed): ``forward(input_ids, attention_mask, token_type_ids)`` -> dict with
+    ``last_hidden_state`` and ``pooler_output`` (or ``sentence_embedding`` when ``sentence``: masked
+    mean pooling, L2-normalised when ``normalize``). ``config(...)`` gives the matching config.json."""
+    torch, nn = _nn()
+    F = torch.nn.functional
+    H, nh = hidden_size, num_attention_heads
+    dh = H // nh
+    act = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}[hidden_act]
+
+    class Embeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = nn.Embedding(vocab_size, H)
+            self.position_embeddings = nn.Embedding(max_position_embeddings, H)
+            self.token_type_embeddings = nn.Embedding(type_vocab_size, H)
+            self.LayerNorm = nn.LayerNorm(H, eps=layer_norm_eps)
+            self.dropout = nn.Dropout(0.1)
+            self.register_buffer("position_ids", torch.arange(max_position_embeddings).expand((1, -1)),
+                                 persistent=False)
+
+        def forward(self, input_ids, token_type_ids):
+            s = input_ids.shape[1]
+            pos = self.position_ids[:, :s]
+            x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+            x = x + self.position_embeddings(pos)
+            return self.dropout(self.LayerNorm(x))
+
+    class SelfAttn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+            self.dropout = nn.Dropout(0.1)
+
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            q = self.query(x).view(b, s, nh, dh).transpose(1, 2)
+            k = self.key(x).view(b, s, nh, dh).transpose(1, 2)
+            v = self.value(x).view(b, s, nh, dh).transpose(1, 2)
+            sc = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dh) + mask
+            p = self.dropout(torch.softmax(sc, dim=-1))
+            return torch.matmul(p, v).permute(0, 2, 1, 3).contiguous().view(b, s, H)
+
+    class DenseLN(nn.Module):
+        def __init__(self, din):
+            super().__init__()
+            self.dense = nn.Linear(din, H)
+            self.LayerNorm = nn.LayerNorm(H, eps=layer_norm_eps)
+            self.dropout = nn.Dropout(0.1)
+
+        def forward(self, h, x):
+            return self.LayerNorm(self.dropout(self.dense(h)) + x)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self = SelfAttn()
+            self.output = DenseLN(H)
+
+        def forward(self, x, mask):
+            return self.output(self.self(x, mask), x)
+
+    class Intermediate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Linear(H, intermediate_size)
+
+        def forward(self, x):
+            return act(self.dense(x))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+            self.intermediate = Intermediate()
+            self.output = DenseLN(intermediate_size)
+
+        def forward(self, x, mask):
+            x = self.attention(x, mask)
+            return self.output(self.intermediate(x), x)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.ModuleList([Layer() for _ in range(num_hidden_layers)])
+
+    class Pooler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Linear(H, H)
+
+        def forward(self, x):
+            return torch.tanh(self.dense(x[:, 0]))
+
+    class BertModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings = Embeddings()
+            self.encoder = Encoder()
+            self.pooler = Pooler() if pooler and not sentence else None
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            x = self.embeddings(input_ids, token_type_ids)
+            mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+            for layer in self.encoder.layer:
+                x = layer(x, mask)
+            out = {"last_hidden_state": x}
+            if sentence:
+                m = attention_mask.unsqueeze(-1).to(x.dtype)
+                e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                out["sentence_embedding"] = F.normalize(e, p=2, dim=1) if normalize else e
+            elif self.pooler is not None:
+                out["pooler_output"] = self.pooler(x)
+            return out
+
+    model = _init(BertModel())
+    model.config = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": vocab_size,
+                    "hidden_size": H, "num_hidden_layers": num_hidden_layers, "num_attention_heads": nh,
+                    "intermediate_size": intermediate_size, "max_position_embeddings": max_position_embeddings,
+                    "type_vocab_size": type_vocab_size, "layer_norm_eps": layer_norm_eps, "hidden_act": hidden_act}
+    return model
 
 
 def mlp(in_features: int = 64, hidden=(128, 128), out_features: int = 10, activation: str = "relu"):

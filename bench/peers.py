@@ -96,6 +96,9 @@ def ort_session(model_or_path, threads: int | None):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # no spin-waiting between calls: spinning intra-op threads would steal the cores from the
+    # implementation timed next in the interleaved rounds (a real app runs other work too)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
     return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
 

@@ -27,7 +27,8 @@ What it does, exactly:
    * ``digits_mlp.safetensors``: weights and biases as float16 (written by the tiny writer
      below; names ``layers.{i}.weight`` ``[out, in]`` and ``layers.{i}.bias`` ``[out]``,
      i = 0..3, with metadata recording the recipe),
-   * ``config.json``: the MLP template config (see ``sparsedge.loaders.templates``),
+   * ``config.json``: the MLP template config (``sparsedge.loaders.templates``: model_type "mlp",
+     layers ``layers.0`` .. ``layers.3``, activation relu, input name ``x``, output ``output``),
    * ``digits_test_x.npy`` float32 ``[360, 64]`` and ``digits_test_y.npy`` int64 ``[360]``,
    * ``train_log.json``: accuracies (float32 dense, float16 dense, 90%-pruned) and settings.
 
@@ -257,9 +258,10 @@ def train(args) -> dict:
     meta = {"source": "sparsedge.bench.train_demo", "dataset": "sklearn.datasets.load_digits",
             "recipe": json.dumps({k: log[k] for k in ("dims", "seed", "epochs", "ft_epochs", "sparsity")})}
     write_safetensors(out / MODEL_FILE, weights, meta)
-    config = {"model_type": "mlp", "input_size": dims[0], "hidden_sizes": dims[1:-1], "output_size": dims[-1],
-              "activation": "relu", "bias": True, "layer_prefix": "layers",
-              "input_name": "x", "output_name": "output"}
+    # the MLP template's config (sparsedge.loaders.templates): Linear layers in order, ReLU between
+    config = {"model_type": "mlp", "layers": [f"layers.{i}" for i in range(n)], "activation": "relu",
+              "final_activation": "none", "input_name": "x",
+              "about": f"digits MLP {dims}, inputs x/16 in [0, 1]; trained by sparsedge.bench.train_demo"}
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out / CONFIG_FILE)
