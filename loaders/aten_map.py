@@ -168,8 +168,9 @@ def _bind(node) -> dict:
 
 
 class Mapper:
-    def __init__(self, ep, dim_names: dict):
+    def __init__(self, ep, dim_names: dict, params: dict | None = None):
         self.ep = ep
+        self.params_override = params or {}
         self.gm = ep.graph_module
         self.sig = ep.graph_signature
         self.dim_names = dict(dim_names)  # {(input name, axis): symbol name}
@@ -249,6 +250,11 @@ class Mapper:
         ep = self.ep
         params = dict(ep.state_dict)
         constants = dict(getattr(ep, "constants", {}) or {})
+        for k, v in self.params_override.items():
+            if k in params:
+                params[k] = v
+            elif k in constants:
+                constants[k] = v
         kinds = {}
         for spec in self.sig.input_specs:
             kinds[spec.arg.name] = (spec.kind.name, spec.target)
@@ -1192,8 +1198,9 @@ def optimize(graph: Graph, tensors: dict) -> dict:
     return stats
 
 
-def map_exported(ep, dim_names: dict):
-    """``ExportedProgram`` (inference IR) -> ``(Graph, tensors, stats)``; see the module docstring."""
-    graph, tensors = Mapper(ep, dim_names).run()
+def map_exported(ep, dim_names: dict, params: dict | None = None):
+    """``ExportedProgram`` (inference IR) -> ``(Graph, tensors, stats)``; see the module docstring.
+    ``params``: {state_dict name: tensor} overriding the program's own parameters/buffers."""
+    graph, tensors = Mapper(ep, dim_names, params).run()
     stats = optimize(graph, tensors)
     return graph, tensors, stats

@@ -162,7 +162,7 @@ def convert(source, output, *, arch=None, shapes=None, state_dict_key=None, prun
                 raise InputError("--shape is required with --arch (e.g. --shape x:batch,3,224,224)")
             shape_list = [parse_shape(s) for s in ds]
         torch_model = build_module(arch, sd)
-        graph, tensors, info = capture(torch_model, shape_list)
+        graph, tensors, info = capture(torch_model, shape_list, arch=arch)
         graph_from = f"torch.export of {arch}"
     else:
         from . import templates

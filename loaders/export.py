@@ -171,11 +171,35 @@ def export_program(model, shapes: list):
     return ep, names, time.perf_counter() - t0
 
 
-def capture(model, shapes: list):
-    """Export ``model`` and map it: returns (Graph, tensors, info dict)."""
+_EP_CACHE: dict = {}
+
+
+def _cache_key(arch, model, shapes):
+    sd = model.state_dict()
+    return (arch, type(model).__module__, type(model).__qualname__,
+            tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sd.items()),
+            tuple((n, tuple(d), t) for n, d, t in shapes))
+
+
+def capture(model, shapes: list, arch: str | None = None):
+    """Export ``model`` and map it: returns (Graph, tensors, info dict).
+
+    With ``arch`` (the factory that built ``model``), exported programs are cached in-process by
+    factory, state_dict layout and shapes (the graph does not depend on the weight values); the
+    mapping always uses ``model``'s current parameters and buffers."""
     from .aten_map import map_exported
 
-    ep, names, secs = export_program(model, shapes)
-    graph, tensors, stats = map_exported(ep, names)
-    info = {"export_seconds": round(secs, 3), **stats}
+    key = _cache_key(arch, model, shapes) if arch else None
+    if key is not None and key in _EP_CACHE:
+        ep, names = _EP_CACHE[key]
+        secs, cached = 0.0, True
+    else:
+        ep, names, secs = export_program(model, shapes)
+        cached = False
+        if key is not None:
+            _EP_CACHE[key] = (ep, names)
+    params = dict(model.state_dict())
+    params.update({k: v for k, v in model.named_buffers()})
+    graph, tensors, stats = map_exported(ep, names, params=params)
+    info = {"export_seconds": round(secs, 3), "export_cached": cached, **stats}
     return graph, tensors, info
