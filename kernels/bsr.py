@@ -22,9 +22,11 @@ from numba import prange
 from ._jit import jit, pjit
 from .csr import reference
 from .epilogue import act_scalar, epilogue_tile, none1, none2
+from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
 from .table import KernelSpec
 
-TB = 64  # N tile (floats) for the block kernels
+JT = 2 * VW  # register tile: 2 vectors of output columns per row
+L2_FLOATS = 1 << 18  # X chunk budget: 1 MB of floats kept L2-resident
 
 
 @jit(inline="always")
@@ -88,6 +90,268 @@ def _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, j0, m):
             cc += 1
 
 
+@jit(inline="always")
+def _mk8(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
+    """8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero(); b4 = vzero(); b5 = vzero(); b6 = vzero(); b7 = vzero()
+    for k in range(k0, k1):
+        col0 = indices[k] * c
+        cw = min(c, nin - col0)
+        dk = d2[k]
+        for cc in range(cw):
+            xr = x[col0 + cc]
+            x0 = vload(xr, j)
+            x1 = vload(xr, j + VW)
+            w = vbcast(dk[(base + 0) * c + cc])
+            a0 = vfma(w, x0, a0)
+            b0 = vfma(w, x1, b0)
+            w = vbcast(dk[(base + 1) * c + cc])
+            a1 = vfma(w, x0, a1)
+            b1 = vfma(w, x1, b1)
+            w = vbcast(dk[(base + 2) * c + cc])
+            a2 = vfma(w, x0, a2)
+            b2 = vfma(w, x1, b2)
+            w = vbcast(dk[(base + 3) * c + cc])
+            a3 = vfma(w, x0, a3)
+            b3 = vfma(w, x1, b3)
+            w = vbcast(dk[(base + 4) * c + cc])
+            a4 = vfma(w, x0, a4)
+            b4 = vfma(w, x1, b4)
+            w = vbcast(dk[(base + 5) * c + cc])
+            a5 = vfma(w, x0, a5)
+            b5 = vfma(w, x1, b5)
+            w = vbcast(dk[(base + 6) * c + cc])
+            a6 = vfma(w, x0, a6)
+            b6 = vfma(w, x1, b6)
+            w = vbcast(dk[(base + 7) * c + cc])
+            a7 = vfma(w, x0, a7)
+            b7 = vfma(w, x1, b7)
+    if 0 < rows:
+        yr = y[i0 + 0]
+        vstore(yr, j, a0)
+        vstore(yr, j + VW, b0)
+    if 1 < rows:
+        yr = y[i0 + 1]
+        vstore(yr, j, a1)
+        vstore(yr, j + VW, b1)
+    if 2 < rows:
+        yr = y[i0 + 2]
+        vstore(yr, j, a2)
+        vstore(yr, j + VW, b2)
+    if 3 < rows:
+        yr = y[i0 + 3]
+        vstore(yr, j, a3)
+        vstore(yr, j + VW, b3)
+    if 4 < rows:
+        yr = y[i0 + 4]
+        vstore(yr, j, a4)
+        vstore(yr, j + VW, b4)
+    if 5 < rows:
+        yr = y[i0 + 5]
+        vstore(yr, j, a5)
+        vstore(yr, j + VW, b5)
+    if 6 < rows:
+        yr = y[i0 + 6]
+        vstore(yr, j, a6)
+        vstore(yr, j + VW, b6)
+    if 7 < rows:
+        yr = y[i0 + 7]
+        vstore(yr, j, a7)
+        vstore(yr, j + VW, b7)
+
+
+@jit(inline="always")
+def _mk4(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
+    """4 rows (block rows base..base+3) x 2 vectors at column j; stores rows < rows."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
+    for k in range(k0, k1):
+        col0 = indices[k] * c
+        cw = min(c, nin - col0)
+        dk = d2[k]
+        for cc in range(cw):
+            xr = x[col0 + cc]
+            x0 = vload(xr, j)
+            x1 = vload(xr, j + VW)
+            w = vbcast(dk[(base + 0) * c + cc])
+            a0 = vfma(w, x0, a0)
+            b0 = vfma(w, x1, b0)
+            w = vbcast(dk[(base + 1) * c + cc])
+            a1 = vfma(w, x0, a1)
+            b1 = vfma(w, x1, b1)
+            w = vbcast(dk[(base + 2) * c + cc])
+            a2 = vfma(w, x0, a2)
+            b2 = vfma(w, x1, b2)
+            w = vbcast(dk[(base + 3) * c + cc])
+            a3 = vfma(w, x0, a3)
+            b3 = vfma(w, x1, b3)
+    if 0 < rows:
+        yr = y[i0 + 0]
+        vstore(yr, j, a0)
+        vstore(yr, j + VW, b0)
+    if 1 < rows:
+        yr = y[i0 + 1]
+        vstore(yr, j, a1)
+        vstore(yr, j + VW, b1)
+    if 2 < rows:
+        yr = y[i0 + 2]
+        vstore(yr, j, a2)
+        vstore(yr, j + VW, b2)
+    if 3 < rows:
+        yr = y[i0 + 3]
+        vstore(yr, j, a3)
+        vstore(yr, j + VW, b3)
+
+
+@jit(inline="always")
+def _mk8c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
+    """c == 1: 8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero(); b4 = vzero(); b5 = vzero(); b6 = vzero(); b7 = vzero()
+    for k in range(k0, k1):
+        xr = x[indices[k]]
+        x0 = vload(xr, j)
+        x1 = vload(xr, j + VW)
+        dk = d2[k, base:base + 8]
+        w = vbcast(dk[0])
+        a0 = vfma(w, x0, a0)
+        b0 = vfma(w, x1, b0)
+        w = vbcast(dk[1])
+        a1 = vfma(w, x0, a1)
+        b1 = vfma(w, x1, b1)
+        w = vbcast(dk[2])
+        a2 = vfma(w, x0, a2)
+        b2 = vfma(w, x1, b2)
+        w = vbcast(dk[3])
+        a3 = vfma(w, x0, a3)
+        b3 = vfma(w, x1, b3)
+        w = vbcast(dk[4])
+        a4 = vfma(w, x0, a4)
+        b4 = vfma(w, x1, b4)
+        w = vbcast(dk[5])
+        a5 = vfma(w, x0, a5)
+        b5 = vfma(w, x1, b5)
+        w = vbcast(dk[6])
+        a6 = vfma(w, x0, a6)
+        b6 = vfma(w, x1, b6)
+        w = vbcast(dk[7])
+        a7 = vfma(w, x0, a7)
+        b7 = vfma(w, x1, b7)
+    if 0 < rows:
+        yr = y[i0 + 0]
+        vstore(yr, j, a0)
+        vstore(yr, j + VW, b0)
+    if 1 < rows:
+        yr = y[i0 + 1]
+        vstore(yr, j, a1)
+        vstore(yr, j + VW, b1)
+    if 2 < rows:
+        yr = y[i0 + 2]
+        vstore(yr, j, a2)
+        vstore(yr, j + VW, b2)
+    if 3 < rows:
+        yr = y[i0 + 3]
+        vstore(yr, j, a3)
+        vstore(yr, j + VW, b3)
+    if 4 < rows:
+        yr = y[i0 + 4]
+        vstore(yr, j, a4)
+        vstore(yr, j + VW, b4)
+    if 5 < rows:
+        yr = y[i0 + 5]
+        vstore(yr, j, a5)
+        vstore(yr, j + VW, b5)
+    if 6 < rows:
+        yr = y[i0 + 6]
+        vstore(yr, j, a6)
+        vstore(yr, j + VW, b6)
+    if 7 < rows:
+        yr = y[i0 + 7]
+        vstore(yr, j, a7)
+        vstore(yr, j + VW, b7)
+
+
+@jit(inline="always")
+def _mk4c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
+    """c == 1: 4 rows (block rows base..base+3) x 2 vectors at column j; stores rows < rows."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
+    for k in range(k0, k1):
+        xr = x[indices[k]]
+        x0 = vload(xr, j)
+        x1 = vload(xr, j + VW)
+        dk = d2[k, base:base + 4]
+        w = vbcast(dk[0])
+        a0 = vfma(w, x0, a0)
+        b0 = vfma(w, x1, b0)
+        w = vbcast(dk[1])
+        a1 = vfma(w, x0, a1)
+        b1 = vfma(w, x1, b1)
+        w = vbcast(dk[2])
+        a2 = vfma(w, x0, a2)
+        b2 = vfma(w, x1, b2)
+        w = vbcast(dk[3])
+        a3 = vfma(w, x0, a3)
+        b3 = vfma(w, x1, b3)
+    if 0 < rows:
+        yr = y[i0 + 0]
+        vstore(yr, j, a0)
+        vstore(yr, j + VW, b0)
+    if 1 < rows:
+        yr = y[i0 + 1]
+        vstore(yr, j, a1)
+        vstore(yr, j + VW, b1)
+    if 2 < rows:
+        yr = y[i0 + 2]
+        vstore(yr, j, a2)
+        vstore(yr, j + VW, b2)
+    if 3 < rows:
+        yr = y[i0 + 3]
+        vstore(yr, j, a3)
+        vstore(yr, j + VW, b3)
+
+
+@jit(inline="always")
+def _mk1(indices, d2, k0, k1, base, c, nin, x, y, i0, j):
+    """One row (block row ``base``) x 2 vectors at column j; the block's c columns feed 4 chains."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
+    off = base * c
+    for k in range(k0, k1):
+        col0 = indices[k] * c
+        cw = min(c, nin - col0)
+        dk = d2[k]
+        cc = 0
+        while cc + 4 <= cw:
+            xr = x[col0 + cc]
+            w = vbcast(dk[off + cc])
+            a0 = vfma(w, vload(xr, j), a0)
+            b0 = vfma(w, vload(xr, j + VW), b0)
+            xr = x[col0 + cc + 1]
+            w = vbcast(dk[off + cc + 1])
+            a1 = vfma(w, vload(xr, j), a1)
+            b1 = vfma(w, vload(xr, j + VW), b1)
+            xr = x[col0 + cc + 2]
+            w = vbcast(dk[off + cc + 2])
+            a2 = vfma(w, vload(xr, j), a2)
+            b2 = vfma(w, vload(xr, j + VW), b2)
+            xr = x[col0 + cc + 3]
+            w = vbcast(dk[off + cc + 3])
+            a3 = vfma(w, vload(xr, j), a3)
+            b3 = vfma(w, vload(xr, j + VW), b3)
+            cc += 4
+        while cc < cw:
+            xr = x[col0 + cc]
+            w = vbcast(dk[off + cc])
+            a0 = vfma(w, vload(xr, j), a0)
+            b0 = vfma(w, vload(xr, j + VW), b0)
+            cc += 1
+    yr = y[i0]
+    vstore(yr, j, vadd(vadd(a0, a1), vadd(a2, a3)))
+    vstore(yr, j + VW, vadd(vadd(b0, b1), vadd(b2, b3)))
+
+
 @pjit
 def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
     """Y = act(W @ X + bias + res); d2 = data.reshape(nblk, r*c). bias [out] / res [out, N] or empty."""
@@ -97,24 +361,62 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
     nb = bias.shape[0]
     nr = res.shape[0]
     nbr = indptr.shape[0] - 1
-    for br in prange(nbr):
+    nvec = (n // JT) * JT
+    # N chunks sized so a chunk of X (nin rows) stays in L2 while every block row uses it;
+    # the parallel loop runs chunk-major over (chunk, block row) pairs
+    nc = max(JT, (L2_FLOATS // max(nin, 1)) // JT * JT)
+    nch = max(1, (n + nc - 1) // nc)
+    for t in prange(nch * nbr):
+        ch = t // nbr
+        br = t - ch * nbr
+        jlo = ch * nc
+        jhi = min(n, jlo + nc)
         k0 = indptr[br]
         k1 = indptr[br + 1]
-        rows = min(r, nout - br * r)
-        for j0 in range(0, n, TB):
-            m = min(TB, n - j0)
+        i0 = br * r
+        rows = min(r, nout - i0)
+        # register-blocked part: JT columns at a time, groups of 8 / 4 / 1 rows
+        for j in range(jlo, min(jhi, nvec), JT):
+            g = 0
+            while g < rows:
+                if c == 1 and r - g >= 8:
+                    _mk8c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, j)
+                    g += 8
+                elif c == 1 and r - g >= 4:
+                    _mk4c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, j)
+                    g += 4
+                elif r - g >= 8:
+                    _mk8(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, rows - g, j)
+                    g += 8
+                elif r - g >= 4:
+                    _mk4(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, rows - g, j)
+                    g += 4
+                else:
+                    _mk1(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, j)
+                    g += 1
             for ii in range(rows):
-                i = br * r + ii
-                yr = y[i, j0:j0 + m]
+                i = i0 + ii
+                b = bias[i] if nb != 0 else np.float32(0.0)
+                yr = y[i, j:j + JT]
+                if nr != 0:
+                    epilogue_tile(yr, b, res[i, j:j + JT], act, lo, hi)
+                else:
+                    epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+        # remainder columns (< JT, in the last chunk): accumulate in memory
+        if nvec < n and jhi == n:
+            m = n - nvec
+            for ii in range(rows):
+                i = i0 + ii
+                yr = y[i, nvec:n]
                 for j in range(m):
                     yr[j] = np.float32(0.0)
                 if c == 1:
-                    _tile_c1(indices, d2, k0, k1, ii, x, yr, j0, m)
+                    _tile_c1(indices, d2, k0, k1, ii, x, yr, nvec, m)
                 else:
-                    _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, j0, m)
+                    _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, nvec, m)
                 b = bias[i] if nb != 0 else np.float32(0.0)
                 if nr != 0:
-                    epilogue_tile(yr, b, res[i, j0:j0 + m], act, lo, hi)
+                    epilogue_tile(yr, b, res[i, nvec:n], act, lo, hi)
                 else:
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 

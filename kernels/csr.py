@@ -17,9 +17,11 @@ from numba import prange
 
 from ._jit import jit, pjit
 from .epilogue import epilogue_ref, epilogue_tile, epilogue_vec, none1, none2, act_scalar
+from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
 from .table import KernelSpec
 
-TN = 128  # N tile (floats): 512 B of output row per tile
+TN = 128  # N tile (floats) of the scalar remainder / epilogue passes
+L2_FLOATS = 1 << 18  # X chunk budget: 1 MB of floats kept L2-resident
 
 
 @jit(inline="always")
@@ -69,6 +71,56 @@ def _row_tile(indices, data, k0, k1, x, yr, j0, m):
         k += 1
 
 
+@jit(inline="always")
+def _mkc4(indices, data, k0, k1, x, yr, j):
+    """yr[j:j+4*VW] = sum_k data[k] * x[indices[k], j:j+4*VW]; 4 vectors x 2 chains in registers."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        xr = x[indices[k]]
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xr, j), a0)
+        a1 = vfma(w, vload(xr, j + VW), a1)
+        a2 = vfma(w, vload(xr, j + 2 * VW), a2)
+        a3 = vfma(w, vload(xr, j + 3 * VW), a3)
+        xr = x[indices[k + 1]]
+        w = vbcast(data[k + 1])
+        b0 = vfma(w, vload(xr, j), b0)
+        b1 = vfma(w, vload(xr, j + VW), b1)
+        b2 = vfma(w, vload(xr, j + 2 * VW), b2)
+        b3 = vfma(w, vload(xr, j + 3 * VW), b3)
+        k += 2
+    if k < k1:
+        xr = x[indices[k]]
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xr, j), a0)
+        a1 = vfma(w, vload(xr, j + VW), a1)
+        a2 = vfma(w, vload(xr, j + 2 * VW), a2)
+        a3 = vfma(w, vload(xr, j + 3 * VW), a3)
+    vstore(yr, j, vadd(a0, b0))
+    vstore(yr, j + VW, vadd(a1, b1))
+    vstore(yr, j + 2 * VW, vadd(a2, b2))
+    vstore(yr, j + 3 * VW, vadd(a3, b3))
+
+
+@jit(inline="always")
+def _mkc1(indices, data, k0, k1, x, yr, j):
+    """yr[j:j+VW] = sum_k data[k] * x[indices[k], j:j+VW]; 4 chains in registers."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    k = k0
+    while k + 4 <= k1:
+        a0 = vfma(vbcast(data[k]), vload(x[indices[k]], j), a0)
+        a1 = vfma(vbcast(data[k + 1]), vload(x[indices[k + 1]], j), a1)
+        a2 = vfma(vbcast(data[k + 2]), vload(x[indices[k + 2]], j), a2)
+        a3 = vfma(vbcast(data[k + 3]), vload(x[indices[k + 3]], j), a3)
+        k += 4
+    while k < k1:
+        a0 = vfma(vbcast(data[k]), vload(x[indices[k]], j), a0)
+        k += 1
+    vstore(yr, j, vadd(vadd(a0, a1), vadd(a2, a3)))
+
+
 @pjit
 def csr_spmm(indptr, indices, data, x, y, bias, res, act, lo, hi):
     """Y = act(W @ X + bias + res). bias float32 [out] or len 0; res float32 [out, N] or (0, 0)."""
@@ -76,14 +128,31 @@ def csr_spmm(indptr, indices, data, x, y, bias, res, act, lo, hi):
     n = x.shape[1]
     nb = bias.shape[0]
     nr = res.shape[0]
-    for i in prange(nout):
+    nin = x.shape[0]
+    n4 = (n // (4 * VW)) * (4 * VW)
+    n1 = (n // VW) * VW
+    # N chunks so a chunk of X stays in L2 while all rows use it; chunk-major (chunk, row) loop
+    nc = max(4 * VW, (L2_FLOATS // max(nin, 1)) // (4 * VW) * (4 * VW))
+    nch = max(1, (n + nc - 1) // nc)
+    for t in prange(nch * nout):
+        ch = t // nout
+        i = t - ch * nout
+        jlo = ch * nc
+        jhi = min(n, jlo + nc)
         k0 = indptr[i]
         k1 = indptr[i + 1]
         b = bias[i] if nb != 0 else np.float32(0.0)
-        for j0 in range(0, n, TN):
-            m = min(TN, n - j0)
+        yrow = y[i]
+        for j in range(jlo, min(jhi, n4), 4 * VW):
+            _mkc4(indices, data, k0, k1, x, yrow, j)
+        if jhi == n:
+            for j in range(n4, n1, VW):
+                _mkc1(indices, data, k0, k1, x, yrow, j)
+            if n1 < n:
+                _row_tile(indices, data, k0, k1, x, y[i, n1:n], n1, n - n1)
+        for j0 in range(jlo, jhi, TN):
+            m = min(TN, jhi - j0)
             yr = y[i, j0:j0 + m]
-            _row_tile(indices, data, k0, k1, x, yr, j0, m)
             if nr != 0:
                 epilogue_tile(yr, b, res[i, j0:j0 + m], act, lo, hi)
             else:

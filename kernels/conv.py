@@ -1,0 +1,351 @@
+"""Convolution and pooling leaves the runtime's conv2d / pool ops compose. NCHW float32.
+
+How a conv2d maps onto the GEMM kernels (Y[out, N] = W[out, in] @ X[in, N], see table.py):
+
+* weight [O, C/g, kh, kw] is stored 2-D as [O, (C/g)*kh*kw] (torch order, row = output channel,
+  column = (c*kh + ky)*kw + kx).
+* 1x1, stride 1, no padding, g == 1: X is the image itself, ``x[b].reshape(C, H*W)`` (channel-major
+  is the activation layout already): no copy; Y = ``y[b].reshape(O, H*W)``. N = H*W.
+* k x k (or strided / padded / dilated 1x1): ``im2col(x[b], ...)`` fills cols [C*kh*kw, Ho*Wo]
+  (rows in the weight's column order), then any GEMM row (dense BLAS, CSR, BSR, N:M) with the fused
+  epilogue writes ``y[b].reshape(O, Ho*Wo)``. ``im2col`` takes a column offset, so a batch can be
+  packed side by side into one [C*kh*kw, B*Ho*Wo] matrix when that pays (then Y is [O, B*Ho*Wo]
+  and needs a transpose back to NCHW).
+* groups g > 1 (not depthwise): for group gi, input channels gi*C/g .. and output rows
+  gi*O/g ..: ``cols_gi = im2col(x[b, gi*Cg:(gi+1)*Cg])``, ``Y[gi*Og:(gi+1)*Og] = W[gi*Og:(gi+1)*Og] @ cols_gi``.
+  Slicing W's rows is free for every format: CSR -> ``indptr[gi*Og : (gi+1)*Og + 1]`` with the
+  same ``indices``/``data`` (kernels use absolute offsets); BSR -> block rows when Og % r == 0
+  (else convert that layer to CSR); N:M / dense -> ``values[gi*Og:(gi+1)*Og]``. Output views
+  ``y[b, gi*Og:(gi+1)*Og].reshape(Og, -1)`` are contiguous, so the GEMM writes in place.
+* depthwise (g == C, O = C*mult): ``dwconv2d`` (its own table row, op "dwconv"), with the fused
+  epilogue. Output channel o reads input channel o // mult.
+
+Functions (all outputs preallocated by the caller, float32, C-contiguous):
+
+* ``conv_out_size(n, k, s, p, d)`` / ``pool_out_size(n, k, s, p, d, ceil_mode)``: torch's rules.
+* ``im2col(x [C,H,W], kh, kw, sh, sw, ph, pw, dh, dw, cols [C*kh*kw, ncols], col0)``.
+* ``dwconv2d(x [B,C,H,W], w [O, kh*kw], kh, kw, sh, sw, ph, pw, dh, dw, y [B,O,Ho,Wo], bias, res, act, lo, hi)``
+  (bias float32 [O] or len 0; res [B,O,Ho,Wo] or shape (0,0,0,0)).
+* ``maxpool2d(x, y, kh, kw, sh, sw, ph, pw, dh, dw)``: padding never wins (as -inf).
+* ``avgpool2d(x, y, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)`` (divisor 0 = none),
+  torch semantics incl. ceil_mode windows (Ho/Wo from ``pool_out_size``).
+* ``global_avgpool(x [B, C, HW], y [B, C])``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit, pjit
+from .epilogue import EMPTY1, epilogue_ref, epilogue_tile
+from .table import KernelSpec
+
+EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
+
+
+def conv_out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
+    """Output length of a convolution (torch: floor((n + 2p - d(k-1) - 1) / s) + 1)."""
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def pool_out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil_mode: bool = False) -> int:
+    """Output length of max/avg pooling with torch's ceil_mode rule (the last window must
+    start inside the input or the left padding)."""
+    num = n + 2 * p - d * (k - 1) - 1
+    out = (-(-num // s) if ceil_mode else num // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+@jit(inline="always")
+def _valid_range(nout, nin, s, off):
+    """[a, b): output positions o with 0 <= o*s + off < nin."""
+    a = 0
+    if off < 0:
+        a = (-off + s - 1) // s
+    b = 0
+    if nin - 1 - off >= 0:
+        b = (nin - 1 - off) // s + 1
+    b = min(b, nout)
+    if a > b:
+        a = b
+    return a, b
+
+
+@pjit
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, cols, col0):
+    """cols[(c*kh+ky)*kw+kx, col0 + oy*Wo + ox] = x[c, oy*sh-ph+ky*dh, ox*sw-pw+kx*dw] (0 outside)."""
+    C = x.shape[0]
+    H = x.shape[1]
+    W = x.shape[2]
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    for row in prange(C * kh * kw):
+        c = row // (kh * kw)
+        ky = (row // kw) % kh
+        kx = row % kw
+        dst = cols[row]
+        xo = kx * dw - pw
+        a, b = _valid_range(Wo, W, sw, xo)
+        for oy in range(Ho):
+            iy = oy * sh - ph + ky * dh
+            d = dst[col0 + oy * Wo:col0 + oy * Wo + Wo]
+            if iy < 0 or iy >= H:
+                for ox in range(Wo):
+                    d[ox] = np.float32(0.0)
+                continue
+            src = x[c, iy]
+            for ox in range(a):
+                d[ox] = np.float32(0.0)
+            if sw == 1:
+                s0 = a + xo
+                seg = src[s0:s0 + (b - a)]
+                dd = d[a:b]
+                for t in range(b - a):
+                    dd[t] = seg[t]
+            else:
+                for ox in range(a, b):
+                    d[ox] = src[ox * sw + xo]
+            for ox in range(b, Wo):
+                d[ox] = np.float32(0.0)
+
+
+@pjit
+def dwconv2d(x, w, kh, kw, sh, sw, ph, pw, dh, dw, y, bias, res, act, lo, hi):
+    """Depthwise conv: y[b,o] = act(sum_taps w[o,tap] * x[b, o // mult] + bias[o] + res[b,o])."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = y.shape[1]
+    Ho = y.shape[2]
+    Wo = y.shape[3]
+    mult = O // C
+    nb = bias.shape[0]
+    nr = res.shape[0]
+    for t in prange(B * O):
+        bi = t // O
+        o = t - bi * O
+        ci = o // mult
+        wo = w[o]
+        bv = bias[o] if nb != 0 else np.float32(0.0)
+        for oy in range(Ho):
+            yr = y[bi, o, oy]
+            for ox in range(Wo):
+                yr[ox] = np.float32(0.0)
+            for ky in range(kh):
+                iy = oy * sh - ph + ky * dh
+                if iy < 0 or iy >= H:
+                    continue
+                src = x[bi, ci, iy]
+                for kx in range(kw):
+                    wv = wo[ky * kw + kx]
+                    xo = kx * dw - pw
+                    a, b = _valid_range(Wo, W, sw, xo)
+                    if sw == 1:
+                        seg = src[a + xo:b + xo]
+                        dd = yr[a:b]
+                        for q in range(b - a):
+                            dd[q] += wv * seg[q]
+                    else:
+                        for ox in range(a, b):
+                            yr[ox] += wv * src[ox * sw + xo]
+            if nr != 0:
+                epilogue_tile(yr, bv, res[bi, o, oy], act, lo, hi)
+            else:
+                epilogue_tile(yr, bv, yr[0:0], act, lo, hi)
+
+
+@pjit
+def maxpool2d(x, y, kh, kw, sh, sw, ph, pw, dh, dw):
+    """y[b,c,oy,ox] = max over the window's in-range taps (padding never wins)."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    Ho = y.shape[2]
+    Wo = y.shape[3]
+    for t in prange(B * C):
+        bi = t // C
+        c = t - bi * C
+        for oy in range(Ho):
+            yr = y[bi, c, oy]
+            for ox in range(Wo):
+                yr[ox] = -np.inf
+            for ky in range(kh):
+                iy = oy * sh - ph + ky * dh
+                if iy < 0 or iy >= H:
+                    continue
+                src = x[bi, c, iy]
+                for kx in range(kw):
+                    xo = kx * dw - pw
+                    a, b = _valid_range(Wo, W, sw, xo)
+                    for ox in range(a, b):
+                        v = src[ox * sw + xo]
+                        if v > yr[ox] or v != v:  # NaN propagates, as torch
+                            yr[ox] = v
+
+
+@pjit
+def avgpool2d(x, y, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+    """torch avg_pool2d semantics (ceil_mode handled by the caller's Ho/Wo); divisor 0 = none."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    Ho = y.shape[2]
+    Wo = y.shape[3]
+    for t in prange(B * C):
+        bi = t // C
+        c = t - bi * C
+        for oy in range(Ho):
+            h0 = oy * sh - ph
+            h1 = min(h0 + kh, H + ph)
+            hp = h1 - h0
+            h0 = max(h0, 0)
+            h1 = min(h1, H)
+            for ox in range(Wo):
+                w0 = ox * sw - pw
+                w1 = min(w0 + kw, W + pw)
+                pool = hp * (w1 - w0)
+                w0 = max(w0, 0)
+                w1 = min(w1, W)
+                s = np.float32(0.0)
+                for iy in range(h0, h1):
+                    src = x[bi, c, iy]
+                    for ix in range(w0, w1):
+                        s += src[ix]
+                if divisor > 0:
+                    dv = divisor
+                elif count_include_pad:
+                    dv = pool
+                else:
+                    dv = (h1 - h0) * (w1 - w0)
+                y[bi, c, oy, ox] = s / np.float32(dv) if dv > 0 else np.float32(0.0)
+
+
+@pjit
+def global_avgpool(x, y):
+    """y[b, c] = mean(x[b, c, :]) for x [B, C, HW] (float64-free float32 sum, pairwise by 8)."""
+    B = x.shape[0]
+    C = x.shape[1]
+    n = x.shape[2]
+    for t in prange(B * C):
+        bi = t // C
+        c = t - bi * C
+        src = x[bi, c]
+        s = np.float32(0.0)
+        for i in range(n):
+            s += src[i]
+        y[bi, c] = s / np.float32(n) if n > 0 else np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# numpy references
+
+def _pad(x, ph, pw, value=0.0):
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def im2col_ref(x, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Reference im2col of one image [C, H, W] -> [C*kh*kw, Ho*Wo] (float32)."""
+    C, H, W = x.shape
+    Ho, Wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)
+    xp = _pad(x[None], ph, pw)[0]
+    out = np.zeros((C, kh, kw, Ho, Wo), np.float32)
+    for ky in range(kh):
+        for kx in range(kw):
+            out[:, ky, kx] = xp[:, ky * dh:ky * dh + sh * (Ho - 1) + 1:sh, kx * dw:kx * dw + sw * (Wo - 1) + 1:sw]
+    return out.reshape(C * kh * kw, Ho * Wo)
+
+
+def conv2d_ref(x, w4, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+               act=0, lo=0.0, hi=0.0, residual=None):
+    """Reference grouped conv2d, x [B, C, H, W], w4 [O, C/g, kh, kw] (float64 math)."""
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w4.shape
+    Og = O // groups
+    Ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    y = np.zeros((B, O, Ho * Wo))
+    for b in range(B):
+        for g in range(groups):
+            cols = im2col_ref(x[b, g * Cg:(g + 1) * Cg], kh, kw, *stride, *padding, *dilation).astype(np.float64)
+            y[b, g * Og:(g + 1) * Og] = w4[g * Og:(g + 1) * Og].reshape(Og, -1).astype(np.float64) @ cols
+    y = y.reshape(B, O, Ho, Wo)
+    out = np.empty(y.shape, np.float32)
+    for b in range(B):
+        out[b] = epilogue_ref(y[b].reshape(O, -1), bias, act, lo, hi,
+                              None if residual is None else residual[b].reshape(O, -1)).reshape(O, Ho, Wo)
+    return out
+
+
+def maxpool2d_ref(x, kh, kw, sh, sw, ph, pw, dh=1, dw=1, ceil_mode=False):
+    B, C, H, W = x.shape
+    Ho, Wo = pool_out_size(H, kh, sh, ph, dh, ceil_mode), pool_out_size(W, kw, sw, pw, dw, ceil_mode)
+    big = (Ho - 1) * sh + (kh - 1) * dh + 1
+    bigw = (Wo - 1) * sw + (kw - 1) * dw + 1
+    xp = np.full((B, C, max(big, H + ph), max(bigw, W + pw)), -np.inf, np.float32)
+    xp[:, :, ph:ph + H, pw:pw + W] = x
+    out = np.full((B, C, Ho, Wo), -np.inf, np.float32)
+    for ky in range(kh):
+        for kx in range(kw):
+            out = np.maximum(out, xp[:, :, ky * dh:ky * dh + sh * (Ho - 1) + 1:sh, kx * dw:kx * dw + sw * (Wo - 1) + 1:sw])
+    return out
+
+
+def avgpool2d_ref(x, kh, kw, sh, sw, ph, pw, ceil_mode=False, count_include_pad=True, divisor=0):
+    B, C, H, W = x.shape
+    Ho, Wo = pool_out_size(H, kh, sh, ph, 1, ceil_mode), pool_out_size(W, kw, sw, pw, 1, ceil_mode)
+    out = np.zeros((B, C, Ho, Wo), np.float32)
+    for oy in range(Ho):
+        for ox in range(Wo):
+            h0, w0 = oy * sh - ph, ox * sw - pw
+            h1, w1 = min(h0 + kh, H + ph), min(w0 + kw, W + pw)
+            pool = (h1 - h0) * (w1 - w0)
+            h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, H), min(w1, W)
+            s = x[:, :, h0:h1, w0:w1].astype(np.float64).sum(axis=(2, 3))
+            dv = divisor if divisor else (pool if count_include_pad else (h1 - h0) * (w1 - w0))
+            out[:, :, oy, ox] = s / dv
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# table row: depthwise conv (weight: Dense [O, kh*kw] with orig_shape [O, 1, kh, kw])
+
+def _prepare_dw(fmt):
+    """-> (w2 float32 [O, kh*kw], kh, kw)."""
+    w = np.asarray(fmt.to_dense(), dtype=np.float32)
+    shp = fmt.orig_shape if fmt.orig_shape is not None else w.shape
+    if len(shp) == 4:
+        kh, kw = int(shp[2]), int(shp[3])
+    else:  # a 2-D [O, k*k] weight: square kernel
+        kh = kw = int(round(np.sqrt(w.shape[1])))
+    return (np.ascontiguousarray(w.reshape(w.shape[0], kh * kw)), kh, kw)
+
+
+def _run_dw(p, x, y, bias, act, lo, hi, residual, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """x [B, C, H, W], y [B, O, Ho, Wo] (Ho/Wo from conv_out_size)."""
+    w, kh, kw = p
+    dwconv2d(x, w, kh, kw, int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]),
+             int(dilation[0]), int(dilation[1]), y, EMPTY1 if bias is None else bias,
+             EMPTY4 if residual is None else residual, int(act), float(lo), float(hi))
+
+
+def _reference_dw(fmt, x, bias=None, act=0, lo=0.0, hi=0.0, residual=None, stride=(1, 1), padding=(0, 0),
+                  dilation=(1, 1)):
+    w, kh, kw = _prepare_dw(fmt)
+    O, C = w.shape[0], x.shape[1]
+    mult = O // C
+    # depthwise with multiplier == grouped conv with groups=C, weight [O, 1, kh, kw]
+    return conv2d_ref(x, w.reshape(O, 1, kh, kw), bias, stride, padding, dilation, groups=C, act=act, lo=lo,
+                      hi=hi, residual=residual) if mult >= 1 else None
+
+
+KERNELS = [
+    KernelSpec(name="dwconv_f32_direct", op="dwconv", fmt="dense", dtype="float32", prepare=_prepare_dw,
+               run=_run_dw, reference=_reference_dw, min_n=1,
+               notes="depthwise conv2d NCHW, (batch, channel) in parallel, fused epilogue; run/reference take "
+                     "stride=, padding=, dilation= keywords; x [B,C,H,W], y [B,O,Ho,Wo]"),
+]
