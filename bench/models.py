@@ -16,8 +16,8 @@ Factories and their forward signatures:
   pooling="mean", normalize=False)``: ``forward(input_ids, attention_mask)``, both int64
   ``[batch, seq]`` -> ``[batch, hidden]`` masked mean pooling of the last hidden state
   (``pooling=None`` returns ``[batch, seq, hidden]``). Post-LN BERT layers, gelu FFN, additive mask.
-* ``mlp(in_features=64, hidden=(128, 128), out_features=10, activation="relu")``: ``forward(x)``,
-  x float32 ``[batch, in_features]``.
+* ``mlp(in_features=64, hidden=(128, 128), out_features=10, activation="relu")``: an ``nn.Sequential``,
+  ``forward(input)``, input float32 ``[batch, in_features]``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SHAPES = {
     "mobilenetv2_small": ["x:batch,3,32,32"],
     "bert_small": ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"],
     "hf_bert": ["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64", "token_type_ids:batch,seq:int64"],
-    "mlp": ["x:batch,64"],
+    "mlp": ["input:batch,64"],
 }
 
 

@@ -310,7 +310,7 @@ class Mapper:
                     key = self.op_key(n)
                     self.unsupported.setdefault(key, f"{n.name}: {e}" if str(e) else n.name)
                     self.env[n] = None
-            elif n.op == "output":
+            elif n.op == "output" and not self.unsupported:
                 self.finish_outputs(n)
             elif n.op == "get_attr":
                 t = getattr(self.gm, n.target)

@@ -133,6 +133,15 @@ def convert(source, output, *, arch=None, shapes=None, state_dict_key=None, prun
         raise InputError("output is a folder; give a file path", file=output)
     kind, cfg_dir = _source_kind(source)
     _import_formats()
+    if arch is not None:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConversionError("--arch needs torch (pip install sparsedge[convert]); without torch use a "
+                                  "Hugging Face folder with config.json") from None
+        from .export import load_factory
+
+        load_factory(arch)  # import errors now, before the slow work
 
     # ---- weights --------------------------------------------------------------------------
     from .checkpoint import load_state_dict
@@ -149,11 +158,6 @@ def convert(source, output, *, arch=None, shapes=None, state_dict_key=None, prun
     t0 = time.perf_counter()
     torch_model = None
     if arch is not None:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise ConversionError("--arch needs torch (pip install sparsedge[convert]); without torch use a "
-                                  "Hugging Face folder with config.json") from None
         from .export import build_module, capture, default_shapes, parse_shape
 
         if not shape_list:

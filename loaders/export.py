@@ -53,7 +53,7 @@ def load_factory(arch: str):
     mod_name, fn_name = arch.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
+    except Exception as e:
         raise InputError(f"--arch {arch!r}: cannot import {mod_name!r} ({e})") from None
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
@@ -63,6 +63,7 @@ def load_factory(arch: str):
 
 def default_shapes(arch: str):
     """Shapes a factory module declares for its factory (``SHAPES = {"factory": [...]}``), or None."""
+    load_factory(arch)
     mod_name, fn_name = arch.split(":", 1)
     mod = importlib.import_module(mod_name)
     return (getattr(mod, "SHAPES", {}) or {}).get(fn_name)
@@ -164,9 +165,11 @@ def export_program(model, shapes: list):
     for n in ordered:
         ph = next(p for p in ep.graph.nodes if p.op == "placeholder" and p.name == n)
         for (nm, ax), sym in names.items():
-            if nm == n and isinstance(ph.meta["val"].shape[ax], int):
+            d = ph.meta["val"].shape[ax] if nm == n else None
+            if d is not None and (isinstance(d, int) or getattr(getattr(d, "node", None), "expr", None) is not None
+                                  and d.node.expr.is_number):
                 raise ConversionError(
-                    f"dim {ax} of input {n!r} ({sym!r}) was specialised to {ph.meta['val'].shape[ax]} by "
+                    f"dim {ax} of input {n!r} ({sym!r}) was specialised to {int(d)} by "
                     f"torch.export: the model needs it fixed; give a number instead")
     return ep, names, time.perf_counter() - t0
 
