@@ -421,6 +421,41 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 
 
+@jit(inline="always")
+def _gemv8(indices, d2, k0, k1, x, a, base):
+    """r x 1 blocks: a[base:base+8] = sum_k d2[k, base:base+8] * x[indices[k]] (8 register accumulators)."""
+    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+    a4 = np.float32(0.0); a5 = np.float32(0.0); a6 = np.float32(0.0); a7 = np.float32(0.0)
+    for k in range(k0, k1):
+        xv = x[indices[k]]
+        dk = d2[k, base:base + 8]
+        a0 += dk[0] * xv; a1 += dk[1] * xv; a2 += dk[2] * xv; a3 += dk[3] * xv
+        a4 += dk[4] * xv; a5 += dk[5] * xv; a6 += dk[6] * xv; a7 += dk[7] * xv
+    a[base] = a0; a[base + 1] = a1; a[base + 2] = a2; a[base + 3] = a3
+    a[base + 4] = a4; a[base + 5] = a5; a[base + 6] = a6; a[base + 7] = a7
+
+
+@jit(inline="always")
+def _gemv4(indices, d2, k0, k1, x, a):
+    """4 x 1 blocks, two blocks per step into two accumulator sets."""
+    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+    b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
+    k = k0
+    while k + 2 <= k1:
+        xv = x[indices[k]]
+        dk = d2[k, 0:4]
+        a0 += dk[0] * xv; a1 += dk[1] * xv; a2 += dk[2] * xv; a3 += dk[3] * xv
+        xw = x[indices[k + 1]]
+        dl = d2[k + 1, 0:4]
+        b0 += dl[0] * xw; b1 += dl[1] * xw; b2 += dl[2] * xw; b3 += dl[3] * xw
+        k += 2
+    if k < k1:
+        xv = x[indices[k]]
+        dk = d2[k, 0:4]
+        a0 += dk[0] * xv; a1 += dk[1] * xv; a2 += dk[2] * xv; a3 += dk[3] * xv
+    a[0] = a0 + b0; a[1] = a1 + b1; a[2] = a2 + b2; a[3] = a3 + b3
+
+
 @pjit
 def bsr_spmv(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
     """y = act(W @ x + bias + res) for 1-D x [in], y [out]; bias/res [out] or len 0."""
@@ -432,7 +467,14 @@ def bsr_spmv(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
     acc = np.zeros((nbr, r), dtype=np.float32)
     for br in prange(nbr):
         a = acc[br]
-        if c == 1:
+        if c == 1 and r == 8:
+            _gemv8(indices, d2, indptr[br], indptr[br + 1], x, a, 0)
+        elif c == 1 and r == 16:
+            _gemv8(indices, d2, indptr[br], indptr[br + 1], x, a, 0)
+            _gemv8(indices, d2, indptr[br], indptr[br + 1], x, a, 8)
+        elif c == 1 and r == 4:
+            _gemv4(indices, d2, indptr[br], indptr[br + 1], x, a)
+        elif c == 1:
             for k in range(indptr[br], indptr[br + 1]):
                 xv = x[indices[k]]
                 dk = d2[k]

@@ -4,9 +4,9 @@ W: ``values`` float32 [out, G*n], ``offsets`` uint8 [out, G*n] with G = ceil(in/
 row i holds column ``(s // n) * m + offsets[i, s]`` (always < in; unused slots hold 0).
 X float32 [in, N], Y float32 [out, N].
 
-* ``nm_spmm``: as the CSR kernel (rows in parallel, N tiles of 128, slots unrolled by 8) but
-  with implicit column indices: every row has exactly G*n slots, so no indptr is read and the
-  column costs one shift and one uint8 load (n a power of two; other n use a division).
+* ``nm_spmm``: the CSR register-blocked micro-kernels (kernels/csr.py) over each row's G*n
+  slots; the row's absolute columns are expanded once per (row, N chunk) into a small int32
+  buffer (one shift + one uint8 load per slot; n a power of two, other n use a division).
 * ``nm_spmv`` (N = 1): per row a gather-dot over its G*n slots; 5 B per stored weight.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit
-from .csr import TN, reference
+from .csr import L2_FLOATS, TN, _mkc1, _mkc4, _row_tile, reference
+from .simd import VW
 from .epilogue import act_scalar, epilogue_tile, none1, none2
 from .table import KernelSpec
 
@@ -30,6 +31,7 @@ def _col(s, n, sh, mm, off):
 def nm_spmm(values, offsets, n, mm, x, y, bias, res, act, lo, hi):
     """Y = act(W @ X + bias + res); n:mm pattern. bias [out] / res [out, N] or empty."""
     nout = y.shape[0]
+    nin = x.shape[0]
     ncol = x.shape[1]
     slots = values.shape[1]
     nb = bias.shape[0]
@@ -38,43 +40,32 @@ def nm_spmm(values, offsets, n, mm, x, y, bias, res, act, lo, hi):
     for t in range(8):
         if (1 << t) == n:
             sh = t
-    for i in prange(nout):
+    n4 = (ncol // (4 * VW)) * (4 * VW)
+    n1 = (ncol // VW) * VW
+    nc = max(4 * VW, (L2_FLOATS // max(nin, 1)) // (4 * VW) * (4 * VW))
+    nch = max(1, (ncol + nc - 1) // nc)
+    for t in prange(nch * nout):
+        ch = t // nout
+        i = t - ch * nout
+        jlo = ch * nc
+        jhi = min(ncol, jlo + nc)
         vr = values[i]
         off = offsets[i]
+        cols = np.empty(slots, dtype=np.int32)  # this row's absolute columns (implicit in the format)
+        for s in range(slots):
+            cols[s] = _col(s, n, sh, mm, off)
         b = bias[i] if nb != 0 else np.float32(0.0)
-        for j0 in range(0, ncol, TN):
-            m = min(TN, ncol - j0)
+        yrow = y[i]
+        for j in range(jlo, min(jhi, n4), 4 * VW):
+            _mkc4(cols, vr, 0, slots, x, yrow, j)
+        if jhi == ncol:
+            for j in range(n4, n1, VW):
+                _mkc1(cols, vr, 0, slots, x, yrow, j)
+            if n1 < ncol:
+                _row_tile(cols, vr, 0, slots, x, y[i, n1:ncol], n1, ncol - n1)
+        for j0 in range(jlo, jhi, TN):
+            m = min(TN, jhi - j0)
             yr = y[i, j0:j0 + m]
-            for j in range(m):
-                yr[j] = np.float32(0.0)
-            s = 0
-            while s + 8 <= slots:
-                v0 = vr[s]
-                v1 = vr[s + 1]
-                v2 = vr[s + 2]
-                v3 = vr[s + 3]
-                v4 = vr[s + 4]
-                v5 = vr[s + 5]
-                v6 = vr[s + 6]
-                v7 = vr[s + 7]
-                x0 = x[_col(s, n, sh, mm, off), j0:j0 + m]
-                x1 = x[_col(s + 1, n, sh, mm, off), j0:j0 + m]
-                x2 = x[_col(s + 2, n, sh, mm, off), j0:j0 + m]
-                x3 = x[_col(s + 3, n, sh, mm, off), j0:j0 + m]
-                x4 = x[_col(s + 4, n, sh, mm, off), j0:j0 + m]
-                x5 = x[_col(s + 5, n, sh, mm, off), j0:j0 + m]
-                x6 = x[_col(s + 6, n, sh, mm, off), j0:j0 + m]
-                x7 = x[_col(s + 7, n, sh, mm, off), j0:j0 + m]
-                for j in range(m):
-                    yr[j] += (v0 * x0[j] + v1 * x1[j]) + (v2 * x2[j] + v3 * x3[j]) + \
-                             ((v4 * x4[j] + v5 * x5[j]) + (v6 * x6[j] + v7 * x7[j]))
-                s += 8
-            while s < slots:
-                v0 = vr[s]
-                x0 = x[_col(s, n, sh, mm, off), j0:j0 + m]
-                for j in range(m):
-                    yr[j] += v0 * x0[j]
-                s += 1
             if nr != 0:
                 epilogue_tile(yr, b, res[i, j0:j0 + m], act, lo, hi)
             else:
