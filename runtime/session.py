@@ -102,6 +102,46 @@ def _feature_major_values(graph) -> set:
     return fm
 
 
+def _fuse_residuals(graph, sym) -> list:
+    """Execution node list with ``[relu|clamp(0,6)](add(conv2d(x), r))`` rewritten into one conv2d
+    carrying ``r`` as a 4th input (attr ``_residual``) and the activation; the fused node takes the
+    last replaced node's position so every input is defined by then."""
+    from ..formats.graph import Node
+
+    consumers: dict = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    outs = {v.name for v in graph.outputs}
+    replace, drop = {}, set()
+    for c in graph.nodes:
+        if c.op != "conv2d" or c.attrs.get("activation", "none") != "none" or c.attrs.get("_residual"):
+            continue
+        v = c.outputs[0]
+        cs = consumers.get(v, [])
+        if v in outs or len(cs) != 1 or cs[0].op != "add" or id(cs[0]) in drop:
+            continue
+        a = cs[0]
+        if a.inputs[0] == a.inputs[1]:
+            continue
+        r = a.inputs[1] if a.inputs[0] == v else a.inputs[0]
+        if r not in sym.shapes or sym.shapes.get(r) != sym.shapes.get(v) or sym.dtypes.get(r) != "float32":
+            continue
+        last, act, out = a, "none", a.outputs[0]
+        us = consumers.get(out, [])
+        if out not in outs and len(us) == 1:
+            nxt = us[0]
+            if nxt.op == "relu":
+                last, act, out = nxt, "relu", nxt.outputs[0]
+            elif nxt.op == "clamp" and nxt.attrs.get("min") == 0.0 and nxt.attrs.get("max") == 6.0:
+                last, act, out = nxt, "relu6", nxt.outputs[0]
+        ins = list(c.inputs) + [""] * (3 - len(c.inputs))
+        fused = Node("conv2d", c.name, ins[:3] + [r], [out], {**c.attrs, "activation": act, "_residual": True})
+        drop.update({id(c), id(a), id(last)})
+        replace[id(last)] = fused
+    return [replace.get(id(n), n) for n in graph.nodes if id(n) not in drop or id(n) in replace]
+
+
 class Session:
     """Run a ``.sparsedge`` model. See the module docstring.
 
@@ -144,13 +184,16 @@ class Session:
             if node.op in ("linear", "conv2d") and node.inputs[0] in g.act_quant:
                 act_quant[node.name] = g.act_quant[node.inputs[0]]
         self._selector = Selector(self.path, overrides, tune, self.threads, act_quant)
-        self._fm = _feature_major_values(g)
-        self._ctx = LoadContext(self._model, self._selector, self._fm, self.path)
         self._sym = infer(g, self._model.tensors, None, file=self.path)
-        self._ops = [impl_for(n.op)(n, self._ctx) for n in g.nodes]
+        from ..formats.graph import Graph
+
+        self._exec = Graph(g.inputs, g.outputs, _fuse_residuals(g, self._sym), g.act_quant)
+        self._fm = _feature_major_values(self._exec)
+        self._ctx = LoadContext(self._model, self._selector, self._fm, self.path)
+        self._ops = [impl_for(n.op)(n, self._ctx) for n in self._exec.nodes]
         self._const_names = set(self._model.tensors)
         self._const_inputs = {}
-        for node, op in zip(g.nodes, self._ops):
+        for node, op in zip(self._exec.nodes, self._ops):
             skip = optable.spec(node.op).weight_input
             widx = optable.spec(node.op).inputs.index(skip) if skip else -1
             for k, name in enumerate(node.inputs):
@@ -213,9 +256,9 @@ class Session:
             if p is not None:
                 return p
             bind_symbols(self.graph, shapes)
-            shp = infer(self.graph, self._model.tensors, shapes, file=self.path)
+            shp = infer(self._exec, self._model.tensors, shapes, file=self.path)
             nps = []
-            for node, op in zip(self.graph.nodes, self._ops):
+            for node, op in zip(self._exec.nodes, self._ops):
                 ins = [None if not n else (tuple(shp.shapes[n]) if n in shp.shapes else None,
                                            shp.dtypes.get(n)) for n in node.inputs]
                 ins = [None if (i is None or i[0] is None) else i for i in ins]
@@ -225,7 +268,7 @@ class Session:
                         ins[k] = (tuple(getattr(t, "shape")), "float32")
                 outs = [(tuple(shp.shapes[n]), shp.dtypes[n]) for n in node.outputs]
                 nps.append(op.plan(ins, outs, shp.env))
-            p = build_plan(key, self.graph, self._ops, shp, nps, self._const_names)
+            p = build_plan(key, self._exec, self._ops, shp, nps, self._const_names)
             self._selector.save()
             self._plans[key] = p
             self._pools[key] = []
@@ -305,7 +348,7 @@ class Session:
             vals = dict(feeds)
             consts = self._const_inputs
             prof = [] if self.profile else None
-            for i, (node, op) in enumerate(zip(self.graph.nodes, self._ops)):
+            for i, (node, op) in enumerate(zip(self._exec.nodes, self._ops)):
                 ins = []
                 for n in node.inputs:
                     if not n:
