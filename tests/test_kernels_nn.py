@@ -1,0 +1,94 @@
+"""kernels/nn.py vs its numpy references, at 1 and 2 threads, on edge shapes."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from sparsedge.kernels import nn
+from sparsedge.kernels.table import ACTIVATIONS
+
+SHAPES = [(1, 1), (1, 7), (3, 16), (5, 33), (64, 768)]
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    k = min(request.param, numba.config.NUMBA_NUM_THREADS)
+    old = numba.get_num_threads()
+    numba.set_num_threads(k)
+    yield k
+    numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm(rng, threads, shape, affine):
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    w = rng.standard_normal(shape[1]).astype(np.float32) if affine else nn.EMPTY_F32
+    b = rng.standard_normal(shape[1]).astype(np.float32) if affine else nn.EMPTY_F32
+    out = np.full_like(x, np.nan)
+    nn.layernorm_rows(x, w, b, 1e-5, out)
+    ref = nn.layernorm_ref(x, w if affine else None, b if affine else None, 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_constant_row(threads):
+    x = np.full((2, 8), 3.0, np.float32)
+    out = np.empty_like(x)
+    nn.layernorm_rows(x, nn.EMPTY_F32, nn.EMPTY_F32, 1e-5, out)
+    assert np.all(out == 0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax_with_mask(rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32) * 5
+    mask = np.where(rng.random(shape) < 0.3, -1e4, 0).astype(np.float32)
+    y = x + mask
+    nn.softmax_inplace(y)
+    np.testing.assert_allclose(y, nn.softmax_ref(x, mask), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y.sum(-1), 1, rtol=1e-5)
+
+
+def test_softmax_all_masked_row_is_nan_like_torch():
+    y = np.full((1, 4), -np.inf, np.float32)
+    with np.errstate(invalid="ignore"):
+        nn.softmax_inplace(y)
+    assert np.isnan(y).all()
+
+
+@pytest.mark.parametrize("n", [1, 5, 4096, 4097, 10000])
+@pytest.mark.parametrize("approx", [False, True])
+def test_gelu(rng, threads, n, approx):
+    x = (rng.standard_normal(n) * 4).astype(np.float32)
+    out = np.empty_like(x)
+    nn.gelu(x, out, approx)
+    np.testing.assert_allclose(out, nn.gelu_ref(x, "tanh" if approx else "none"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_epilogues(rng, threads, act):
+    code = ACTIVATIONS[act]
+    lo, hi = (-0.5, 0.7) if act == "clamp" else (0.0, 0.0)
+    y0 = (rng.standard_normal((5, 9)) * 4).astype(np.float32)
+    bias_r = rng.standard_normal(9).astype(np.float32)
+    bias_c = rng.standard_normal(5).astype(np.float32)
+    y = y0.copy()
+    nn.bias_act_rows(y, bias_r, code, lo, hi)
+    np.testing.assert_allclose(y, nn.act_ref(y0 + bias_r, code, lo, hi), rtol=1e-5, atol=1e-6)
+    y = y0.copy()
+    nn.bias_act_cols(y, bias_c, code, lo, hi)
+    np.testing.assert_allclose(y, nn.act_ref(y0 + bias_c[:, None], code, lo, hi), rtol=1e-5, atol=1e-6)
+    y = y0.copy()
+    nn.bias_act_rows(y, nn.EMPTY_F32, code, lo, hi)
+    np.testing.assert_allclose(y, nn.act_ref(y0, code, lo, hi), rtol=1e-5, atol=1e-6)
+    y = y0.reshape(-1).copy()
+    nn.act_inplace(y, code, lo, hi)
+    np.testing.assert_allclose(y, nn.act_ref(y0.reshape(-1), code, lo, hi), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding(rng):
+    table = rng.standard_normal((11, 6)).astype(np.float32)
+    for ids in (np.array([0], np.int64), np.array([10, 0, 3, 3], np.int64), np.array([2, 5], np.int32)):
+        out = np.empty((ids.size, 6), np.float32)
+        nn.embedding_into(ids, table, out)
+        np.testing.assert_array_equal(out, nn.embedding_ref(ids, table))
