@@ -12,9 +12,9 @@ Layouts (all flat 1-D arrays, byte offsets):
   ``woff + r * wrs + q * wqs``.
 * quads ``q0 <= q < q1``; the K-group of quad q is ``q`` (dense) or ``idx[q]`` (sparse).
 
-``vnni_tile(R, T, SPARSE, acc, x4, xoff, xgs, idx, w, woff, wrs, wqs, q0, q1)`` with
+``vnni_tile(R, T, SPARSE, acc, aoff, ars, x4, xoff, xgs, idx, w, woff, wrs, wqs, q0, q1)`` with
 R, T, SPARSE compile-time literals writes the int32 sums
-``acc[(r*T + t)*16 + l] = sum_q sum_j u8(x4[xoff + g(q)*xgs + (t*16 + l)*4 + j]) * s8(w[...+j])``.
+``acc[aoff + r*ars + t*16 + l] = sum_q sum_j u8(x4[xoff + g(q)*xgs + (t*16 + l)*4 + j]) * s8(w[...+j])``.
 Only call it from a function compiled on a CPU with avx512_vnni (kernels/cpu.py ``has``).
 """
 from __future__ import annotations
@@ -37,18 +37,20 @@ def _literal_int(t):
 
 
 @intrinsic
-def vnni_tile(typingctx, R, T, SPARSE, acc, x4, xoff, xgs, idx, w, woff, wrs, wqs, q0, q1):
+def vnni_tile(typingctx, R, T, SPARSE, acc, aoff, ars, x4, xoff, xgs, idx, w, woff, wrs, wqs, q0, q1):
     r_, t_, s_ = _literal_int(R), _literal_int(T), _literal_int(SPARSE)
     if r_ is None or t_ is None or s_ is None:
         return None
-    ints = (xoff, xgs, woff, wrs, wqs, q0, q1)
+    ints = (aoff, ars, xoff, xgs, woff, wrs, wqs, q0, q1)
     if not all(isinstance(v, types.Integer) for v in ints):
         return None
-    sig = types.void(R, T, SPARSE, acc, x4, xoff, xgs, idx, w, woff, wrs, wqs, q0, q1)
+    sig = types.void(R, T, SPARSE, acc, aoff, ars, x4, xoff, xgs, idx, w, woff, wrs, wqs, q0, q1)
 
     def codegen(context, builder, signature, args):
-        (_, _, _, acc_v, x4_v, xoff_v, xgs_v, idx_v, w_v, woff_v, wrs_v, wqs_v, q0_v, q1_v) = args
-        st = signature.args
+        (_, _, _, acc_v, aoff_v, ars_v, x4_v, xoff_v, xgs_v, idx_v, w_v, woff_v, wrs_v, wqs_v, q0_v, q1_v) = args
+        st = tuple(signature.args[:4]) + tuple(signature.args[6:])
+        aoff_, ars_ = (context.cast(builder, aoff_v, signature.args[4], types.int64),
+                       context.cast(builder, ars_v, signature.args[5], types.int64))
 
         def data(i, v):
             return builder.bitcast(context.make_array(st[i])(context, builder, v).data, _I8.as_pointer())
@@ -112,8 +114,136 @@ def vnni_tile(typingctx, R, T, SPARSE, acc, x4, xoff, xgs, idx, w, woff, wrs, wq
 
         builder.position_at_end(done)
         for k, a in enumerate(accs):
-            p = builder.gep(accp, [ir.Constant(_I64, k * 16)])
+            r, t = divmod(k, t_)
+            off = builder.add(aoff_, builder.add(builder.mul(ars_, ir.Constant(_I64, r)), ir.Constant(_I64, t * 16)))
+            p = builder.gep(accp, [off])
             builder.store(a, builder.bitcast(p, _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ----------------------------------------------------------------------------------------------
+# AMX (Sapphire Rapids and later): tdpbsud on 16 x 64-byte tiles
+def amx_config() -> "np.ndarray":
+    """64-byte tile configuration (palette 1): all 8 tiles 16 rows x 64 bytes."""
+    import numpy as np
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    for t in range(8):
+        cfg[16 + 2 * t] = 64
+        cfg[48 + t] = 16
+    return cfg
+
+
+_AMX_OK = None
+
+
+def amx_enable() -> bool:
+    """Ask Linux for AMX tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM, once per process).
+    False when the kernel or the CPU refuses (then the AMX path must not run: SIGILL)."""
+    global _AMX_OK
+    if _AMX_OK is None:
+        _AMX_OK = False
+        try:
+            import ctypes
+            import platform
+            if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.syscall.restype = ctypes.c_long
+                # SYS_arch_prctl = 158, ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18
+                _AMX_OK = libc.syscall(ctypes.c_long(158), ctypes.c_long(0x1023), ctypes.c_long(18)) == 0
+        except Exception:
+            _AMX_OK = False
+    return _AMX_OK
+
+
+@intrinsic
+def amx_block(typingctx, cfg, acc, aoff, astride, w, woff, wdelta, wstep, wstride, x4, xoff, xdelta, xstep,
+              xstride, nk, accum):
+    """acc int32 [32, 32] (from byte aoff, row stride astride bytes) = A x B over nk steps of 64 input features
+    (tdpbsud: A int8 weights x B uint8 activations; 2x2 accumulator tiles of 16x16 int32).
+    A tile 0 at byte ``woff + kk*wstep`` of w (16 rows of 64 B, row stride wstride), A tile 1
+    ``wdelta`` bytes further; B tile 0 at ``xoff + kk*xstep`` of x4 (16 rows = groups of 4 features,
+    64 B = 16 columns x 4, row stride xstride), B tile 1 ``xdelta`` further. cfg: ``amx_config()``.
+    accum != 0: add to the sums already in acc (K-blocking) instead of starting from zero."""
+    ints = (aoff, astride, woff, wdelta, wstep, wstride, xoff, xdelta, xstep, xstride, nk, accum)
+    if not all(isinstance(v, types.Integer) for v in ints):
+        return None
+    sig = types.void(cfg, acc, aoff, astride, w, woff, wdelta, wstep, wstride, x4, xoff, xdelta, xstep, xstride, nk,
+                     accum)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        ptr = ir.IntType(8).as_pointer()
+
+        def data(i):
+            return builder.bitcast(context.make_array(st[i])(context, builder, args[i]).data, ptr)
+
+        def i64(i):
+            return context.cast(builder, args[i], st[i], types.int64)
+
+        cfgp, accp, wp, xp = data(0), data(1), data(4), data(9)
+        aoff_, ast = i64(2), i64(3)
+        woff_, wdel, wstep_, wst = i64(5), i64(6), i64(7), i64(8)
+        xoff_, xdel, xstep_, xst, nk_ = i64(10), i64(11), i64(12), i64(13), i64(14)
+        mod = builder.module
+        void = ir.VoidType()
+        f_cfg = cgutils.get_or_insert_function(mod, ir.FunctionType(void, [ptr]), "llvm.x86.ldtilecfg")
+        f_zero = cgutils.get_or_insert_function(mod, ir.FunctionType(void, [_I8]), "llvm.x86.tilezero")
+        f_load = cgutils.get_or_insert_function(mod, ir.FunctionType(void, [_I8, ptr, _I64]), "llvm.x86.tileloadd64")
+        f_dp = cgutils.get_or_insert_function(mod, ir.FunctionType(void, [_I8, _I8, _I8]), "llvm.x86.tdpbsud")
+        f_st = cgutils.get_or_insert_function(mod, ir.FunctionType(void, [_I8, ptr, _I64]), "llvm.x86.tilestored64")
+        f_rel = cgutils.get_or_insert_function(mod, ir.FunctionType(void, []), "llvm.x86.tilerelease")
+
+        def t(n):
+            return ir.Constant(_I8, n)
+
+        def c64(n):
+            return ir.Constant(_I64, n)
+
+        accum_ = i64(15)
+        row16 = builder.mul(ast, c64(16))
+        coffs = (aoff_, builder.add(aoff_, c64(64)), builder.add(aoff_, row16),
+                 builder.add(builder.add(aoff_, row16), c64(64)))
+        builder.call(f_cfg, [cfgp])
+        with builder.if_else(builder.icmp_signed("!=", accum_, c64(0))) as (then, otherwise):
+            with then:
+                for k, off in enumerate(coffs):
+                    builder.call(f_load, [t(k), builder.gep(accp, [off]), ast])
+            with otherwise:
+                for k in range(4):
+                    builder.call(f_zero, [t(k)])
+        a0 = builder.gep(wp, [woff_])
+        a1 = builder.gep(wp, [builder.add(woff_, wdel)])
+        b0 = builder.gep(xp, [xoff_])
+        b1 = builder.gep(xp, [builder.add(xoff_, xdel)])
+        pre = builder.basic_block
+        hdr = builder.append_basic_block("amx.hdr")
+        body = builder.append_basic_block("amx.body")
+        done = builder.append_basic_block("amx.done")
+        builder.branch(hdr)
+        builder.position_at_end(hdr)
+        kk = builder.phi(_I64, "kk")
+        kk.add_incoming(c64(0), pre)
+        builder.cbranch(builder.icmp_signed("<", kk, nk_), body, done)
+        builder.position_at_end(body)
+        ao = builder.mul(kk, wstep_)
+        bo = builder.mul(kk, xstep_)
+        builder.call(f_load, [t(4), builder.gep(a0, [ao]), wst])
+        builder.call(f_load, [t(6), builder.gep(b0, [bo]), xst])
+        builder.call(f_load, [t(7), builder.gep(b1, [bo]), xst])
+        builder.call(f_dp, [t(0), t(4), t(6)])
+        builder.call(f_dp, [t(1), t(4), t(7)])
+        builder.call(f_load, [t(5), builder.gep(a1, [ao]), wst])
+        builder.call(f_dp, [t(2), t(5), t(6)])
+        builder.call(f_dp, [t(3), t(5), t(7)])
+        kk.add_incoming(builder.add(kk, c64(1)), builder.basic_block)
+        builder.branch(hdr)
+        builder.position_at_end(done)
+        for k, off in enumerate(coffs):
+            builder.call(f_st, [t(k), builder.gep(accp, [off]), ast])
+        builder.call(f_rel, [])
         return context.get_dummy_value()
 
     return sig, codegen

@@ -58,12 +58,27 @@ _F32 = np.float32
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_F32_2D = np.empty((0, 0), np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)
+_EMPTY_F64 = np.empty(0, np.float64)
 _TILE_R = 8  # dense VNNI tile rows
 _TILE_C = 48  # dense VNNI column tile (3 zmm of 16 int32): 24 accumulators, measured best of 8x4/8x3/6x4/4x4/8x2
 
 
 def vnni_available() -> bool:
+    """x86 with avx512_vnni (vpdpbusd on zmm)."""
     return _cpu.cpu_info()["arch"] == "x86_64" and _cpu.has("avx512_vnni")
+
+
+def amx_available() -> bool:
+    """x86 with AMX-INT8 and the OS granted tile-data permission (asked once, here)."""
+    if not (_cpu.cpu_info()["arch"] == "x86_64" and _cpu.has("amx_int8") and _cpu.has("amx_tile")):
+        return False
+    from ._vnni import amx_enable
+    return amx_enable()
+
+
+def default_path() -> str:
+    """Best int8 GEMM path for this CPU: "amx", "vnni" or "portable"."""
+    return "amx" if amx_available() else "vnni" if vnni_available() else "portable"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,36 +149,6 @@ def _act_ref(v, act, lo, hi):
 
 # ----------------------------------------------------------------------------------------------
 # activation quantization
-@pjit
-def _minmax_rows(x, mn, mx):
-    """x float32 [K, N] -> per-row min / max (float32 [K])."""
-    K, N = x.shape
-    for k in prange(K):
-        r = x[k]
-        a = r[0]
-        b = r[0]
-        for n in range(1, N):
-            v = r[n]
-            a = min(a, v)
-            b = max(b, v)
-        mn[k] = a
-        mx[k] = b
-
-
-@jit
-def _minmax_cols(x, mn, mx):
-    """x float32 [K, N] -> per-column min / max (float32 [N])."""
-    K, N = x.shape
-    for n in range(N):
-        mn[n] = x[0, n]
-        mx[n] = x[0, n]
-    for k in range(1, K):
-        r = x[k]
-        for n in range(N):
-            mn[n] = min(mn[n], r[n])
-            mx[n] = max(mx[n], r[n])
-
-
 @jit(inline="always")
 def _q(v, inv, zpf):
     t = np.rint(v * inv) + zpf
@@ -171,27 +156,68 @@ def _q(v, inv, zpf):
     return np.int32(t)
 
 
+@jit(inline="always")
+def _q4(x, k0, K, n, inv, zpf):
+    """4 quantized features k0..k0+3 (zeros past K) of column n packed little-endian in a uint32."""
+    v = np.uint32(0)
+    for j in range(4):
+        if k0 + j < K:
+            v |= np.uint32(_q(x[k0 + j, n], inv[n], zpf[n])) << np.uint32(8 * j)
+    return v
+
+
 @pjit
-def _quant_x4(x, inv, zpf, x4, npad):
-    """x float32 [K, N] -> x4 uint8 flat [ceil(K/4), npad, 4] (zeros in padding)."""
+def _quant_x4(x, inv, zpf, x4w, npad, G):
+    """x float32 [K, N] -> x4w uint32 flat [G, npad] = uint8 [G, npad, 4] (x4[g, n, j] = xq[4g+j, n]),
+    G >= ceil(K/4); zeros in the padding."""
     K, N = x.shape
-    G = (K + 3) // 4
-    for c in prange(npad // 16):
-        n0 = c * 16
-        n1 = min(n0 + 16, N)
-        for g in range(G):
-            for j in range(4):
-                k = 4 * g + j
-                base = (g * npad) * 4 + j
-                if k < K:
-                    r = x[k]
-                    for n in range(n0, n1):
-                        x4[base + 4 * n] = np.uint8(_q(r[n], inv[n], zpf[n]))
-                    for n in range(n1, n0 + 16):
-                        x4[base + 4 * n] = 0
-                else:
-                    for n in range(n0, n0 + 16):
-                        x4[base + 4 * n] = 0
+    for g in prange(G):
+        base = g * npad
+        k0 = 4 * g
+        if k0 + 4 <= K:
+            r0 = x[k0]
+            r1 = x[k0 + 1]
+            r2 = x[k0 + 2]
+            r3 = x[k0 + 3]
+            for n in range(N):
+                x4w[base + n] = (np.uint32(_q(r0[n], inv[n], zpf[n]))
+                                 | (np.uint32(_q(r1[n], inv[n], zpf[n])) << np.uint32(8))
+                                 | (np.uint32(_q(r2[n], inv[n], zpf[n])) << np.uint32(16))
+                                 | (np.uint32(_q(r3[n], inv[n], zpf[n])) << np.uint32(24)))
+        else:
+            for n in range(N):
+                x4w[base + n] = _q4(x, k0, K, n, inv, zpf)
+        for n in range(N, npad):
+            x4w[base + n] = 0
+
+
+@pjit
+def _quant_x4t(x, inv, zpf, xw, npad, G):
+    """AMX layout: x float32 [K, N] -> xw uint32 flat [npad/16, G, 16] (16-column blocks, each a
+    run of G rows of 64 bytes = one contiguous AMX B tile per 16 groups)."""
+    K, N = x.shape
+    for g in prange(G):
+        k0 = 4 * g
+        full = k0 + 4 <= K
+        for cb in range(npad // 16):
+            base = (cb * G + g) * 16 - cb * 16
+            n0 = cb * 16
+            n1 = min(n0 + 16, N)
+            if full:
+                r0 = x[k0]
+                r1 = x[k0 + 1]
+                r2 = x[k0 + 2]
+                r3 = x[k0 + 3]
+                for n in range(n0, n1):
+                    xw[base + n] = (np.uint32(_q(r0[n], inv[n], zpf[n]))
+                                    | (np.uint32(_q(r1[n], inv[n], zpf[n])) << np.uint32(8))
+                                    | (np.uint32(_q(r2[n], inv[n], zpf[n])) << np.uint32(16))
+                                    | (np.uint32(_q(r3[n], inv[n], zpf[n])) << np.uint32(24)))
+            else:
+                for n in range(n0, n1):
+                    xw[base + n] = _q4(x, k0, K, n, inv, zpf)
+            for n in range(n1, n0 + 16):
+                xw[base + n] = 0
 
 
 @pjit
@@ -226,17 +252,12 @@ def act_params(x, granularity="tensor"):
     if granularity == "tensor":
         if K == 0 or N == 0:
             lo = hi = _F32(0)
-        else:
-            mn = np.empty(K, _F32)
-            mx = np.empty(K, _F32)
-            _minmax_rows(x, mn, mx)
-            lo, hi = mn.min(), mx.max()
+        else:  # numpy's SIMD reductions: measured faster than a numba prange (9 vs 63 us at 768x128)
+            lo, hi = x.min(), x.max()
         lo, hi = np.asarray([lo], _F32), np.asarray([hi], _F32)
     elif granularity == "column":
-        lo = np.zeros(N, _F32)
-        hi = np.zeros(N, _F32)
-        if K and N:
-            _minmax_cols(x, lo, hi)
+        lo = x.min(axis=0) if K else np.zeros(N, _F32)
+        hi = x.max(axis=0) if K else np.zeros(N, _F32)
     else:
         raise ValueError(f"granularity must be 'tensor' or 'column', got {granularity!r}")
     lo = np.minimum(lo, _F32(0))
@@ -297,53 +318,59 @@ def quantize_ref(x, scale=None, zero_point=None, granularity="tensor"):
 
 # ----------------------------------------------------------------------------------------------
 # VNNI kernels (compiled only when called, i.e. on CPUs with avx512_vnni)
-from ._vnni import vnni_tile  # noqa: E402
-
-
-@jit(inline="always")
-def _epi_row(acc, a0, o, n0, n1, K, shift, rowsum, zw, affine, colsum, sx, zx, sw,
-             bias, residual, act, lo, hi, y):
-    """y[o, n0:n1] from int32 sums acc[a0 + n - n0]; separate simple loops so each vectorizes."""
-    rs = np.int64(rowsum[o])
-    swo = sw[o]
-    yo = y[o]
-    if affine:
-        zwo = np.int64(zw[o])
-        for n in range(n0, n1):
-            z = np.int64(zx[n])
-            corr = np.int64(acc[a0 + n - n0]) + (shift - z) * rs - zwo * (np.int64(colsum[n]) - K * z)
-            yo[n] = _F32(corr) * (sx[n] * swo)
-    else:
-        for n in range(n0, n1):
-            corr = np.int64(acc[a0 + n - n0]) + (shift - np.int64(zx[n])) * rs
-            yo[n] = _F32(corr) * (sx[n] * swo)
-    if bias.shape[0] > 0:
-        b = bias[o]
-        for n in range(n0, n1):
-            yo[n] += b
-    if residual.shape[0] > 0:
-        ro = residual[o]
-        for n in range(n0, n1):
-            yo[n] += ro[n]
-    if act != ACT_NONE:
-        for n in range(n0, n1):
-            yo[n] = _act(yo[n], act, lo, hi)
+from ._vnni import amx_block, amx_config, vnni_tile  # noqa: E402
 
 
 @jit
-def _epi_tile(acc, nr, nt, r0, c0, out, N, K, shift, rowsum, zw, affine, colsum, sx, zx, sw,
-              bias, residual, act, lo, hi, y):
-    """acc int32 [nr, nt*16] (tile at rows r0.., columns c0..) -> y rows < out, columns < N."""
-    n1 = min(c0 + nt * 16, N)
-    for rr in range(min(nr, out - r0)):
-        _epi_row(acc, rr * nt * 16, r0 + rr, c0, n1, K, shift, rowsum, zw, affine, colsum, sx, zx, sw,
-                 bias, residual, act, lo, hi, y)
+def _apply_act(yo, act, lo, hi):
+    """In-place activation over a row; one simple loop per code (relu/relu6/clamp vectorize: a
+    loop calling the generic ``_act`` measured 15x slower)."""
+    m = yo.shape[0]
+    if act == ACT_RELU:
+        for i in range(m):
+            v = yo[i]
+            yo[i] = v if v > 0.0 else _F32(0.0)
+    elif act == ACT_RELU6:
+        for i in range(m):
+            yo[i] = min(max(yo[i], _F32(0.0)), _F32(6.0))
+    elif act == ACT_CLAMP:
+        for i in range(m):
+            yo[i] = min(max(yo[i], lo), hi)
+    elif act != ACT_NONE:
+        for i in range(m):
+            yo[i] = _act(yo[i], act, lo, hi)
 
 
 @pjit
-def _dense_vnni(w, K4, out, x4, npad, N, K, rowsum, zw, affine, colsum, sx, zx, sw,
-                bias, residual, act, lo, hi, y):
-    """w int8 flat [out, K4] (K4 % 4 == 0), x4 uint8 flat [K4/4, npad, 4]."""
+def _dequant(acc, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+    """y[o, n] = act(float32(corr) * float32(sx[n] * sw[o]) + bias[o] + residual[o, n]) from int32
+    sums acc [out, >= N]. corr = acc + czx[n] * rowsum[o] - zw[o] * cz[n] (cz = 0 unless affine) is
+    an exact integer carried in float64 (|values| < 2**53; one rounding to float32, the same as the
+    int64 reference's), which vectorizes."""
+    out, N = y.shape
+    for o in prange(out):
+        a = acc[o]
+        yo = y[o]
+        rs = np.float64(rowsum[o])
+        swo = sw[o]
+        zwo = np.float64(zw[o]) if affine else 0.0
+        for n in range(N):
+            yo[n] = _F32(np.float64(a[n]) + czx[n] * rs - zwo * cz[n]) * (sx[n] * swo)
+        if bias.shape[0] > 0:
+            b = bias[o]
+            for n in range(N):
+                yo[n] += b
+        if residual.shape[0] > 0:
+            ro = residual[o]
+            for n in range(N):
+                yo[n] += ro[n]
+        if act != ACT_NONE:
+            _apply_act(yo, act, lo, hi)
+
+
+@pjit
+def _dense_vnni(w, K4, out, x4, npad, acc):
+    """acc int32 [out, npad] = w int8 flat [out, K4] (K4 % 4 == 0) x x4 uint8 flat [K4/4, npad, 4]."""
     G = K4 // 4
     xgs = npad * 4
     nrb = (out + _TILE_R - 1) // _TILE_R
@@ -355,40 +382,50 @@ def _dense_vnni(w, K4, out, x4, npad, N, K, rowsum, zw, affine, colsum, sx, zx, 
         c0 = ct * _TILE_C
         nt = min(_TILE_C // 16, (npad - c0) // 16)
         r0 = rb * _TILE_R
-        acc = np.empty(_TILE_R * _TILE_C, np.int32)
         if r0 + _TILE_R <= out:
             wo = r0 * K4
+            ao = r0 * npad + c0
             if nt == 3:
-                vnni_tile(8, 3, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                vnni_tile(8, 3, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
             elif nt == 2:
-                vnni_tile(8, 2, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                vnni_tile(8, 2, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
             else:
-                vnni_tile(8, 1, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
-            _epi_tile(acc, _TILE_R, nt, r0, c0, out, N, K, 0, rowsum, zw, affine, colsum, sx, zx, sw,
-                      bias, residual, act, lo, hi, y)
+                vnni_tile(8, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
         else:
             for o in range(r0, out):
                 wo = o * K4
+                ao = o * npad + c0
                 if nt == 3:
-                    vnni_tile(1, 3, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    vnni_tile(1, 3, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
                 elif nt == 2:
-                    vnni_tile(1, 2, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    vnni_tile(1, 2, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
                 else:
-                    vnni_tile(1, 1, False, acc, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
-                _epi_tile(acc, 1, nt, o, c0, out, N, K, 0, rowsum, zw, affine, colsum, sx, zx, sw,
-                          bias, residual, act, lo, hi, y)
+                    vnni_tile(1, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
 
 
 @pjit
-def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, N, K, rowsum, sx, zx, sw,
-                bias, residual, act, lo, hi, y):
-    """Quad-sparse: block row b (rows b*R..) has quads qptr[b]..qptr[b+1]; quad q covers input
-    features 4*qidx[q]..+3 with weights qw flat [nq, R, 4]. R in (1, 4, 8)."""
+def _dense_amx(cfg, w, nk, nrb, xw, npad, acc):
+    """acc int32 [nrb*32, npad] = w int8 tiled [nrb*2, nk, 16, 64] (16-row x 64-feature AMX A tiles,
+    contiguous) x xw uint8 [npad/16, 16*nk, 16, 4] (contiguous B tiles); npad % 32 == 0.
+    Task: 32 rows x 32 columns, row-block major (the W block is reused from L1/L2)."""
+    nct = npad // 32
+    G = 16 * nk
+    for task in prange(nrb * nct):
+        rb = task // nct
+        ct = task - rb * nct
+        amx_block(cfg, acc, (rb * 32 * npad + ct * 32) * 4, npad * 4, w, 2 * rb * nk * 1024, nk * 1024, 1024, 64,
+                  xw, 2 * ct * G * 64, G * 64, 1024, 64, nk, 0)
+
+
+@pjit
+def _quads_vnni(R, qptr, qidx, qw, x4, npad, acc):
+    """acc int32 [nrb*R, npad] from quad-sparse weights: block row b (rows b*R..) has quads
+    qptr[b]..qptr[b+1]; quad q covers input features 4*qidx[q]..+3 with weights qw flat [nq, R, 4].
+    R in (1, 4, 8)."""
     nrb = qptr.shape[0] - 1
     xgs = npad * 4
     tc = 48 if R == 8 else 64  # 24 or 16 accumulators
     nct = (npad + tc - 1) // tc
-    zw = np.empty(0, np.int32)
     for task in prange(nrb * nct):
         ct = task // nrb
         rb = task - ct * nrb
@@ -396,34 +433,32 @@ def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, N, K, rowsum, sx, zx, sw,
         nt = min(tc // 16, (npad - c0) // 16)
         q0 = qptr[rb]
         q1 = qptr[rb + 1]
-        acc = np.empty(384, np.int32)
+        ao = rb * R * npad + c0
         if R == 8:
             if nt == 3:
-                vnni_tile(8, 3, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+                vnni_tile(8, 3, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
             elif nt == 2:
-                vnni_tile(8, 2, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+                vnni_tile(8, 2, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
             else:
-                vnni_tile(8, 1, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+                vnni_tile(8, 1, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
         elif R == 4:
             if nt == 4:
-                vnni_tile(4, 4, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                vnni_tile(4, 4, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
             elif nt == 3:
-                vnni_tile(4, 3, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                vnni_tile(4, 3, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
             elif nt == 2:
-                vnni_tile(4, 2, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                vnni_tile(4, 2, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
             else:
-                vnni_tile(4, 1, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                vnni_tile(4, 1, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
         else:
             if nt == 4:
-                vnni_tile(1, 4, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                vnni_tile(1, 4, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
             elif nt == 3:
-                vnni_tile(1, 3, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                vnni_tile(1, 3, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
             elif nt == 2:
-                vnni_tile(1, 2, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                vnni_tile(1, 2, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
             else:
-                vnni_tile(1, 1, True, acc, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
-        _epi_tile(acc, R, nt, rb * R, c0, out, N, K, 0, rowsum, zw, False, zw, sx, zx, sw,
-                  bias, residual, act, lo, hi, y)
+                vnni_tile(1, 1, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,7 +618,11 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
     (scale, uint8 zero_point) for static quantization (see ``set_act_quant``)."""
     t0 = time.perf_counter()
     if path is None:
+        path = default_path()
+    if path == "amx" and not amx_available():
         path = "vnni" if vnni_available() else "portable"
+    if path == "vnni" and not vnni_available():
+        path = "portable"
     kind = wf.kind
     out, K = (int(v) for v in wf.shape)
     a = wf.arrays()
@@ -610,6 +649,17 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
                 p["w4"] = w4.reshape(-1)
                 p["repack_bytes"] = w4.nbytes
             p["K4"] = K4
+        elif path == "amx":
+            # AMX A tiles (16 rows x 64 features) made contiguous: [o32/16, K64/64, 16, 64]
+            nk = max((K + 63) // 64, 1)
+            o32 = max((out + 31) // 32 * 32, 32)
+            w64 = np.zeros((o32, nk * 64), np.int8)
+            w64[:out, :K] = q
+            w64 = np.ascontiguousarray(w64.reshape(o32 // 16, 16, nk, 64).transpose(0, 2, 1, 3))
+            p["w64"] = w64.reshape(-1)
+            p["repack_bytes"] = w64.nbytes
+            p["nk"] = nk
+            p["cfg"] = amx_config()
     elif kind in ("csr_i8", "bsr_i8"):
         p["sw"] = _f32_per_row(a["scale"], out)
         rows, cols, vals = _entries(wf)
@@ -621,6 +671,8 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
             r, c = (int(v) for v in wf.meta()["block"])
             p.update(block=(r, c), indptr=np.asarray(a["indptr"], np.int32),
                      indices=np.asarray(a["indices"], np.int32), qv=np.asarray(a["q"], np.int8))
+        if path == "amx":  # sparse formats have no AMX kernel: use VNNI
+            path = p["path"] = "vnni"
         if path == "vnni":
             R = 1 if kind == "csr_i8" else (8 if p["block"][0] % 8 == 0 else 4 if p["block"][0] % 4 == 0 else 1)
             qptr, qidx, qw = _quads(rows, cols, vals, out, K, R)
@@ -643,12 +695,20 @@ def _opt(bias, residual):
     return (_EMPTY_F32 if bias is None else bias), (_EMPTY_F32_2D if residual is None else residual)
 
 
-def _colsum_kn(xs, K):
-    """column sums of xq (uint8) from xs = xq - 128 int8 [K, N]."""
-    return (xs.sum(axis=0, dtype=np.int64) + 128 * K).astype(np.int32)
+def _corr_terms(p, sx, zx, K, colsum_fn):
+    """Per-column exact correction terms as float64: czx = -zx, cz = colsum - K*zx (affine only)."""
+    czx = -zx.astype(np.float64)
+    if p.get("affine", False):
+        cz = colsum_fn().astype(np.float64) - float(K) * zx
+    else:
+        cz = np.zeros(zx.shape[0], np.float64)
+    return czx, cz
 
 
 def run_vnni(p, x, y, bias, act, lo, hi, residual):
+    """VNNI path (dense_i8, csr_i8, bsr_i8); falls back to the portable run for other paths."""
+    if p["path"] not in ("vnni", "amx"):
+        return run_portable(p, x, y, bias, act, lo, hi, residual)
     K, N = x.shape
     out = p["out"]
     if out == 0 or N == 0:
@@ -656,21 +716,45 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
     bias, residual = _opt(bias, residual)
     sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16
-    G = (K + 3) // 4
-    x4 = np.empty(max(G, 1) * npad * 4, np.uint8)
-    if G == 0:
-        x4[:] = 0
-    else:
-        _quant_x4(x, inv, zpf, x4, npad)
+    G = max((K + 3) // 4, 1)
+    x4 = np.empty(G * npad * 4, np.uint8)
+    _quant_x4(x, inv, zpf, x4.view(np.uint32), npad, G)
     lo, hi = _F32(lo), _F32(hi)
+    czx, cz = _corr_terms(p, sx, zx, K, lambda: x4.reshape(G, npad, 4)[:, :N].sum(axis=(0, 2), dtype=np.int64))
     if p["kind"] == "dense_i8":
-        colsum = (x4.reshape(-1, npad, 4)[:, :N].sum(axis=(0, 2), dtype=np.int64).astype(np.int32)
-                  if p["affine"] else _EMPTY_I32)
-        _dense_vnni(p["w4"], p["K4"], out, x4, npad, N, K, p["rowsum"], p["zw"], p["affine"], colsum,
-                    sx, zx, p["sw"], bias, residual, act, lo, hi, y)
+        acc = np.empty((out, npad), np.int32)
+        _dense_vnni(p["w4"], p["K4"], out, x4, npad, acc)
+        zw = p["zw"]
     else:
-        _quads_vnni(p["R"], p["qptr"], p["qidx"], p["qw"], out, x4, npad, N, K, p["rowsum"], sx, zx, p["sw"],
-                    bias, residual, act, lo, hi, y)
+        R = p["R"]
+        acc = np.empty(((p["qptr"].shape[0] - 1) * R, npad), np.int32)
+        _quads_vnni(R, p["qptr"], p["qidx"], p["qw"], x4, npad, acc)
+        zw = _EMPTY_I32
+    _dequant(acc, p["rowsum"], zw, p.get("affine", False), czx, cz, sx, p["sw"], bias, residual, act, lo, hi, y)
+
+
+def run_amx(p, x, y, bias, act, lo, hi, residual):
+    """dense_i8 on AMX (tdpbsud); other kinds / paths go to ``run_vnni`` / ``run_portable``."""
+    if p["kind"] != "dense_i8" or p["path"] != "amx":
+        run = run_vnni if p["path"] == "vnni" else run_portable
+        return run(p, x, y, bias, act, lo, hi, residual)
+    K, N = x.shape
+    out = p["out"]
+    if out == 0 or N == 0:
+        return
+    bias, residual = _opt(bias, residual)
+    sx, zx, inv, zpf = _params(p, x)
+    npad = (N + 31) // 32 * 32
+    nk = p["nk"]
+    G = 16 * nk
+    xw = np.empty(npad * G * 4, np.uint8)
+    _quant_x4t(x, inv, zpf, xw.view(np.uint32), npad, G)
+    czx, cz = _corr_terms(p, sx, zx, K, lambda: xw.reshape(npad // 16, G, 16, 4).sum(
+        axis=(1, 3), dtype=np.int64).reshape(-1)[:N])
+    nrb = (out + 31) // 32
+    acc = np.empty((nrb * 32, npad), np.int32)
+    _dense_amx(p["cfg"], p["w64"], nk, nrb, xw, npad, acc)
+    _dequant(acc, p["rowsum"], p["zw"], p["affine"], czx, cz, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
 
 
 def run_portable(p, x, y, bias, act, lo, hi, residual):
@@ -760,14 +844,17 @@ def _prep(path):
 
 _BLOCKS = ((1, 4), (4, 1), (8, 1), (16, 1), (1, 16), (4, 4), (2, 2))
 KERNELS = [
+    KernelSpec("dense_i8_amx", "gemm", "dense_i8", "int8", None, ("amx_int8", "amx_tile"), _prep("amx"), run_amx,
+               _reference, min_n=2, notes="AMX tdpbsud s8xu8, 32x32 tiles; needs amx_available() (OS permission)",
+               extra={"priority": 3}),
     KernelSpec("dense_i8_vnni", "gemm", "dense_i8", "int8", None, ("avx512_vnni",), _prep("vnni"), run_vnni,
-               _reference, min_n=2, notes="vpdpbusd u8xs8, tile 8 rows x 64 cols; dynamic per-tensor act quant"),
+               _reference, min_n=2, notes="vpdpbusd u8xs8, tile 8 rows x 48 cols", extra={"priority": 2}),
     KernelSpec("dense_i8", "gemm", "dense_i8", "int8", None, (), _prep("portable"), run_portable, _reference,
                notes="portable dot form (sdot on aarch64 dotprod cores)"),
     KernelSpec("dense_i8_gemv", "gemv", "dense_i8", "int8", None, (), _prep("gemv"), run_gemv, _reference,
                max_n=1, notes="batch-1 dot form"),
     KernelSpec("csr_i8_vnni", "gemm", "csr_i8", "int8", None, ("avx512_vnni",), _prep("vnni"), run_vnni,
-               _reference, min_n=2, notes="repacked to quads (1 row x 4 inputs) at load"),
+               _reference, min_n=2, notes="repacked to quads (1 row x 4 inputs) at load", extra={"priority": 2}),
     KernelSpec("csr_i8", "gemm", "csr_i8", "int8", None, (), _prep("portable"), run_portable, _reference),
     KernelSpec("csr_i8_gemv", "gemv", "csr_i8", "int8", None, (), _prep("gemv"), run_gemv, _reference,
                max_n=1),
@@ -776,7 +863,8 @@ for _b in _BLOCKS:
     _s = f"{_b[0]}x{_b[1]}"
     KERNELS += [
         KernelSpec(f"bsr_i8_{_s}_vnni", "gemm", "bsr_i8", "int8", _b, ("avx512_vnni",), _prep("vnni"), run_vnni,
-                   _reference, min_n=2, notes="repacked to quads (8/4/1 rows x 4 inputs) at load"),
+                   _reference, min_n=2, notes="repacked to quads (8/4/1 rows x 4 inputs) at load",
+                   extra={"priority": 2}),
         KernelSpec(f"bsr_i8_{_s}", "gemm", "bsr_i8", "int8", _b, (), _prep("portable"), run_portable, _reference),
         KernelSpec(f"bsr_i8_{_s}_gemv", "gemv", "bsr_i8", "int8", _b, (), _prep("gemv"), run_gemv, _reference,
                    max_n=1, notes="row-wise CSR repack, gather"),

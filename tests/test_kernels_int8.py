@@ -17,7 +17,10 @@ from sparsedge.kernels.table import ACTIVATIONS
 
 ROWS = [r for r in K8.KERNELS if all(has(f) for f in r.cpu)]
 VNNI = K8.vnni_available()
+AMX = K8.amx_available()
 needs_vnni = pytest.mark.skipif(not VNNI, reason="CPU lacks avx512_vnni")
+FAST = (["amx"] if AMX else []) + (["vnni"] if VNNI else [])
+RUN = {"amx": K8.run_amx, "vnni": K8.run_vnni, "portable": K8.run_portable}
 
 
 def _weight(rng, out, k, density, kind, block=None, **kw):
@@ -117,10 +120,10 @@ def test_integer_sums_exact_large_values(rng):
     x = (xq.astype(np.float32) - zp)
     want = q.astype(np.int64) @ (xq.astype(np.int64) - zp)
     assert np.abs(want).max() < 2 ** 24  # exactly representable in float32
-    for path in (["vnni"] if VNNI else []) + ["portable"]:
+    for path in FAST + ["portable"]:
         p = K8.prepare(wf, act_quant=(1.0, zp), path=path)
         y = np.empty((out, n), np.float32)
-        (K8.run_vnni if path == "vnni" else K8.run_portable)(p, x, y, None, 0, 0.0, 0.0, None)
+        RUN[path](p, x, y, None, 0, 0.0, 0.0, None)
         assert np.array_equal(y, want.astype(np.float32)), path
 
 
@@ -128,16 +131,16 @@ def test_integer_sums_exact_large_values(rng):
 @pytest.mark.parametrize("fmt,block", [("dense_i8", None), ("csr_i8", None), ("bsr_i8", (8, 1)),
                                        ("bsr_i8", (4, 1)), ("bsr_i8", (1, 4))])
 def test_vnni_equals_portable(rng, fmt, block):
-    for out, k, n in [(40, 130, 50), (9, 8, 16), (64, 256, 97)]:
+    for out, k, n in [(40, 130, 50), (9, 8, 16), (64, 256, 97), (33, 64, 33)]:
         wf = _weight(rng, out, k, 0.2, fmt, block)
         x = rng.standard_normal((k, n)).astype(np.float32)
         ys = []
-        for path, run in (("vnni", K8.run_vnni), ("portable", K8.run_portable)):
+        for path in FAST + ["portable"]:
             p = K8.prepare(wf, path=path)
             y = np.empty((out, n), np.float32)
-            run(p, x, y, None, 0, 0.0, 0.0, None)
+            RUN[path](p, x, y, None, 0, 0.0, 0.0, None)
             ys.append(y)
-        assert np.array_equal(ys[0], ys[1])
+        assert all(np.array_equal(ys[0], v) for v in ys[1:])
 
 
 @pytest.mark.parametrize("gran", ["tensor", "column"])
@@ -166,7 +169,7 @@ def test_quantize_vnni_layout(rng):
     inv = (np.float32(1) / sx).astype(np.float32)
     npad = 32
     x4 = np.full(3 * npad * 4, 99, np.uint8)
-    K8._quant_x4(x, inv, zx.astype(np.float32), x4, npad)
+    K8._quant_x4(x, inv, zx.astype(np.float32), x4.view(np.uint32), npad, 3)
     want = np.zeros((12, npad), np.uint8)
     want[:k, :n] = xq
     assert np.array_equal(x4.reshape(3, npad, 4), want.reshape(3, 4, npad).transpose(0, 2, 1))
@@ -178,8 +181,8 @@ def test_per_column_and_static_rows(rng):
         wf = _weight(rng, out, k, 0.4, fmt, block)
         x = rng.standard_normal((k, n)).astype(np.float32)
         x[:, 3] *= 50  # an outlier token: per-column scales differ
-        for path in (["vnni"] if VNNI else []) + ["portable"]:
-            run = K8.run_vnni if path == "vnni" else K8.run_portable
+        for path in FAST + ["portable"]:
+            run = RUN[path]
             p = K8.prepare(wf, granularity="column", path=path)
             y = np.empty((out, n), np.float32)
             run(p, x, y, None, 0, 0.0, 0.0, None)
