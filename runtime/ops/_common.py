@@ -17,12 +17,28 @@ def act_code(name: str, node=None):
     return ACTIVATIONS[name]
 
 
+def _np_act(y, act) -> bool:
+    """relu / relu6 in place with numpy (no numba dispatch: keeps dense models numba-free at run
+    time, which matters for cold start); False for other activations."""
+    if act == 0:
+        return True
+    if act == 1:
+        np.maximum(y, np.float32(0), out=y)
+        return True
+    if act == 2:
+        np.clip(y, np.float32(0), np.float32(6), out=y)
+        return True
+    return False
+
+
 def epilogue_rows(y2d, bias, act):
     """y2d [R, C] float32 in place: y = act(y + bias[None, :]) (torch layout)."""
     if bias is None and act == 0:
         return
-    if act == 0:
-        np.add(y2d, bias, out=y2d)
+    if act in (0, 1, 2):
+        if bias is not None:
+            np.add(y2d, bias, out=y2d)
+        _np_act(y2d, act)
         return
     from ...kernels.nn import bias_act_rows
 
@@ -35,8 +51,10 @@ def epilogue_cols(y2d, bias, act, residual=None):
         np.add(y2d, residual, out=y2d)
     if bias is None and act == 0:
         return
-    if act == 0:
-        np.add(y2d, bias[:, None], out=y2d)
+    if act in (0, 1, 2):
+        if bias is not None:
+            np.add(y2d, bias[:, None], out=y2d)
+        _np_act(y2d, act)
         return
     from ...kernels.nn import bias_act_cols
 
