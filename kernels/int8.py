@@ -48,8 +48,8 @@ from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
-from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6,
-                    ACT_SIGMOID, ACT_SILU, KernelSpec)
+from .epilogue import act_ref, act_scalar, epilogue_tile
+from .table import ACT_NONE, KernelSpec
 
 __all__ = ["KERNELS", "prepare", "set_act_quant", "quantize_activations", "quantize_ref", "act_params",
            "gemm_ref", "vnni_available"]
@@ -82,69 +82,20 @@ def default_path() -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# epilogue (same scalar code on every path: bit-identical outputs)
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
-
-
-@jit(inline="always")
-def _act(v, act, lo, hi):
-    if act == ACT_NONE:
-        return v
-    if act == ACT_RELU:
-        return v if v > 0.0 else _F32(0.0)
-    if act == ACT_RELU6:
-        return min(max(v, _F32(0.0)), _F32(6.0))
-    if act == ACT_CLAMP:
-        return min(max(v, lo), hi)
-    if act == ACT_GELU:
-        return _F32(0.5 * v * (1.0 + math.erf(v * _SQRT_HALF)))
-    if act == ACT_GELU_TANH:
-        return _F32(0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))))
-    if act == ACT_SILU:
-        return _F32(v / (1.0 + math.exp(-v)))
-    if act == ACT_HARDSWISH:
-        return _F32(v * min(max(v + 3.0, 0.0), 6.0) / 6.0)
-    if act == ACT_SIGMOID:
-        return _F32(1.0 / (1.0 + math.exp(-v)))
-    return v
-
-
+# epilogue: kernels/epilogue.py (shared with the float32 kernels); y = act(v + bias + residual)
 @jit(inline="always")
 def _epi(corr, s, o, n, bias, residual, act, lo, hi):
+    """One output of the portable paths: the same float32 operations as ``_dequant`` + epilogue."""
     v = _F32(corr) * s
-    if bias.shape[0] > 0:
-        v += bias[o]
     if residual.shape[0] > 0:
-        v += residual[o, n]
-    return _act(v, act, lo, hi)
+        v = v + (bias[o] if bias.shape[0] > 0 else _F32(0.0)) + residual[o, n]
+    elif bias.shape[0] > 0:
+        v = v + bias[o]
+    return act_scalar(v, act, lo, hi)
 
 
 def _act_ref(v, act, lo, hi):
-    from .table import ACTIVATIONS as A
-    import scipy.special as sp
-    v = v.astype(np.float64) if act in (A["gelu"], A["gelu_tanh"], A["silu"], A["hardswish"], A["sigmoid"]) else v
-    if act == ACT_NONE:
-        r = v
-    elif act == ACT_RELU:
-        r = np.maximum(v, 0)
-    elif act == ACT_RELU6:
-        r = np.clip(v, 0, 6)
-    elif act == ACT_CLAMP:
-        r = np.clip(v, lo, hi)
-    elif act == ACT_GELU:
-        r = 0.5 * v * (1 + sp.erf(v * _SQRT_HALF))
-    elif act == ACT_GELU_TANH:
-        r = 0.5 * v * (1 + np.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v ** 3)))
-    elif act == ACT_SILU:
-        r = v * sp.expit(v)
-    elif act == ACT_HARDSWISH:
-        r = v * np.clip(v + 3, 0, 6) / 6
-    elif act == ACT_SIGMOID:
-        r = sp.expit(v)
-    else:
-        raise ValueError(act)
-    return np.asarray(r, dtype=np.float32)
+    return act_ref(v, act, lo, hi).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,27 +272,7 @@ def quantize_ref(x, scale=None, zero_point=None, granularity="tensor"):
 from ._vnni import amx_block, amx_config, vnni_tile  # noqa: E402
 
 
-@jit
-def _apply_act(yo, act, lo, hi):
-    """In-place activation over a row; one simple loop per code (relu/relu6/clamp vectorize: a
-    loop calling the generic ``_act`` measured 15x slower)."""
-    m = yo.shape[0]
-    if act == ACT_RELU:
-        for i in range(m):
-            v = yo[i]
-            yo[i] = v if v > 0.0 else _F32(0.0)
-    elif act == ACT_RELU6:
-        for i in range(m):
-            yo[i] = min(max(yo[i], _F32(0.0)), _F32(6.0))
-    elif act == ACT_CLAMP:
-        for i in range(m):
-            yo[i] = min(max(yo[i], lo), hi)
-    elif act != ACT_NONE:
-        for i in range(m):
-            yo[i] = _act(yo[i], act, lo, hi)
-
-
-@pjit
+@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
 def _dequant(acc, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
     """y[o, n] = act(float32(corr) * float32(sx[n] * sw[o]) + bias[o] + residual[o, n]) from int32
     sums acc [out, >= N]. corr = acc + czx[n] * rowsum[o] - zw[o] * cz[n] (cz = 0 unless affine) is
@@ -356,16 +287,9 @@ def _dequant(acc, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, 
         zwo = np.float64(zw[o]) if affine else 0.0
         for n in range(N):
             yo[n] = _F32(np.float64(a[n]) + czx[n] * rs - zwo * cz[n]) * (sx[n] * swo)
-        if bias.shape[0] > 0:
-            b = bias[o]
-            for n in range(N):
-                yo[n] += b
-        if residual.shape[0] > 0:
-            ro = residual[o]
-            for n in range(N):
-                yo[n] += ro[n]
-        if act != ACT_NONE:
-            _apply_act(yo, act, lo, hi)
+        b = bias[o] if bias.shape[0] > 0 else _F32(0.0)
+        ro = residual[o] if residual.shape[0] > 0 else sx[:0]
+        epilogue_tile(yo, b, ro, act, lo, hi)
 
 
 @pjit
@@ -474,7 +398,7 @@ def dot_i8(a, b):
     return np.int32(s)
 
 
-@pjit
+@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
 def _dense_dot(wq, xt, K, rowsum, zw, affine, colsum, sx, zx, sw, bias, residual, act, lo, hi, y):
     """wq int8 [out, K]; xt int8 [N, K] (= xq - 128); y [out, N]."""
     out = wq.shape[0]
@@ -499,7 +423,7 @@ def _row_epi(acc, o, N, rs, swo, sx, zx, bias, residual, act, lo, hi, y):
         yo[n] = _epi(corr, sx[n] * swo, o, n, bias, residual, act, lo, hi)
 
 
-@pjit
+@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
 def _csr_kn(indptr, indices, q, xs, rowsum, sx, zx, sw, bias, residual, act, lo, hi, y):
     """CSR int8 rows x xs int8 [K, N] (= xq - 128), contiguous int32 accumulation over N."""
     out = indptr.shape[0] - 1
@@ -517,7 +441,7 @@ def _csr_kn(indptr, indices, q, xs, rowsum, sx, zx, sw, bias, residual, act, lo,
             _row_epi(acc, o, N, np.int64(rowsum[o]), sw[o], sx, zx, bias, residual, act, lo, hi, y)
 
 
-@pjit
+@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
 def _bsr_kn(r, c, indptr, indices, q, xs, out, rowsum, sx, zx, sw, bias, residual, act, lo, hi, y):
     """BSR int8 (q [nblk, r, c]) x xs int8 [K, N]; never reads X rows >= K nor writes rows >= out."""
     K, N = xs.shape
@@ -545,7 +469,7 @@ def _bsr_kn(r, c, indptr, indices, q, xs, out, rowsum, sx, zx, sw, bias, residua
             _row_epi(acc[rr], o, N, np.int64(rowsum[o]), sw[o], sx, zx, bias, residual, act, lo, hi, y)
 
 
-@pjit
+@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
 def _csr_gemv(indptr, indices, q, xv, rowsum, s, zx0, bias, residual, act, lo, hi, y):
     """N = 1: y[o, 0] from CSR int8 rows and xv int8 [K] (= xq - 128); s = sx * sw [out]."""
     out = indptr.shape[0] - 1
