@@ -531,3 +531,21 @@ def test_cli_run(tmp_path, rng, capsys):
     assert main(["warmup", path]) == 0
     assert main(["tune", path, "--shape", "x:4,24"]) == 0
     assert "fc1" in capsys.readouterr().out
+
+
+def test_static_activation_quantization(tmp_path, rng):
+    w1 = (rng.standard_normal((32, 24)) / 5).astype(np.float32)
+    g = Graph([ValueInfo("x", "float32", ["batch", 24])], [ValueInfo("y", "float32", ["batch", 32])],
+              [Node("linear", "fc1", ["x", "w1"], ["y"], {})],
+              act_quant={"x": {"scale": 0.02, "zero_point": 0, "dtype": "int8"}})
+    path = str(tmp_path / "q.sparsedge")
+    write_model(path, g, {"w1": FORMATS["dense_i8"].from_dense(w1)}, {})
+    x = np.clip(rng.standard_normal((6, 24)), -2.5, 2.5).astype(np.float32)
+    s = Session(path)
+    y = s.run(None, {"x": x})[0]
+    ref = run_reference(read_model(path), {"x": x})["y"]
+    assert np.abs(y - ref).max() <= 0.05 * max(1.0, np.abs(ref).max())
+    (row,) = s.selection_report()
+    assert row["kernel"] != "numpy_densified"  # an int8 kernel row ran with the static scale
+    packed = s._selector._packed[("fc1", row["kernel"])]
+    assert packed.get("act_quant") == (pytest.approx(0.02), 128)
