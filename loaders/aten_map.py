@@ -1204,3 +1204,82 @@ def map_exported(ep, dim_names: dict, params: dict | None = None):
     graph, tensors = Mapper(ep, dim_names, params).run()
     stats = optimize(graph, tensors)
     return graph, tensors, stats
+
+
+# --------------------------------------------------------------------------------------
+# decompositions of composite ops onto table ops
+
+
+@_h("aten.scaled_dot_product_attention.default")
+def _sdpa(m, n, a):
+    """softmax(q @ k^T * scale + mask) @ v (no dropout, no causal mask, no GQA)."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    if float(a.get("dropout_p") or 0.0) != 0.0 or a.get("is_causal") or a.get("enable_gqa"):
+        raise _Unsupported("dropout, is_causal or enable_gqa")
+    r = _rank(q)
+    e = q.shape[-1]
+    if not isinstance(e, int):
+        raise _Unsupported("symbolic head dim")
+    scale = a.get("scale")
+    scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    perm = list(range(r))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    kt = m.b.add("transpose", [m.inp(k)], {"perm": perm}, name=f"{n.name}_kT")
+    s = m.b.add("matmul", [m.inp(q), kt], name=f"{n.name}_scores")
+    s = m.b.add("mul", [s, m.b.const(np.array([scale], np.float32), "scale")], name=f"{n.name}_scaled")
+    ins = [s]
+    if mask is not None:
+        if isinstance(mask, Val) and mask.dtype == "bool":
+            zero = m.b.const(np.array([0.0], np.float32), "zero")
+            neg = m.b.const(np.array([np.finfo(np.float32).min], np.float32), "neg_inf")
+            ins.append(m.b.add("where", [mask.name, zero, neg], name=f"{n.name}_mask"))
+        else:
+            ins.append(m.inp(mask, "mask"))
+    p = m.b.add("softmax", ins, {"axis": -1}, name=f"{n.name}_probs")
+    return m.val_for(n, "matmul", [p, m.inp(v)])
+
+
+@_h("aten.leaky_relu.default")
+def _leaky_relu(m, n, a):
+    x = m.inp(a["self"])
+    slope = float(a.get("negative_slope", 0.01))
+    pos = m.b.add("relu", [x], name=f"{n.name}_pos")
+    nx = m.b.add("neg", [x], name=f"{n.name}_negx")
+    negpart = m.b.add("relu", [nx], name=f"{n.name}_negpart")
+    scaled = m.b.add("mul", [negpart, m.b.const(np.array([-slope], np.float32), "slope")], name=f"{n.name}_scaled")
+    return m.val_for(n, "add", [pos, scaled])
+
+
+@_h("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default")
+def _split(m, n, a):
+    x = a["self"]
+    r = _rank(x)
+    axis = _norm_axis(a.get("dim", 0), r)
+    total = x.shape[axis]
+    if not isinstance(total, int):
+        raise _Unsupported("split along a symbolic dim")
+    key = m.op_key(n)
+    if key == "aten.split_with_sizes.default":
+        sizes = list(a["split_sizes"])
+    elif key == "aten.chunk.default":
+        c = -(-total // int(a["chunks"]))
+        sizes = [min(c, total - i) for i in range(0, total, c)]
+    else:
+        c = int(a["split_size"])
+        sizes = [min(c, total - i) for i in range(0, total, c)]
+    outs, start = [], 0
+    for i, sz in enumerate(sizes):
+        shape = list(x.shape)
+        shape[axis] = sz
+        name = m.b.add("slice", [m.inp(x)], {"axis": axis, "start": start, "end": start + sz, "step": 1},
+                       name=f"{n.name}_{i}")
+        outs.append(Val(name, x.dtype, shape))
+        start += sz
+    return tuple(outs)
+
+
+@_h("aten.mean.default", "aten.sum.default")
+def _reduce_all(m, n, a):
+    x = a["self"]
+    op = "reduce_mean" if m.op_key(n) == "aten.mean.default" else "reduce_sum"
+    return m.val_for(n, op, [m.inp(x)], {"axes": list(range(_rank(x))), "keepdim": False})

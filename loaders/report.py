@@ -277,7 +277,9 @@ def layer_output_errors(graph, dense_tensors, hat_tensors, results, dense_vals, 
                 return [xq] + [R.weight_dense(tensors[i]) if i in tensors else (vals.get(i) if i else None)
                                for i in nd.inputs[1:]]
 
-            y = R.eval_node(nd, ins(dense_tensors, x))[0]
+            y = vals.get(nd.outputs[0])  # the original model's output of this layer
+            if y is None:
+                y = R.eval_node(nd, ins(dense_tensors, x))[0]
             xq = fake_quant(x, act_quant[nd.inputs[0]]) if nd.inputs[0] in act_quant else x
             yh = R.eval_node(nd, ins(hat_tensors, xq))[0]
             errs_num += float(np.sum((np.asarray(yh, np.float64) - y) ** 2))

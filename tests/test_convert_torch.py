@@ -279,3 +279,34 @@ def test_cli_arch(ckpts, tmp_path, capsys):
                  "--shape", "x:batch;3"]) == 1
     assert "--shape" in capsys.readouterr().err
     assert not (tmp_path / "d.sparsedge").exists()
+
+
+def test_composite_ops_decomposed():
+    """scaled_dot_product_attention, split/chunk, leaky_relu, full mean map onto table ops."""
+    import types
+
+    import torch.nn.functional as F
+
+    from sparsedge.loaders.export import capture
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 24)
+
+        def forward(self, x, mask):
+            q, k, v = self.lin(x).split(8, dim=-1)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            c1, c2 = torch.chunk(x, 2, dim=-1)
+            return F.leaky_relu(a, 0.1) + torch.cat([c2, c1], -1) + x.mean()
+
+    mod = M().eval()
+    g, t, _ = capture(mod, [("x", ["batch", "seq", 8], "float32"), ("mask", ["batch", "seq", "seq"], "float32")])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    mk = rng.standard_normal((3, 5, 5)).astype(np.float32)
+    out = run_reference(types.SimpleNamespace(graph=g, tensors=t), {"x": x, "mask": mk})["output"]
+    with torch.no_grad():
+        ref = mod(torch.from_numpy(x), torch.from_numpy(mk)).numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert g.inputs[1].shape == ["batch", "seq", "seq"]
