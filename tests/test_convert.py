@@ -358,3 +358,36 @@ def test_progress_bar_tty():
     with Progress("x", 2, enabled=False, stream=s2) as p:
         p.update(2)
     assert s2.getvalue() == ""
+
+
+def test_global_lowrank_and_recipe_api(tmp_path, rng):
+    import sparsedge
+
+    d, sd = _mlp_folder(tmp_path, rng)
+    res = sparsedge.convert(d, tmp_path / "g.sparsedge", prune="global:0.8", progress=False)
+    nnz = sum(r["density"] * r["shape"][0] * r["shape"][1] for r in res.layers)
+    tot = sum(r["shape"][0] * r["shape"][1] for r in res.layers)
+    assert nnz / tot == pytest.approx(0.2, abs=2e-3)
+    assert len({round(r["density"], 3) for r in res.layers}) > 1  # one threshold, different densities
+
+    res = sparsedge.convert(d, tmp_path / "l.sparsedge", lowrank="rank:10", progress=False)
+    by = {r["name"]: r for r in res.layers}
+    assert by["fc1"]["kind"] == "lowrank" and by["fc1"]["meta"]["rank"] == 10
+    assert by["fc3"]["kind"] == "dense" and by["fc3"]["notes"]  # rank 10 would not shrink 10x96
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    y = sparsedge.Session(str(tmp_path / "l.sparsedge")).run(None, {"x": x})[0]
+    from sparsedge.formats.modelfile import read_model
+    from sparsedge.runtime.reference import run_reference
+
+    mf = read_model(str(tmp_path / "l.sparsedge"))
+    try:
+        np.testing.assert_allclose(y, run_reference(mf, {"x": x})["output"], rtol=1e-4, atol=1e-5)
+    finally:
+        mf.close()
+
+    recipe = {"prune": "0.5", "skip": ["fc3"], "layers": [{"match": "fc2", "prune": "nm:2:4", "format": "nm"}]}
+    res = sparsedge.convert(d, tmp_path / "r.sparsedge", recipe=recipe, quant="int8", progress=False)
+    by = {r["name"]: r for r in res.layers}
+    assert by["fc3"]["skipped"] and by["fc3"]["kind"] == "dense"
+    assert by["fc2"]["kind"] == "nm" and by["fc2"]["meta"] == {"n": 2, "m": 4}
+    assert by["fc1"]["quant"] == "int8" and by["fc1"]["density"] == pytest.approx(0.5, abs=1e-3)
