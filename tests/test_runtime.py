@@ -528,7 +528,8 @@ def test_cli_run(tmp_path, rng, capsys):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     assert main(["run", path, "--input", f"x={tmp_path / 'obj.npy'}"]) == 1
     assert main(["run", path, "--input", "x"]) == 1
-    assert main(["warmup", path]) == 0
+    assert main(["warmup", path, "--cold", "1"]) == 0
+    assert "cold start (new process" in capsys.readouterr().out
     assert main(["tune", path, "--shape", "x:4,24"]) == 0
     assert "fc1" in capsys.readouterr().out
 
