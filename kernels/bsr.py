@@ -29,7 +29,7 @@ JT = 2 * VW  # register tile: 2 vectors of output columns per row
 L2_FLOATS = 1 << 18  # X chunk budget: 1 MB of floats kept L2-resident
 
 
-@jit(inline="always")
+@jit
 def _tile_c1(indices, d2, k0, k1, ii, x, yr, j0, m):
     """c == 1: yr[:m] += sum_k d2[k, ii] * x[indices[k], j0:j0+m]."""
     k = k0
@@ -62,7 +62,7 @@ def _tile_c1(indices, d2, k0, k1, ii, x, yr, j0, m):
         k += 1
 
 
-@jit(inline="always")
+@jit
 def _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, j0, m):
     """c > 1: block k covers X rows indices[k]*c .. +c (clipped to nin)."""
     base = ii * c
@@ -90,7 +90,7 @@ def _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, j0, m):
             cc += 1
 
 
-@jit(inline="always")
+@jit
 def _mk8(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
     """8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
@@ -161,7 +161,7 @@ def _mk8(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
         vstore(yr, j + VW, b7)
 
 
-@jit(inline="always")
+@jit
 def _mk4(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
     """4 rows (block rows base..base+3) x 2 vectors at column j; stores rows < rows."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
@@ -312,7 +312,7 @@ def _mk4c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
         vstore(yr, j + VW, b3)
 
 
-@jit(inline="always")
+@jit
 def _mk1(indices, d2, k0, k1, base, c, nin, x, y, i0, j):
     """One row (block row ``base``) x 2 vectors at column j; the block's c columns feed 4 chains."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
@@ -394,12 +394,15 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
                 else:
                     _mk1(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, j)
                     g += 1
+        # fused epilogue over this chunk's vector columns, while they are still in L1/L2
+        je = min(jhi, nvec)
+        if je > jlo:
             for ii in range(rows):
                 i = i0 + ii
                 b = bias[i] if nb != 0 else np.float32(0.0)
-                yr = y[i, j:j + JT]
+                yr = y[i, jlo:je]
                 if nr != 0:
-                    epilogue_tile(yr, b, res[i, j:j + JT], act, lo, hi)
+                    epilogue_tile(yr, b, res[i, jlo:je], act, lo, hi)
                 else:
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
         # remainder columns (< JT, in the last chunk): accumulate in memory
@@ -421,7 +424,7 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 
 
-@jit(inline="always")
+@jit
 def _gemv8(indices, d2, k0, k1, x, a, base):
     """r x 1 blocks: a[base:base+8] = sum_k d2[k, base:base+8] * x[indices[k]] (8 register accumulators)."""
     a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
@@ -435,7 +438,7 @@ def _gemv8(indices, d2, k0, k1, x, a, base):
     a[base + 4] = a4; a[base + 5] = a5; a[base + 6] = a6; a[base + 7] = a7
 
 
-@jit(inline="always")
+@jit
 def _gemv4(indices, d2, k0, k1, x, a):
     """4 x 1 blocks, two blocks per step into two accumulator sets."""
     a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)

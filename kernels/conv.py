@@ -58,7 +58,7 @@ def pool_out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil_mode: bool = 
     return out
 
 
-@jit(inline="always")
+@jit
 def _valid_range(nout, nin, s, off):
     """[a, b): output positions o with 0 <= o*s + off < nin."""
     a = 0

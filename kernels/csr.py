@@ -24,7 +24,7 @@ TN = 128  # N tile (floats) of the scalar remainder / epilogue passes
 L2_FLOATS = 1 << 18  # X chunk budget: 1 MB of floats kept L2-resident
 
 
-@jit(inline="always")
+@jit
 def _row_tile(indices, data, k0, k1, x, yr, j0, m):
     """yr[:m] = sum_k data[k] * x[indices[k], j0:j0+m] over k in [k0, k1)."""
     for j in range(m):
@@ -71,7 +71,7 @@ def _row_tile(indices, data, k0, k1, x, yr, j0, m):
         k += 1
 
 
-@jit(inline="always")
+@jit
 def _mkc4(indices, data, k0, k1, x, yr, j):
     """yr[j:j+4*VW] = sum_k data[k] * x[indices[k], j:j+4*VW]; 4 vectors x 2 chains in registers."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
@@ -104,7 +104,7 @@ def _mkc4(indices, data, k0, k1, x, yr, j):
     vstore(yr, j + 3 * VW, vadd(a3, b3))
 
 
-@jit(inline="always")
+@jit
 def _mkc1(indices, data, k0, k1, x, yr, j):
     """yr[j:j+VW] = sum_k data[k] * x[indices[k], j:j+VW]; 4 chains in registers."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
@@ -150,13 +150,11 @@ def csr_spmm(indptr, indices, data, x, y, bias, res, act, lo, hi):
                 _mkc1(indices, data, k0, k1, x, yrow, j)
             if n1 < n:
                 _row_tile(indices, data, k0, k1, x, y[i, n1:n], n1, n - n1)
-        for j0 in range(jlo, jhi, TN):
-            m = min(TN, jhi - j0)
-            yr = y[i, j0:j0 + m]
-            if nr != 0:
-                epilogue_tile(yr, b, res[i, j0:j0 + m], act, lo, hi)
-            else:
-                epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+        yr = y[i, jlo:jhi]
+        if nr != 0:
+            epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
+        else:
+            epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 
 
 @pjit

@@ -47,7 +47,7 @@ def none2(a):
     return EMPTY2 if a is None else a
 
 
-@jit(inline="always")
+@jit
 def act_scalar(v, act, lo, hi):
     """One float32 value through activation ``act``."""
     if act == ACT_NONE:
@@ -71,7 +71,7 @@ def act_scalar(v, act, lo, hi):
     return v
 
 
-@jit(inline="always")
+@jit
 def _act_inplace(yr, act, lo, hi):
     """Activation over a 1-D float32 segment; one branch per segment so each loop vectorizes."""
     m = yr.shape[0]
@@ -109,7 +109,7 @@ def _act_inplace(yr, act, lo, hi):
             yr[j] = np.float32(0.5) * v * (np.float32(1.0) + math.tanh(_GELU_C * (v + _GELU_K * v * v * v)))
 
 
-@jit(inline="always")
+@jit
 def epilogue_tile(yr, b, res, act, lo, hi):
     """yr[:] = act(yr + b + res) for a 1-D row segment; ``res`` has len(yr) or 0."""
     m = yr.shape[0]
@@ -122,7 +122,7 @@ def epilogue_tile(yr, b, res, act, lo, hi):
     _act_inplace(yr, act, lo, hi)
 
 
-@jit(inline="always")
+@jit
 def epilogue_vec(y, bias, res, act, lo, hi):
     """y[:] = act(y + bias + res) for a whole 1-D output (bias/res of len(y) or 0)."""
     m = y.shape[0]

@@ -21,7 +21,7 @@ from .epilogue import act_scalar, epilogue_tile, none1, none2
 from .table import KernelSpec
 
 
-@jit(inline="always")
+@jit
 def _col(s, n, sh, mm, off):
     g = (s >> sh) if sh >= 0 else (s // n)
     return g * mm + off[s]
@@ -63,13 +63,11 @@ def nm_spmm(values, offsets, n, mm, x, y, bias, res, act, lo, hi):
                 _mkc1(cols, vr, 0, slots, x, yrow, j)
             if n1 < ncol:
                 _row_tile(cols, vr, 0, slots, x, y[i, n1:ncol], n1, ncol - n1)
-        for j0 in range(jlo, jhi, TN):
-            m = min(TN, jhi - j0)
-            yr = y[i, j0:j0 + m]
-            if nr != 0:
-                epilogue_tile(yr, b, res[i, j0:j0 + m], act, lo, hi)
-            else:
-                epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+        yr = y[i, jlo:jhi]
+        if nr != 0:
+            epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
+        else:
+            epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 
 
 @pjit
