@@ -144,10 +144,14 @@ def convert(source, output, *, arch=None, shapes=None, state_dict_key=None, prun
         load_factory(arch)  # import errors now, before the slow work
 
     # ---- weights --------------------------------------------------------------------------
-    from .checkpoint import load_state_dict
+    from .checkpoint import Pt2ArchiveError, load_state_dict
 
     t0 = time.perf_counter()
-    sd = load_state_dict(source, key=state_dict_key, trusted=trusted)
+    pt2 = None
+    try:
+        sd = load_state_dict(source, key=state_dict_key, trusted=trusted)
+    except Pt2ArchiveError as e:  # only raised with trusted=True
+        pt2, sd = e.path, {}
     sd, folded = C.fold_torch_prune(sd)
     timing["read_checkpoint"] = time.perf_counter() - t0
     notes = []
@@ -157,7 +161,12 @@ def convert(source, output, *, arch=None, shapes=None, state_dict_key=None, prun
     # ---- graph ------------------------------------------------------------------------------
     t0 = time.perf_counter()
     torch_model = None
-    if arch is not None:
+    if pt2 is not None:
+        from .export import capture_pt2
+
+        graph, tensors, info, torch_model = capture_pt2(pt2, shape_list)
+        graph_from = f"torch.export archive {os.path.basename(pt2)} (trusted)"
+    elif arch is not None:
         from .export import build_module, capture, default_shapes, parse_shape
 
         if not shape_list:

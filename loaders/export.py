@@ -206,3 +206,34 @@ def capture(model, shapes: list, arch: str | None = None):
     graph, tensors, stats = map_exported(ep, names, params=params)
     info = {"export_seconds": round(secs, 3), "export_cached": cached, **stats}
     return graph, tensors, info
+
+
+def capture_pt2(path, shapes: list):
+    """A torch.export ``.pt2`` archive (``--trusted`` only: ``torch.export.load`` may run pickled
+    code) -> (Graph, tensors, info, callable module). Symbolic dims take their names from
+    ``shapes`` where given (by input and axis), else "batch" for axis 0 and ``NAME_dAXIS``."""
+    import torch
+    from torch.export import load
+
+    from .aten_map import map_exported
+
+    t0 = time.perf_counter()
+    try:
+        ep = load(str(path)).run_decompositions({})
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"torch.export.load failed: {type(e).__name__}: {first}", file=str(path)) from e
+    given = {n: dims for n, dims, _ in shapes}
+    names = {}
+    user = set(ep.graph_signature.user_inputs)
+    for ph in ep.graph.nodes:
+        if ph.op != "placeholder" or ph.name not in user or not hasattr(ph.meta.get("val"), "shape"):
+            continue
+        for ax, d in enumerate(ph.meta["val"].shape):
+            if isinstance(d, torch.SymInt):
+                g = given.get(ph.name)
+                names[(ph.name, ax)] = g[ax] if g and ax < len(g) and isinstance(g[ax], str) else \
+                    ("batch" if ax == 0 else f"{ph.name}_d{ax}")
+    graph, tensors, stats = map_exported(ep, names)
+    info = {"export_seconds": round(time.perf_counter() - t0, 3), **stats}
+    return graph, tensors, info, ep.module()

@@ -310,3 +310,26 @@ def test_composite_ops_decomposed():
         ref = mod(torch.from_numpy(x), torch.from_numpy(mk)).numpy()
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     assert g.inputs[1].shape == ["batch", "seq", "seq"]
+
+
+def test_pt2_only_when_trusted(ckpts, tmp_path):
+    from sparsedge.errors import CheckpointError
+
+    _, model = ckpts["bert"]
+    ids = torch.ones(2, 3, dtype=torch.long)
+    d = torch.export.Dim.AUTO
+    ep = torch.export.export(model, (ids, torch.ones(2, 3, dtype=torch.long)), dynamic_shapes={"input_ids": {0: d, 1: d},
+                                                                "attention_mask": {0: d, 1: d}})
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    with pytest.raises(CheckpointError, match="pt2|torch.export"):
+        sparsedge.convert(tmp_path / "m.pt2", tmp_path / "a.sparsedge", progress=False)
+    assert not (tmp_path / "a.sparsedge").exists()
+    res = sparsedge.convert(tmp_path / "m.pt2", tmp_path / "b.sparsedge", trusted=True,
+                            shapes=["input_ids:batch,seq:int64", "attention_mask:batch,seq:int64"], progress=False)
+    assert "trusted" in res.report["graph_from"]
+    s = sparsedge.Session(str(tmp_path / "b.sparsedge"))
+    assert s.get_inputs()[0].shape == ["batch", "seq"]
+    f = feeds_for("bert")
+    y = s.run(None, f)[0]
+    ref = torch_out(model, f)
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
