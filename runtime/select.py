@@ -285,6 +285,13 @@ class Selector:
             self._choices[key] = ch
             return ch
 
+    def record(self, node: str, op: str, wf, N: int, kernel: str, why: str) -> None:
+        """Report a layer whose kernel is fixed by its op (depthwise / grouped conv) and not selected."""
+        with self._lock:
+            if (node, int(N)) not in self._choices:
+                self._layers[node] = (op, weight_facts(wf))
+                self._choices[(node, int(N))] = Choice(Candidate(kernel, "fixed", None, None), None, why)
+
     def packed(self, node, cand, wf):
         k = (node, cand.name)
         with self._lock:

@@ -156,7 +156,7 @@ class Session:
         from ..formats.modelfile import ModelFile, read_model
 
         t0 = time.perf_counter()
-        self.threading_layer = _threads.configure()
+        _threads.configure()
         if isinstance(path, ModelFile) or (hasattr(path, "graph") and hasattr(path, "tensors")):
             self._model = path
             self.path = getattr(path, "path", None)
@@ -214,6 +214,11 @@ class Session:
         self._prof_tot: dict = {}
         self._prof_runs = 0
         self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    @property
+    def threading_layer(self) -> str:
+        """numba's threading layer in use ("tbb", "omp"; "workqueue" means runs are serialised)."""
+        return _threads.layer()
 
     # --- declarations --------------------------------------------------------------------------
     def get_inputs(self) -> list:

@@ -81,11 +81,16 @@ class Conv2d(Op):
         npix = Ho * Wo
         if self.depthwise:
             self._dense_w()
+            kern = "dwconv_f32_direct" if self.k is not None else "numpy_depthwise"
+            self.ctx.selector.record(self.name, "conv2d", self.wf, npix, kern,
+                                     "depthwise conv: direct stencil (weights densified if stored compressed)")
             if self.k is not None:
-                return NodePlan(data=("dwk", None, Ho, Wo), kernel="dwconv_f32_direct")
-            return NodePlan(scratch=[((C, Ho, Wo), "float32")], data=("dw", None, Ho, Wo), kernel="numpy_depthwise")
+                return NodePlan(data=("dwk", None, Ho, Wo), kernel=kern)
+            return NodePlan(scratch=[((C, Ho, Wo), "float32")], data=("dw", None, Ho, Wo), kernel=kern)
         if self.g > 1:
             self._dense_w()
+            self.ctx.selector.record(self.name, "conv2d", self.wf, npix, "numpy_grouped",
+                                     f"grouped conv (groups={self.g}): per-group BLAS on densified weights")
             return NodePlan(scratch=[((self.Cg * self.kh * self.kw, npix), "float32")], data=("grouped", None, Ho, Wo),
                             kernel="numpy_grouped")
         choice = self.ctx.selector.choose(self.name, "conv2d", self.wf, npix)
