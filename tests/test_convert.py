@@ -391,3 +391,47 @@ def test_global_lowrank_and_recipe_api(tmp_path, rng):
     assert by["fc3"]["skipped"] and by["fc3"]["kind"] == "dense"
     assert by["fc2"]["kind"] == "nm" and by["fc2"]["meta"] == {"n": 2, "m": 4}
     assert by["fc1"]["quant"] == "int8" and by["fc1"]["density"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_sigint_subprocess_never_leaves_partial_output(tmp_path, rng):
+    """Real Ctrl-C at several moments: either the conversion finished (a valid file) or the
+    output path and folder hold nothing (no temp file left behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sparsedge.formats.modelfile import read_model
+
+    d, _ = _mlp_folder(tmp_path, rng)
+    for i, delay in enumerate((0.3, 1.0, 2.0, 3.5)):
+        od = tmp_path / f"o{i}"
+        od.mkdir()
+        out = od / "m.sparsedge"
+        p = subprocess.Popen([sys.executable, "-m", "sparsedge", "convert", str(d), "-o", str(out), "--prune",
+                              "0.9", "--report", str(od / "rep"), "-q"], stderr=subprocess.PIPE)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        names = sorted(os.listdir(od))
+        if out.exists():
+            read_model(str(out)).close()  # complete and valid
+            assert p.returncode in (0, 130)
+        else:
+            assert p.returncode != 0
+            assert [n for n in names if n != "rep"] == [], names
+        assert not [n for n in names if n.startswith(".")], names  # no temp files
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from sparsedge.loaders.report import write_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rep = {"layers": [], "inputs": {"origin": "generated", "shapes": {}}, "size": {"dense_fp32_bytes": 8,
+           "stored_bytes": 4, "file_bytes": 100, "ratio": 2.0}, "end_to_end": {"outputs": {}}, "notes": []}
+    files = write_report(rep, tmp_path / "r")
+    assert sorted(os.listdir(tmp_path / "r")) == ["report.json", "report.md"]
+    assert any("matplotlib" in n for n in json.loads((tmp_path / "r" / "report.json").read_text())["notes"])
+    assert len(files) == 2
