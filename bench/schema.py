@@ -133,3 +133,34 @@ def sanitize(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def main(argv=None) -> int:
+    """``python -m sparsedge.bench.schema FILE.json ...``: validate bench results (exit 1 on errors)."""
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: python -m sparsedge.bench.schema FILE.json ...", file=sys.stderr)
+        return 2
+    rc = 0
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text())
+        except (OSError, ValueError) as e:
+            print(f"{p}: cannot read: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        errs = errors(doc)
+        if errs:
+            rc = 1
+            print(f"{p}: INVALID ({len(errs)} errors)", file=sys.stderr)
+            for e in errs[:20]:
+                print(f"  {e}", file=sys.stderr)
+        else:
+            print(f"{p}: valid {SCHEMA_ID} ({len(doc.get('cases', []))} cases)")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

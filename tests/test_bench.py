@@ -301,3 +301,12 @@ def test_demo_missing_data_is_user_error(tmp_path, capsys):
 
     assert main(["demo", "--data", str(tmp_path)]) == 1
     assert "demo data missing" in capsys.readouterr().err
+
+
+def test_schema_main(tmp_path, capsys):
+    good, bad = tmp_path / "g.json", tmp_path / "b.json"
+    good.write_text(json.dumps(_minimal_doc()))
+    bad.write_text(json.dumps({"schema": "x"}))
+    assert schema.main([str(good)]) == 0
+    assert schema.main([str(good), str(bad)]) == 1
+    assert "INVALID" in capsys.readouterr().err
