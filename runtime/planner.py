@@ -113,11 +113,23 @@ def build_plan(key, graph, ops, shp, node_plans, const_names) -> Plan:
     for i, np_ in enumerate(node_plans):
         for j, (s, dt) in enumerate(np_.scratch):
             items.append((("s", i, j), _up(_nbytes(s, dt)), i, i))
+    shared: dict = {}
+    for i, np_ in enumerate(node_plans):
+        for key, s, dt in np_.shared:
+            if key in shared:
+                shared[key][3] = i
+            else:
+                shared[key] = [tuple(s), dt, i, i]
+                if isinstance(np_.data, dict):
+                    np_.data.setdefault("_first_shared", set()).add(key)
+    for key, (s, dt, a, b) in shared.items():
+        items.append((("h", key), _up(_nbytes(s, dt)), a, b))
     offs, top = assign_offsets(items)
     p.arena_bytes = top
     p.naive_bytes = sum(it[1] for it in items)
     p.slots = {k[1]: o for k, o in offs.items() if k[0] == "v"}
     p.scratch_slots = [[(offs[("s", i, j)], tuple(s), dt) for j, (s, dt) in enumerate(np_.scratch)]
+                       + [(offs[("h", key)], tuple(s), dt) for key, s, dt in np_.shared]
                        for i, np_ in enumerate(node_plans)]
     return p
 

@@ -302,7 +302,7 @@ def attn_feeds(rng, B=3):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("kinds", [None, {"wf1": "csr", "wf2": "bsr:4x1", "wq": "dense_i8"}])
+@pytest.mark.parametrize("kinds", [None, {"wf1": "csr", "wf2": "bsr:4x1", "wq": "dense_i8", "wk": "csr", "wv": "nm"}])
 def test_attention_block(tmp_path, rng, kinds):
     path = str(tmp_path / "attn.sparsedge")
     w = attn_file(path, rng, kinds)
@@ -327,6 +327,11 @@ def test_attention_block(tmp_path, rng, kinds):
         np.testing.assert_allclose(emb, te, rtol=1e-4, atol=1e-4)
     # the FFN pair stays feature-major between the two linears (no transposes in between)
     assert "f0" in sess._fm
+    if kinds:  # q, k, v (compressed: kernel path) share one transposed copy of x0, written once
+        p = next(iter(sess._plans.values()))
+        qkv = [p.node_plans[i] for i, n in enumerate(sess._exec.nodes) if n.name in ("q", "k", "v")]
+        assert [bool(np_.data.get("_first_shared")) for np_ in qkv] == [True, False, False]
+        assert len({p.scratch_slots[i][-1][0] for i, n in enumerate(sess._exec.nodes) if n.name in ("q", "k", "v")}) == 1
 
 
 # --- input validation -------------------------------------------------------------------------------

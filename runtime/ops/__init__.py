@@ -43,6 +43,10 @@ class NodePlan:
     scratch: list = field(default_factory=list)  # list of (shape tuple, dtype str)
     data: object = None
     kernel: str = ""  # what runs (for profiles and reports)
+    # buffers shared by several nodes: list of (key, shape tuple, dtype str); appended after
+    # ``scratch`` in run()'s scratch list; live from the first to the last node naming the key.
+    # The planner sets ``data["_first_shared"]`` (a set of keys) on the first user when data is a dict.
+    shared: list = field(default_factory=list)
 
 
 class Op:

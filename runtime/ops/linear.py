@@ -4,7 +4,9 @@ Layout: the kernels compute ``Y[out, N] = W @ X[in, N]`` (feature-major). A valu
 linear and consumed only by linears (an MLP chain, a transformer FFN) stays feature-major
 between them (``ctx.fm_values``), so the transposes happen once at the chain's ends. A dense
 float32 weight through BLAS (``numpy_dense``) runs in torch layout (``x @ W.T``), needing no
-transposes at all. Otherwise X is transposed into an arena scratch buffer and Y back out of one.
+transposes at all. Otherwise X is transposed into an arena buffer and Y back out of one; linears
+reading the same input (attention's q, k, v) share one transposed copy of it (``NodePlan.shared``):
+the first of them writes it, the others reuse it.
 """
 from __future__ import annotations
 
@@ -32,32 +34,33 @@ class Linear(Op):
         N = prod(ins[0][0][:-1])
         choice = self.ctx.selector.choose(self.name, "linear", self.wf, N)
         tl = choice.cand.run_tl is not None and not self.fm_in and not self.fm_out
-        scratch = []
+        scratch, shared = [], []
+        key = ("xT", self.node.inputs[0], N)
         if not tl:
-            if not self.fm_in:
-                scratch.append(((self.in_f, N), "float32"))
             if not self.fm_out:
                 scratch.append(((self.out_f, N), "float32"))
-        return NodePlan(scratch=scratch, data=(choice, tl, N), kernel=choice.name)
+            if not self.fm_in:
+                shared.append((key, (self.in_f, N), "float32"))
+        return NodePlan(scratch=scratch, shared=shared, data={"choice": choice, "tl": tl, "N": N, "key": key},
+                        kernel=choice.name)
 
     def run(self, ins, outs, scratch, data):
-        choice, tl, N = data
+        choice, N = data["choice"], data["N"]
         if N == 0:
             return
         x, y = ins[0], outs[0]
         if x.dtype != np.float32:
             x = x.astype(np.float32)
-        if tl:
+        if data["tl"]:
             choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias, self.act)
             return
-        k = 0
         if self.fm_in:
             xf = x.reshape(self.in_f, N)
         else:
-            xf = scratch[0]
-            np.copyto(xf, x.reshape(N, self.in_f).T)
-            k = 1
-        yf = y.reshape(self.out_f, N) if self.fm_out else scratch[k]
+            xf = scratch[-1]
+            if data["key"] in data.get("_first_shared", ()):
+                np.copyto(xf, x.reshape(N, self.in_f).T)
+        yf = y.reshape(self.out_f, N) if self.fm_out else scratch[0]
         choice.cand.run(choice.packed, xf, yf, self.bias, self.act, 0.0, 0.0, None)
         if not self.fm_out:
             np.copyto(y.reshape(N, self.out_f), yf.T)
