@@ -333,3 +333,21 @@ def test_pt2_only_when_trusted(ckpts, tmp_path):
     y = s.run(None, f)[0]
     ref = torch_out(model, f)
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_output_names_tuple_and_dict():
+    from sparsedge.loaders.export import capture
+
+    class T(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x), x * 2.0
+
+    class D(torch.nn.Module):
+        def forward(self, x):
+            return {"logits": x + 1.0, "probs": torch.softmax(x, dim=-1)}
+
+    g, _, _ = capture(T().eval(), [("x", ["batch", 4], "float32")])
+    assert [o.name for o in g.outputs] == ["output_0", "output_1"]
+    g, _, _ = capture(D().eval(), [("x", ["batch", 4], "float32")])
+    assert [o.name for o in g.outputs] == ["logits", "probs"]
+    assert all(o.shape == ["batch", 4] for o in g.outputs)
