@@ -159,3 +159,14 @@ def test_act_ref_values():
     np.testing.assert_allclose(act_ref(np.array([1.0]), A["silu"]), [1 / (1 + np.exp(-1))])
     y = epilogue_ref(np.ones((2, 3)), bias=np.array([1.0, -5.0]), act=A["relu"], residual=np.ones((2, 3)))
     np.testing.assert_array_equal(y, [[3, 3, 3], [0, 0, 0]])
+
+
+def test_fast_tanh_erf_accuracy():
+    """The vectorizable tanh/erf used by the epilogues stay within 1e-6 of libm over the real line."""
+    import math
+    from sparsedge.kernels.epilogue import erf_f32, tanh_f32
+    xs = np.concatenate([np.linspace(-12, 12, 2001), [0.0, 1e-8, -1e-8, 3.9999, 4.0001, 50.0, -50.0]])
+    for v in xs:
+        f = np.float32(v)
+        assert abs(tanh_f32(f) - math.tanh(float(f))) <= 1e-6, v
+        assert abs(erf_f32(f) - math.erf(float(f))) <= 1e-6, v
