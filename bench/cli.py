@@ -93,6 +93,9 @@ def run_suites(args, what) -> int:
                 suites.append("models")
     import numba
 
+    from ..runtime import threads as _rt_threads
+
+    _rt_threads.configure()  # the runtime's threading layer (tbb / omp / workqueue), before any kernel runs
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
     if threads < 1:
         raise InputError("--threads must be >= 1", field="threads")
