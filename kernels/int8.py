@@ -272,24 +272,29 @@ def quantize_ref(x, scale=None, zero_point=None, granularity="tensor"):
 from ._vnni import amx_block, amx_config, vnni_tile  # noqa: E402
 
 
+@jit(inline="always")
+def _deq_row(a, yo, o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi):
+    """yo[n] = act(float32(corr) * float32(sx[n] * sw[o]) + bias[o] + residual[o, n]) for n < len(yo),
+    from int32 sums a[n]. corr = a + czx[n] * rowsum[o] - zw[o] * cz[n] (cz = 0 unless affine) is an
+    exact integer carried in float64 (|values| < 2**53; one rounding to float32, the same as the
+    int64 reference's), which vectorizes."""
+    N = yo.shape[0]
+    rs = np.float64(rowsum[o])
+    swo = sw[o]
+    zwo = np.float64(zw[o]) if affine else 0.0
+    for n in range(N):
+        yo[n] = _F32(np.float64(a[n]) + czx[n] * rs - zwo * cz[n]) * (sx[n] * swo)
+    b = bias[o] if bias.shape[0] > 0 else _F32(0.0)
+    ro = residual[o] if residual.shape[0] > 0 else sx[:0]
+    epilogue_tile(yo, b, ro, act, lo, hi)
+
+
 @pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
 def _dequant(acc, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
-    """y[o, n] = act(float32(corr) * float32(sx[n] * sw[o]) + bias[o] + residual[o, n]) from int32
-    sums acc [out, >= N]. corr = acc + czx[n] * rowsum[o] - zw[o] * cz[n] (cz = 0 unless affine) is
-    an exact integer carried in float64 (|values| < 2**53; one rounding to float32, the same as the
-    int64 reference's), which vectorizes."""
+    """y [out, N] from int32 sums acc [>= out, >= N] (see ``_deq_row``)."""
     out, N = y.shape
     for o in prange(out):
-        a = acc[o]
-        yo = y[o]
-        rs = np.float64(rowsum[o])
-        swo = sw[o]
-        zwo = np.float64(zw[o]) if affine else 0.0
-        for n in range(N):
-            yo[n] = _F32(np.float64(a[n]) + czx[n] * rs - zwo * cz[n]) * (sx[n] * swo)
-        b = bias[o] if bias.shape[0] > 0 else _F32(0.0)
-        ro = residual[o] if residual.shape[0] > 0 else sx[:0]
-        epilogue_tile(yo, b, ro, act, lo, hi)
+        _deq_row(acc[o], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit
@@ -327,18 +332,23 @@ def _dense_vnni(w, K4, out, x4, npad, acc):
                     vnni_tile(1, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
 
 
-@pjit
-def _dense_amx(cfg, w, nk, nrb, xw, npad, acc):
-    """acc int32 [nrb*32, npad] = w int8 tiled [nrb*2, nk, 16, 64] (16-row x 64-feature AMX A tiles,
-    contiguous) x xw uint8 [npad/16, 16*nk, 16, 4] (contiguous B tiles); npad % 32 == 0.
-    Task: 32 rows x 32 columns, row-block major (the W block is reused from L1/L2)."""
+@pjit(fastmath=False)  # no FMA contraction in the fused dequantize
+def _dense_amx(cfg, w, nk, out, xw, npad, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+    """y [out, N] = dequant(w x xw) + epilogue. w int8 tiled [ceil(out/32)*2, nk, 16, 64] (16-row x
+    64-feature AMX A tiles, contiguous), xw uint8 [npad/16, 16*nk, 16, 4] (contiguous B tiles),
+    npad % 32 == 0. Task: 32 rows x all columns (the W block stays in L1 across the column tiles),
+    then the 32 rows are dequantized while their int32 sums are hot (no [out, N] int32 pass)."""
+    nrb = (out + 31) // 32
     nct = npad // 32
     G = 16 * nk
-    for task in prange(nrb * nct):
-        rb = task // nct
-        ct = task - rb * nct
-        amx_block(cfg, acc, (rb * 32 * npad + ct * 32) * 4, npad * 4, w, 2 * rb * nk * 1024, nk * 1024, 1024, 64,
-                  xw, 2 * ct * G * 64, G * 64, 1024, 64, nk, 0)
+    for rb in prange(nrb):
+        acc = np.empty((32, npad), np.int32)
+        for ct in range(nct):
+            amx_block(cfg, acc, ct * 128, npad * 4, w, 2 * rb * nk * 1024, nk * 1024, 1024, 64,
+                      xw, 2 * ct * G * 64, G * 64, 1024, 64, nk, 0)
+        for r in range(min(32, out - rb * 32)):
+            o = rb * 32 + r
+            _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit
@@ -685,10 +695,8 @@ def run_amx(p, x, y, bias, act, lo, hi, residual):
     _quant_x4t(x, inv, zpf, xw.view(np.uint32), npad, G)
     czx, cz = _corr_terms(p, sx, zx, K, lambda: xw.reshape(npad // 16, G, 16, 4).sum(
         axis=(1, 3), dtype=np.int64).reshape(-1)[:N])
-    nrb = (out + 31) // 32
-    acc = np.empty((nrb * 32, npad), np.int32)
-    _dense_amx(p["cfg"], p["w64"], nk, nrb, xw, npad, acc)
-    _dequant(acc, p["rowsum"], p["zw"], p["affine"], czx, cz, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
+    _dense_amx(p["cfg"], p["w64"], nk, out, xw, npad, p["rowsum"], p["zw"], p["affine"], czx, cz, sx, p["sw"],
+               bias, residual, act, _F32(lo), _F32(hi), y)
 
 
 def run_portable(p, x, y, bias, act, lo, hi, residual):
