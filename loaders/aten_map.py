@@ -1283,3 +1283,111 @@ def _reduce_all(m, n, a):
     x = a["self"]
     op = "reduce_mean" if m.op_key(n) == "aten.mean.default" else "reduce_sum"
     return m.val_for(n, op, [m.inp(x)], {"axes": list(range(_rank(x))), "keepdim": False})
+
+
+# --------------------------------------------------------------------------------------
+# fusion passes for the runtime (fewer copies and passes over attention-sized tensors)
+
+
+def compose_transposes(graph: Graph) -> int:
+    """``transpose(transpose(x, p1), p2)`` -> ``transpose(x, p1[p2])`` when the inner one has one user."""
+    producers = {o: nd for nd in graph.nodes for o in nd.outputs}
+    uses = _consumers(graph)
+    n = 0
+    for nd in graph.nodes:
+        if nd.op != "transpose":
+            continue
+        inner = producers.get(nd.inputs[0])
+        if inner is None or inner.op != "transpose" or len(uses.get(inner.outputs[0], [])) != 1:
+            continue
+        p1, p2 = list(inner.attrs["perm"]), list(nd.attrs["perm"])
+        nd.inputs = [inner.inputs[0]]
+        nd.attrs = dict(nd.attrs, perm=[p1[i] for i in p2])
+        n += 1
+    if n:
+        eliminate_dead(graph, {})
+    return n
+
+
+def fuse_softmax_mask(graph: Graph, shapes: dict) -> int:
+    """``softmax(add(x, mask))`` -> ``softmax(x, mask)`` (x the operand with the output's shape)."""
+    producers = {o: nd for nd in graph.nodes for o in nd.outputs}
+    uses = _consumers(graph)
+    drop, n = set(), 0
+    for sm in graph.nodes:
+        if sm.op != "softmax" or len(sm.inputs) > 1 and sm.inputs[1]:
+            continue
+        add = producers.get(sm.inputs[0])
+        if add is None or add.op != "add" or len(uses.get(add.outputs[0], [])) != 1:
+            continue
+        a, b = add.inputs
+        out = shapes.get(add.outputs[0])
+        if out is None:
+            continue
+        if shapes.get(a) == out:
+            x, mask = a, b
+        elif shapes.get(b) == out:
+            x, mask = b, a
+        else:
+            continue
+        sm.inputs = [x, mask]
+        drop.add(id(add))
+        n += 1
+    graph.nodes = [nd for nd in graph.nodes if id(nd) not in drop]
+    return n
+
+
+def fuse_masked_mean(graph: Graph, tensors: dict) -> int:
+    """``sum(x * m, axis) / clamp(sum(m, axis), min=eps)`` with ``m = cast(unsqueeze(mask, -1))`` (either
+    order) -> ``masked_mean(x, mask, axis)``: sentence-embedding mean pooling."""
+    producers = {o: nd for nd in graph.nodes for o in nd.outputs}
+    n = 0
+
+    def prod(v, op):
+        p = producers.get(v)
+        return p if p is not None and p.op == op else None
+
+    for d in graph.nodes:
+        if d.op != "div":
+            continue
+        num, den = prod(d.inputs[0], "reduce_sum"), prod(d.inputs[1], "clamp")
+        if num is None or den is None or den.attrs.get("max") is not None:
+            continue
+        eps = den.attrs.get("min")
+        if eps is None or not 0 < eps <= 1e-6:
+            continue
+        dsum = prod(den.inputs[0], "reduce_sum")
+        mul = prod(num.inputs[0], "mul")
+        if dsum is None or mul is None or num.attrs.get("keepdim") or dsum.attrs.get("keepdim"):
+            continue
+        axes = list(num.attrs.get("axes", []))
+        if len(axes) != 1 or list(dsum.attrs.get("axes", [])) != axes:
+            continue
+        m = dsum.inputs[0]
+        if m not in mul.inputs:
+            continue
+        x = mul.inputs[1] if mul.inputs[0] == m else mul.inputs[0]
+        # m = cast(unsqueeze(mask, [-1 or last])) or unsqueeze(cast(mask))
+        p = producers.get(m)
+        mask = None
+        if p is not None and p.op == "cast":
+            u = prod(p.inputs[0], "unsqueeze")
+            mask = u.inputs[0] if u is not None else None
+            uax = u.attrs.get("axes") if u is not None else None
+        elif p is not None and p.op == "unsqueeze":
+            uax = p.attrs.get("axes")
+            c = prod(p.inputs[0], "cast")
+            mask = (c.inputs[0] if c is not None else p.inputs[0])
+        if mask is None or uax is None or len(uax) != 1 or x in tensors:
+            continue
+        ax = axes[0]
+        # mask [..axis] + unsqueezed last dim must line up with x [.., axis, feature]
+        if uax[0] not in (-1, ax + 1):
+            continue
+        d.op = "masked_mean"
+        d.inputs = [x, mask]
+        d.attrs = {"axis": ax}
+        n += 1
+    if n:
+        eliminate_dead(graph, tensors)
+    return n

@@ -93,6 +93,21 @@ def _weight_formats(graph, tensors, encoded):
     return out
 
 
+def _fuse(graph, tensors) -> dict:
+    """Fusion passes that need concrete shapes (from generated example inputs)."""
+    from ..runtime.shapes import infer
+    from .aten_map import compose_transposes, fuse_masked_mean, fuse_softmax_mask
+
+    stats = {"transposes_composed": compose_transposes(graph), "masked_mean_fused": fuse_masked_mean(graph, tensors)}
+    feeds = generate_inputs(graph, tensors, batch=2)
+    try:
+        sh = infer(graph, tensors, {k: v.shape for k, v in feeds.items()}).shapes
+    except SparsedgeError:
+        sh = {}
+    stats["softmax_masks_fused"] = fuse_softmax_mask(graph, sh)
+    return stats
+
+
 def _import_formats():
     import importlib
     import pkgutil
@@ -186,6 +201,7 @@ def convert(source, output, *, arch=None, shapes=None, state_dict_key=None, prun
         cfg = templates.read_config(cfg_dir)
         graph, tensors, info = templates.build(cfg_dir, sd, cfg)
         graph_from = f"template {info.get('template')} from {os.path.join(cfg_dir, 'config.json')}"
+    info.update(_fuse(graph, tensors))
     timing["graph"] = time.perf_counter() - t0
     if info.get("unused_tensors"):
         notes.append(f"checkpoint tensors not used by the graph: {', '.join(info['unused_tensors'][:5])}"
