@@ -75,9 +75,13 @@ def test_dense_matches_torch(ckpts, outdir, key):
     ref = torch_out(model, f)
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
     assert all(r["kind"] == "dense" for r in res.layers)
+    nodes = read_model(str(out)).graph.nodes
+    ops = [n.op for n in nodes]
     if key != "bert":  # batchnorm folded, activations fused, no dropout left
-        ops = [n.op for n in read_model(str(out)).graph.nodes]
         assert "batchnorm" not in ops and "clamp" not in ops
+    else:  # mean pooling fused, masks fused into softmax, gelu fused into the FFN linear
+        assert "masked_mean" in ops and "gelu" not in ops
+        assert all(len(n.inputs) == 2 for n in nodes if n.op == "softmax")
 
 
 @pytest.mark.parametrize("key", list(MODELS))
