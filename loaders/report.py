@@ -344,7 +344,7 @@ def to_markdown(rep: dict) -> str:
                   f"{rep['end_to_end']['runtime_vs_reference']:.3e}"]
     L += ["", "## Layers", "",
           "| layer | op | shape | format | density in -> out | quant | bytes before -> after | weight rel err | "
-          "output rel err | predicted speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "output rel err | predicted speed-up | runtime kernel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["layers"]:
         fmt = r["kind"] + (f" {r['meta'].get('block')}" if r["meta"].get("block") else "") + \
             (f" {r['meta']['n']}:{r['meta']['m']}" if "n" in r["meta"] else "") + \
@@ -352,7 +352,7 @@ def to_markdown(rep: dict) -> str:
         L.append(f"| {r['name']} | {r['op']} | {r['shape'][0]}x{r['shape'][1]} | {fmt} | "
                  f"{r['density_in']:.2f} -> {r['density']:.2f} | {r['quant'] or '-'} | "
                  f"{_fmt_bytes(r['bytes_before'])} -> {_fmt_bytes(r['bytes_after'])} | {_fmt_err(r['weight_rel_err'])} | "
-                 f"{_fmt_err(r['output_rel_err'])} | {r['predicted_speedup']}x |")
+                 f"{_fmt_err(r['output_rel_err'])} | {r['predicted_speedup']}x | {r.get('runtime_kernel') or '-'} |")
     L += ["", "Predicted speed-ups come from a simple model of the development machine's measured kernel "
               "speeds (relative to dense float32 BLAS); `sparsedge tune MODEL` measures them on the board.", ""]
     if rep.get("notes"):
@@ -505,6 +505,13 @@ def build_report_dict(*, graph, tensors, encoded, results, feeds_chunks, dense_v
         rt = _concat(rt_parts)
         rt_vs_ref = max(float(np.abs(np.asarray(rt[k], np.float64) - conv[k]).max(initial=0.0)) for k in out_names)
         conv = rt
+    kernels = {}
+    if session is not None:
+        try:
+            for row in session.selection_report():
+                kernels.setdefault(row.get("node"), f"{row.get('kernel')} ({row.get('why')})")
+        except Exception as e:  # the report must not fail on a runtime reporting problem
+            notes.append(f"runtime selection report unavailable: {e}")
     cls = classifier_outputs(graph)
     dense_bytes = int(sum(np.asarray(t).size * 4 if np.asarray(t).dtype.kind == "f" else np.asarray(t).nbytes
                           for t in tensors.values()))
@@ -512,7 +519,7 @@ def build_report_dict(*, graph, tensors, encoded, results, feeds_chunks, dense_v
     shapes = {k: list(np.shape(v)) for k, v in _concat(feeds_chunks).items()}
     rep = {
         "inputs": {"origin": origin, "shapes": shapes},
-        "layers": [r.to_json() for r in results],
+        "layers": [dict(r.to_json(), runtime_kernel=kernels.get(r.name)) for r in results],
         "end_to_end": {"reference": "torch (the original module)" if torch_model is not None
                        else "numpy reference interpreter on the original weights",
                        "converted_engine": engine, "outputs": compare_outputs(ref, conv, cls),
