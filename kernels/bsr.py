@@ -5,12 +5,16 @@ W: ``indptr`` int32 [R+1] (R = ceil(out/r)), ``indices`` int32 [nblk] (block col
 [nblk, r*c] view (no copy). One generic kernel serves every block shape (r, c are run-time
 ints, so a single compiled specialization covers 1x4, 4x1, 8x1, 16x1, 1x16, 4x4, ...):
 
-* ``bsr_spmm``: parallel over block rows; N in tiles of ``TB`` floats. Within a block row
-  and N tile, each of the r output rows accumulates its tile over the row's blocks; the X
-  tiles of the block row (nblk_row * c rows x TB floats) are read from L2 once for the first
-  output row and then hit L1 for the r-1 others, which is where r x 1 blocks beat CSR.
-  c == 1: blocks unrolled by 8; c > 1: the c consecutive X rows of a block unrolled by 4.
-  Edge blocks: rows >= out are skipped, X rows >= in are never read.
+* ``bsr_spmm``: (N chunk, block row) pairs in parallel, chunk-major, with N chunks sized so the
+  chunk of X (in rows) stays in L2 (``L2_FLOATS``). Within a block row, register-blocked
+  micro-kernels (``simd.f32vec``) compute 8 or 4 rows x 2 vectors (``JT`` = 2*VW columns) with
+  all accumulators in registers: per block one X load per vector and r broadcast-FMAs, the X
+  row is reused across the r rows from registers, which is where r x 1 blocks beat CSR. c > 1
+  blocks feed their c X rows through the same micro-kernels; r not a multiple of 4 uses a
+  1-row kernel with 4 chains. Columns beyond a multiple of JT are accumulated in memory. The
+  fused epilogue runs once per row and N chunk, right after its tiles (still in L1/L2).
+  Edge blocks: rows >= out are computed on the zero padding but never stored; X rows >= in
+  are never read.
 * ``bsr_spmv`` (N = 1): per block row an r-vector accumulator; bytes per weight are
   (4 + 4*r*c) / (r*c) per stored block entry, i.e. close to 4 B for tall blocks.
 """

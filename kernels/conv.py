@@ -17,6 +17,11 @@ How a conv2d maps onto the GEMM kernels (Y[out, N] = W[out, in] @ X[in, N], see 
   same ``indices``/``data`` (kernels use absolute offsets); BSR -> block rows when Og % r == 0
   (else convert that layer to CSR); N:M / dense -> ``values[gi*Og:(gi+1)*Og]``. Output views
   ``y[b, gi*Og:(gi+1)*Og].reshape(Og, -1)`` are contiguous, so the GEMM writes in place.
+* stride 1 (any kernel, padding, dilation) with a CSR or BSR r x 1 (r % 8 == 0) weight:
+  ``sparse_conv_s1`` is a direct sparse conv without im2col (shifted rows of a zero-padded copy of
+  the input, see the comment above ``shifted_geometry``); measured faster than im2col + the same
+  GEMM (3x3 64->64 56x56 at 90%: CSR 1.08 vs 1.70 ms, BSR 8x1 0.55 vs 0.81 ms, 1 thread).
+  Strided convs use im2col.
 * depthwise (g == C, O = C*mult): ``dwconv2d`` (its own table row, op "dwconv"), with the fused
   epilogue. Output channel o reads input channel o // mult.
 
@@ -30,6 +35,9 @@ Functions (all outputs preallocated by the caller, float32, C-contiguous):
 * ``avgpool2d(x, y, kh, kw, sh, sw, ph, pw, count_include_pad, divisor)`` (divisor 0 = none),
   torch semantics incl. ceil_mode windows (Ho/Wo from ``pool_out_size``).
 * ``global_avgpool(x [B, C, HW], y [B, C])``.
+* ``sparse_conv_s1(kind, packed, x [C,H,W], y [O,Ho,Wo], kh, kw, padding, dilation, bias, act, lo, hi,
+  residual [O,Ho,Wo] or None, work)``: one image; ``packed`` from the csr / bsr row's ``prepare``;
+  ``work`` = (float32 [C*L], float32 [O, Ho*Wp]) scratch sized by ``shifted_geometry``.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from numba import prange
 
 from ._jit import jit, pjit
 from .epilogue import EMPTY1, epilogue_ref, epilogue_tile
+from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
 from .table import KernelSpec
 
 EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
@@ -239,6 +248,274 @@ def global_avgpool(x, y):
         for i in range(n):
             s += src[i]
         y[bi, c] = s / np.float32(n) if n > 0 else np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Direct sparse convolution for stride 1 (any kernel size, padding, dilation), no im2col.
+#
+# The input is copied once into a zero-padded, flattened buffer ``xf`` [C * L] (one padded
+# plane of Hp x Wp per channel, L >= Hp*Wp + (kw-1)*dw). On the "wide" output grid of
+# Ho x Wp positions p = oy*Wp + ox', weight column (c, ky, kx) reads xf[roff[col] + p] with
+# roff[col] = c*L + ky*dh*Wp + kx*dw: a contiguous row, exactly like a row of im2col's matrix,
+# so the CSR / BSR register-blocked micro-kernels run on it unchanged (N = Ho*Wp, which is
+# (W+2p)/W times the real N, +4% for 3x3 on 56x56). Columns ox' >= Wo are garbage and are
+# dropped by ``crop_epilogue``, which also applies bias / residual / activation.
+# Memory moved: the padded input (C*Hp*Wp) instead of im2col's C*kh*kw*Ho*Wo (9x for 3x3).
+
+
+def shifted_geometry(C, H, W, kh, kw, ph, pw, dh, dw):
+    """-> (Hp, Wp, L, Ho, Wo, Nw): padded plane, per-channel stride L (multiple of 16), output
+    size, and wide-grid width Nw = Ho*Wp. Stride 1 only."""
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    Ho, Wo = Hp - dh * (kh - 1), Wp - dw * (kw - 1)
+    L = Hp * Wp + (kw - 1) * dw + 64
+    L = (L + 15) // 16 * 16
+    return Hp, Wp, L, Ho, Wo, Ho * Wp
+
+
+@pjit
+def shift_pack(x, ph, pw, L, xf):
+    """xf[c*L + (iy+ph)*Wp + ix+pw] = x[c, iy, ix], zeros elsewhere (x [C, H, W], xf [C*L])."""
+    C = x.shape[0]
+    H = x.shape[1]
+    W = x.shape[2]
+    Wp = W + 2 * pw
+    for c in prange(C):
+        plane = xf[c * L:(c + 1) * L]
+        for t in range(L):
+            plane[t] = np.float32(0.0)
+        for iy in range(H):
+            dst = plane[(iy + ph) * Wp + pw:(iy + ph) * Wp + pw + W]
+            src = x[c, iy]
+            for ix in range(W):
+                dst[ix] = src[ix]
+
+
+@jit
+def row_offsets(C, kh, kw, dh, dw, Wp, L):
+    """roff[(c*kh+ky)*kw+kx] = c*L + ky*dh*Wp + kx*dw (int64 [C*kh*kw])."""
+    roff = np.empty(C * kh * kw, dtype=np.int64)
+    for c in range(C):
+        for ky in range(kh):
+            for kx in range(kw):
+                roff[(c * kh + ky) * kw + kx] = c * L + ky * dh * Wp + kx * dw
+    return roff
+
+
+@jit
+def _mks4(indices, data, k0, k1, xf, roff, yr, j):
+    """yr[j:j+4VW] = sum_k data[k] * xf[roff[indices[k]] + j : +4VW]; 4 vectors x 2 chains."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        o = roff[indices[k]] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        o = roff[indices[k + 1]] + j
+        w = vbcast(data[k + 1])
+        b0 = vfma(w, vload(xf, o), b0)
+        b1 = vfma(w, vload(xf, o + VW), b1)
+        b2 = vfma(w, vload(xf, o + 2 * VW), b2)
+        b3 = vfma(w, vload(xf, o + 3 * VW), b3)
+        k += 2
+    if k < k1:
+        o = roff[indices[k]] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+    vstore(yr, j, vadd(a0, b0))
+    vstore(yr, j + VW, vadd(a1, b1))
+    vstore(yr, j + 2 * VW, vadd(a2, b2))
+    vstore(yr, j + 3 * VW, vadd(a3, b3))
+
+
+@pjit
+def csr_conv_s1(indptr, indices, data, xf, roff, yw):
+    """Wide output yw [O, Nw] (Nw = Ho*Wp) of a stride-1 conv with CSR weight [O, C*kh*kw] on the
+    shifted input; (N chunk, row) pairs in parallel so a chunk of the input stays in L2."""
+    nout = yw.shape[0]
+    n = yw.shape[1]
+    n4 = (n // (4 * VW)) * (4 * VW)
+    n1 = (n // VW) * VW
+    nc = 512 if n > 1024 else n4 if n4 > 0 else 4 * VW
+    nch = max(1, (n + nc - 1) // nc)
+    for t in prange(nch * nout):
+        ch = t // nout
+        i = t - ch * nout
+        jlo = ch * nc
+        jhi = min(n, jlo + nc)
+        k0 = indptr[i]
+        k1 = indptr[i + 1]
+        yr = yw[i]
+        for j in range(jlo, min(jhi, n4), 4 * VW):
+            _mks4(indices, data, k0, k1, xf, roff, yr, j)
+        if jhi == n:
+            for j in range(n4, n1, VW):
+                a0 = vzero()
+                a1 = vzero()
+                k = k0
+                while k + 2 <= k1:
+                    a0 = vfma(vbcast(data[k]), vload(xf, roff[indices[k]] + j), a0)
+                    a1 = vfma(vbcast(data[k + 1]), vload(xf, roff[indices[k + 1]] + j), a1)
+                    k += 2
+                if k < k1:
+                    a0 = vfma(vbcast(data[k]), vload(xf, roff[indices[k]] + j), a0)
+                vstore(yr, j, vadd(a0, a1))
+            for j in range(n1, n):
+                s = np.float32(0.0)
+                for k in range(k0, k1):
+                    s += data[k] * xf[roff[indices[k]] + j]
+                yr[j] = s
+
+
+@jit(inline="always")
+def _mks8(indices, d2, k0, k1, base, xf, roff, yw, i0, rows, j):
+    """8 rows (block rows base..base+7, r x 1 blocks) x 2 vectors at column j of the shifted input."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero(); b4 = vzero(); b5 = vzero(); b6 = vzero(); b7 = vzero()
+    for k in range(k0, k1):
+        o = roff[indices[k]] + j
+        x0 = vload(xf, o)
+        x1 = vload(xf, o + VW)
+        dk = d2[k, base:base + 8]
+        w = vbcast(dk[0])
+        a0 = vfma(w, x0, a0)
+        b0 = vfma(w, x1, b0)
+        w = vbcast(dk[1])
+        a1 = vfma(w, x0, a1)
+        b1 = vfma(w, x1, b1)
+        w = vbcast(dk[2])
+        a2 = vfma(w, x0, a2)
+        b2 = vfma(w, x1, b2)
+        w = vbcast(dk[3])
+        a3 = vfma(w, x0, a3)
+        b3 = vfma(w, x1, b3)
+        w = vbcast(dk[4])
+        a4 = vfma(w, x0, a4)
+        b4 = vfma(w, x1, b4)
+        w = vbcast(dk[5])
+        a5 = vfma(w, x0, a5)
+        b5 = vfma(w, x1, b5)
+        w = vbcast(dk[6])
+        a6 = vfma(w, x0, a6)
+        b6 = vfma(w, x1, b6)
+        w = vbcast(dk[7])
+        a7 = vfma(w, x0, a7)
+        b7 = vfma(w, x1, b7)
+    if 0 < rows:
+        yr = yw[i0 + 0]
+        vstore(yr, j, a0)
+        vstore(yr, j + VW, b0)
+    if 1 < rows:
+        yr = yw[i0 + 1]
+        vstore(yr, j, a1)
+        vstore(yr, j + VW, b1)
+    if 2 < rows:
+        yr = yw[i0 + 2]
+        vstore(yr, j, a2)
+        vstore(yr, j + VW, b2)
+    if 3 < rows:
+        yr = yw[i0 + 3]
+        vstore(yr, j, a3)
+        vstore(yr, j + VW, b3)
+    if 4 < rows:
+        yr = yw[i0 + 4]
+        vstore(yr, j, a4)
+        vstore(yr, j + VW, b4)
+    if 5 < rows:
+        yr = yw[i0 + 5]
+        vstore(yr, j, a5)
+        vstore(yr, j + VW, b5)
+    if 6 < rows:
+        yr = yw[i0 + 6]
+        vstore(yr, j, a6)
+        vstore(yr, j + VW, b6)
+    if 7 < rows:
+        yr = yw[i0 + 7]
+        vstore(yr, j, a7)
+        vstore(yr, j + VW, b7)
+
+
+@pjit
+def bsr_conv_s1(indptr, indices, d2, r, xf, roff, yw):
+    """As csr_conv_s1 for BSR r x 1 blocks (r a multiple of 8), d2 = data.reshape(nblk, r)."""
+    nout = yw.shape[0]
+    n = yw.shape[1]
+    JT = 2 * VW
+    nv = (n // JT) * JT
+    nbr = indptr.shape[0] - 1
+    for br in prange(nbr):
+        k0 = indptr[br]
+        k1 = indptr[br + 1]
+        i0 = br * r
+        rows = min(r, nout - i0)
+        for j in range(0, nv, JT):
+            for g in range(0, rows, 8):
+                _mks8(indices, d2, k0, k1, g, xf, roff, yw, i0 + g, rows - g, j)
+        for ii in range(rows):
+            yr = yw[i0 + ii]
+            for j in range(nv, n):
+                s = np.float32(0.0)
+                for k in range(k0, k1):
+                    s += d2[k, ii] * xf[roff[indices[k]] + j]
+                yr[j] = s
+
+
+@pjit
+def crop_epilogue(yw, Wp, y, bias, res, act, lo, hi):
+    """y[o, oy, :] = act(yw[o, oy*Wp : oy*Wp+Wo] + bias[o] + res[o, oy]); y [O, Ho, Wo], res same or (0,0,0)."""
+    O = y.shape[0]
+    Ho = y.shape[1]
+    Wo = y.shape[2]
+    nb = bias.shape[0]
+    nr = res.shape[0]
+    for o in prange(O):
+        b = bias[o] if nb != 0 else np.float32(0.0)
+        for oy in range(Ho):
+            src = yw[o, oy * Wp:oy * Wp + Wo]
+            dst = y[o, oy]
+            for t in range(Wo):
+                dst[t] = src[t]
+            if nr != 0:
+                epilogue_tile(dst, b, res[o, oy], act, lo, hi)
+            else:
+                epilogue_tile(dst, b, dst[0:0], act, lo, hi)
+
+
+EMPTY3 = np.zeros((0, 0, 0), dtype=np.float32)
+
+
+def sparse_conv_s1(kind, packed, x, y, kh, kw, padding=(0, 0), dilation=(1, 1), bias=None, act=0, lo=0.0,
+                   hi=0.0, residual=None, work=None):
+    """One image, stride 1: y [O, Ho, Wo] = act(conv(x [C, H, W]) + bias + residual) without im2col.
+    kind "csr": packed = (indptr, indices, data) of the [O, C*kh*kw] weight (csr row's prepare);
+    kind "bsr": packed = the bsr row's prepare output, blocks r x 1 with r % 8 == 0.
+    ``work``: optional (xf float32 [C*L], yw float32 [O, Ho*Wp]) scratch from ``shifted_geometry``."""
+    C, H, W = x.shape
+    ph, pw = padding
+    dh, dw = dilation
+    Hp, Wp, L, Ho, Wo, Nw = shifted_geometry(C, H, W, kh, kw, ph, pw, dh, dw)
+    O = y.shape[0]
+    if work is None:
+        work = (np.empty(C * L, np.float32), np.empty((O, Nw), np.float32))
+    xf, yw = work
+    shift_pack(x, ph, pw, L, xf)
+    roff = row_offsets(C, kh, kw, dh, dw, Wp, L)
+    if kind == "csr":
+        csr_conv_s1(packed[0], packed[1], packed[2], xf, roff, yw)
+    elif kind == "bsr" and packed[4] == 1 and packed[3] % 8 == 0:
+        bsr_conv_s1(packed[0], packed[1], packed[2], packed[3], xf, roff, yw)
+    else:
+        raise ValueError(f"sparse_conv_s1: needs csr or bsr r x 1 with r % 8 == 0, got {kind}")
+    crop_epilogue(yw, Wp, y, EMPTY1 if bias is None else bias, EMPTY3 if residual is None else residual,
+                  int(act), float(lo), float(hi))
+
 
 
 # ---------------------------------------------------------------------------------------

@@ -181,3 +181,38 @@ def test_pool_out_size_known(n, k, s, p, d, ceil):
     expect = {(7, 3, 2, 1, 1, True): 4, (8, 2, 2, 0, 1, True): 4, (6, 3, 3, 1, 1, True): 3,
               (112, 3, 2, 1, 1, False): 56, (5, 5, 1, 2, 1, True): 5}[(n, k, s, p, d, ceil)]
     assert conv.pool_out_size(n, k, s, p, d, ceil) == expect
+
+
+S1_CASES = [  # (C, H, W, O, kh, kw, padding, dilation)
+    (3, 9, 7, 5, 3, 3, (1, 1), (1, 1)),
+    (4, 12, 11, 16, 3, 3, (0, 0), (1, 1)),
+    (2, 8, 8, 9, 1, 1, (0, 0), (1, 1)),
+    (3, 12, 9, 8, 5, 3, (2, 0), (1, 2)),
+    (16, 10, 13, 24, 3, 3, (2, 2), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("case", S1_CASES)
+@pytest.mark.parametrize("kind", ["csr", "bsr8x1", "bsr16x1"])
+def test_sparse_conv_s1(case, kind, rng):
+    C, H, W, O, kh, kw, p, d = case
+    w4 = rng.standard_normal((O, C, kh, kw)).astype(np.float32)
+    if kind == "csr":
+        w4 *= rng.random(w4.shape) < 0.5
+        fmt, row = CSR.from_dense(w4.reshape(O, -1)), table.by_name("csr_f32_spmm")
+    else:
+        r = int(kind[3:-2])
+        keep = np.repeat(rng.random((-(-O // r), C * kh * kw)) < 0.5, r, 0)[:O]
+        w4 = (w4.reshape(O, -1) * keep).reshape(w4.shape)
+        fmt, row = BSR.from_dense(w4.reshape(O, -1), block=(r, 1)), table.by_name(f"bsr{r}x1_f32_spmm")
+    x = rng.standard_normal((1, C, H, W)).astype(np.float32)
+    bias = rng.standard_normal(O).astype(np.float32)
+    ref = conv.conv2d_ref(x, w4, bias, (1, 1), p, d, 1, act=table.ACT_SILU)
+    res = rng.standard_normal(ref.shape).astype(np.float32)
+    ref_res = conv.conv2d_ref(x, w4, bias, (1, 1), p, d, 1, act=table.ACT_SILU, residual=res)
+    y = np.full(ref.shape[1:], np.nan, np.float32)
+    packed = row.prepare(fmt)
+    conv.sparse_conv_s1(kind[:3], packed, x[0], y, kh, kw, p, d, bias=bias, act=table.ACT_SILU)
+    np.testing.assert_allclose(y, ref[0], rtol=1e-4, atol=1e-4)
+    conv.sparse_conv_s1(kind[:3], packed, x[0], y, kh, kw, p, d, bias=bias, act=table.ACT_SILU, residual=res[0])
+    np.testing.assert_allclose(y, ref_res[0], rtol=1e-4, atol=1e-4)
