@@ -289,47 +289,41 @@ def _deq_row(a, yo, o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act,
     epilogue_tile(yo, b, ro, act, lo, hi)
 
 
-@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
-def _dequant(acc, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
-    """y [out, N] from int32 sums acc [>= out, >= N] (see ``_deq_row``)."""
-    out, N = y.shape
-    for o in prange(out):
-        _deq_row(acc[o], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
-
-
-@pjit
-def _dense_vnni(w, K4, out, x4, npad, acc):
-    """acc int32 [out, npad] = w int8 flat [out, K4] (K4 % 4 == 0) x x4 uint8 flat [K4/4, npad, 4]."""
+@pjit(fastmath=False)  # no FMA contraction in the fused dequantize
+def _dense_vnni(w, K4, out, x4, npad, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+    """y [out, N] = dequant(w x x4) + epilogue. w int8 flat [out, K4] (K4 % 4 == 0), x4 uint8 flat
+    [K4/4, npad, 4]. Task: 8 rows x all columns (register tiles of 8 x 48), then the 8 rows are
+    dequantized while hot."""
     G = K4 // 4
     xgs = npad * 4
     nrb = (out + _TILE_R - 1) // _TILE_R
-    nct = (npad + _TILE_C - 1) // _TILE_C
     dummy = np.empty(0, np.int32)
-    for task in prange(nrb * nct):
-        ct = task // nrb
-        rb = task - ct * nrb
-        c0 = ct * _TILE_C
-        nt = min(_TILE_C // 16, (npad - c0) // 16)
+    for rb in prange(nrb):
         r0 = rb * _TILE_R
-        if r0 + _TILE_R <= out:
-            wo = r0 * K4
-            ao = r0 * npad + c0
-            if nt == 3:
-                vnni_tile(8, 3, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
-            elif nt == 2:
-                vnni_tile(8, 2, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
-            else:
-                vnni_tile(8, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
-        else:
-            for o in range(r0, out):
-                wo = o * K4
-                ao = o * npad + c0
+        acc = np.empty((_TILE_R, npad), np.int32)
+        for c0 in range(0, npad, _TILE_C):
+            nt = min(_TILE_C // 16, (npad - c0) // 16)
+            if r0 + _TILE_R <= out:
+                wo = r0 * K4
                 if nt == 3:
-                    vnni_tile(1, 3, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    vnni_tile(8, 3, False, acc, c0, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
                 elif nt == 2:
-                    vnni_tile(1, 2, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    vnni_tile(8, 2, False, acc, c0, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
                 else:
-                    vnni_tile(1, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    vnni_tile(8, 1, False, acc, c0, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+            else:
+                for o in range(r0, out):
+                    wo = o * K4
+                    ao = (o - r0) * npad + c0
+                    if nt == 3:
+                        vnni_tile(1, 3, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    elif nt == 2:
+                        vnni_tile(1, 2, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+                    else:
+                        vnni_tile(1, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
+        for r in range(min(_TILE_R, out - r0)):
+            o = r0 + r
+            _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
@@ -351,48 +345,49 @@ def _dense_amx(cfg, w, nk, out, xw, npad, rowsum, zw, affine, czx, cz, sx, sw, b
             _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
-@pjit
-def _quads_vnni(R, qptr, qidx, qw, x4, npad, acc):
-    """acc int32 [nrb*R, npad] from quad-sparse weights: block row b (rows b*R..) has quads
-    qptr[b]..qptr[b+1]; quad q covers input features 4*qidx[q]..+3 with weights qw flat [nq, R, 4].
-    R in (1, 4, 8)."""
+@pjit(fastmath=False)  # no FMA contraction in the fused dequantize
+def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, rowsum, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+    """y [out, N] from quad-sparse weights: block row b (rows b*R..) has quads qptr[b]..qptr[b+1];
+    quad q covers input features 4*qidx[q]..+3 with weights qw flat [nq, R, 4]. R in (1, 4, 8).
+    Task: one block row x all columns, dequantized while hot."""
     nrb = qptr.shape[0] - 1
     xgs = npad * 4
     tc = 48 if R == 8 else 64  # 24 or 16 accumulators
-    nct = (npad + tc - 1) // tc
-    for task in prange(nrb * nct):
-        ct = task // nrb
-        rb = task - ct * nrb
-        c0 = ct * tc
-        nt = min(tc // 16, (npad - c0) // 16)
+    zw = np.empty(0, np.int32)
+    for rb in prange(nrb):
         q0 = qptr[rb]
         q1 = qptr[rb + 1]
-        ao = rb * R * npad + c0
-        if R == 8:
-            if nt == 3:
-                vnni_tile(8, 3, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
-            elif nt == 2:
-                vnni_tile(8, 2, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+        acc = np.empty((R, npad), np.int32)
+        for c0 in range(0, npad, tc):
+            nt = min(tc // 16, (npad - c0) // 16)
+            if R == 8:
+                if nt == 3:
+                    vnni_tile(8, 3, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+                elif nt == 2:
+                    vnni_tile(8, 2, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+                else:
+                    vnni_tile(8, 1, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
+            elif R == 4:
+                if nt == 4:
+                    vnni_tile(4, 4, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                elif nt == 3:
+                    vnni_tile(4, 3, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                elif nt == 2:
+                    vnni_tile(4, 2, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
+                else:
+                    vnni_tile(4, 1, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
             else:
-                vnni_tile(8, 1, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 32, q0, q1)
-        elif R == 4:
-            if nt == 4:
-                vnni_tile(4, 4, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
-            elif nt == 3:
-                vnni_tile(4, 3, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
-            elif nt == 2:
-                vnni_tile(4, 2, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
-            else:
-                vnni_tile(4, 1, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 16, q0, q1)
-        else:
-            if nt == 4:
-                vnni_tile(1, 4, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
-            elif nt == 3:
-                vnni_tile(1, 3, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
-            elif nt == 2:
-                vnni_tile(1, 2, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
-            else:
-                vnni_tile(1, 1, True, acc, ao, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                if nt == 4:
+                    vnni_tile(1, 4, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                elif nt == 3:
+                    vnni_tile(1, 3, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                elif nt == 2:
+                    vnni_tile(1, 2, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+                else:
+                    vnni_tile(1, 1, True, acc, c0, npad, x4, c0 * 4, xgs, qidx, qw, 0, 4, 4, q0, q1)
+        for r in range(min(R, out - rb * R)):
+            o = rb * R + r
+            _deq_row(acc[r], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,15 +661,11 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
     lo, hi = _F32(lo), _F32(hi)
     czx, cz = _corr_terms(p, sx, zx, K, lambda: x4.reshape(G, npad, 4)[:, :N].sum(axis=(0, 2), dtype=np.int64))
     if p["kind"] == "dense_i8":
-        acc = np.empty((out, npad), np.int32)
-        _dense_vnni(p["w4"], p["K4"], out, x4, npad, acc)
-        zw = p["zw"]
+        _dense_vnni(p["w4"], p["K4"], out, x4, npad, p["rowsum"], p["zw"], p["affine"], czx, cz, sx, p["sw"],
+                    bias, residual, act, lo, hi, y)
     else:
-        R = p["R"]
-        acc = np.empty(((p["qptr"].shape[0] - 1) * R, npad), np.int32)
-        _quads_vnni(R, p["qptr"], p["qidx"], p["qw"], x4, npad, acc)
-        zw = _EMPTY_I32
-    _dequant(acc, p["rowsum"], zw, p.get("affine", False), czx, cz, sx, p["sw"], bias, residual, act, lo, hi, y)
+        _quads_vnni(p["R"], p["qptr"], p["qidx"], p["qw"], out, x4, npad, p["rowsum"], czx, cz, sx, p["sw"],
+                    bias, residual, act, lo, hi, y)
 
 
 def run_amx(p, x, y, bias, act, lo, hi, residual):
