@@ -140,7 +140,9 @@ def write_model(path, graph: Graph, tensors: dict, metadata: dict | None = None)
             dn = str(a.dtype)
             if dn not in ARRAY_DTYPES:
                 raise FormatError(f"dtype {a.dtype} cannot be stored", file=path, tensor=name, field=an)
-            a = np.ascontiguousarray(a, dtype=np.dtype(ARRAY_DTYPES[dn]))
+            a = np.asarray(a, dtype=np.dtype(ARRAY_DTYPES[dn]))
+            if not a.flags.c_contiguous:  # (ascontiguousarray would turn a 0-d array into 1-d)
+                a = np.ascontiguousarray(a)
             pos = _align(pos)
             arrs[an] = {"dtype": dn, "shape": list(a.shape), "offset": pos, "nbytes": int(a.nbytes),
                         "crc32": zlib.crc32(memoryview(a).cast("B")) if a.nbytes else 0}

@@ -287,3 +287,14 @@ def test_graph_from_python_objects_is_normalised(tmp_path):
         n = mf.graph.nodes[0]
         assert n.attrs == {"stride": [1, 1], "padding": [1, 1], "groups": 1} and n.inputs == ["x", "w"]
         assert mf.graph.inputs[0].shape == ["batch", 2, 5, 5]
+
+
+def test_zero_dim_constant_round_trips(tmp_path):
+    """A 0-d dense constant (a scalar) keeps shape () through write and read."""
+    g = Graph([ValueInfo("x", "float32", ["b", 2])], [ValueInfo("y", "float32", ["b", 2])],
+              [Node("mul", "m", ["x", "c"], ["y"])])
+    p = tmp_path / "scalar.sparsedge"
+    write_model(p, g, {"c": Dense.from_dense(np.array(2.5, dtype=np.float32))}, {})
+    with read_model(p) as m:
+        c = m.tensors["c"]
+        assert c.shape == () and c.to_dense().shape == () and float(c.to_dense()) == 2.5
