@@ -164,6 +164,7 @@ class Session:
             self.path = os.fspath(path)
             self._model = read_model(self.path, verify_checksums=verify_checksums)
         self.threads = _threads.resolve(threads)
+        self.blas_threads = _threads.blas_policy(self.threads)
         self.profile = bool(profile)
         self.graph = g = self._model.graph
         self.metadata = getattr(self._model, "metadata", {}) or {}

@@ -558,3 +558,20 @@ def test_static_activation_quantization(tmp_path, rng):
     assert row["kernel"] != "numpy_densified"  # an int8 kernel row ran with the static scale
     packed = s._selector._packed[("fc1", row["kernel"])]
     assert packed.get("act_quant") == (pytest.approx(0.02), 128)
+
+
+def test_blas_threads_policy(tmp_path, rng, monkeypatch):
+    from sparsedge.runtime import threads as rt_threads
+
+    before = rt_threads.blas_threads()
+    if before is None or rt_threads.max_threads() < 2:
+        pytest.skip("numpy's OpenBLAS not found through ctypes, or a single core")
+    monkeypatch.delenv("SPARSEDGE_BLAS_THREADS", raising=False)
+    path = mlp_file(str(tmp_path / "m.sparsedge"), "dense", rng)
+    try:
+        rt_threads.limit_blas(2)
+        assert Session(path, threads=2).blas_threads == 1  # numba owns the cores
+        monkeypatch.setenv("SPARSEDGE_BLAS_THREADS", "2")
+        assert Session(path, threads=2).blas_threads == 2
+    finally:
+        rt_threads.limit_blas(before)
