@@ -85,7 +85,7 @@ def default_path() -> str:
 # epilogue: kernels/epilogue.py (shared with the float32 kernels); y = act(v + bias + residual)
 @jit(inline="always")
 def _epi(corr, s, o, n, bias, residual, act, lo, hi):
-    """One output of the portable paths: the same float32 operations as ``_dequant`` + epilogue."""
+    """One output of the portable paths: the same float32 operations as ``_deq_row``."""
     v = _F32(corr) * s
     if residual.shape[0] > 0:
         v = v + (bias[o] if bias.shape[0] > 0 else _F32(0.0)) + residual[o, n]
