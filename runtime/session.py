@@ -145,11 +145,15 @@ def _fuse_residuals(graph, sym) -> list:
 class Session:
     """Run a ``.sparsedge`` model. See the module docstring.
 
+    Plans (and their arena pools) are cached per input shape, the ``MAX_PLANS`` most recent kept.
+
     path: model file path (or an already loaded ``ModelFile``); threads: numba threads per call
     (None = all); tune: time candidate kernels on first use of each shape and cache the choice in
     MODEL.tune.json; profile: record per-op times of every run; kernel_overrides: {node name:
     kernel name} to force a layer's kernel; verify_checksums: CRC-check every buffer at load.
     """
+
+    MAX_PLANS = 32
 
     def __init__(self, path, threads=None, tune=False, profile=False, kernel_overrides=None,
                  verify_checksums=True):
@@ -177,9 +181,16 @@ class Session:
                                          file=self.path)
         overrides = dict(kernel_overrides or {})
         names = {n.name for n in g.nodes}
-        for k in overrides:
-            if k not in names:
-                raise InputError(f"no node named {k!r} in the model", node=k, field="kernel_overrides")
+        if overrides:
+            from .select import BUILTINS, _table_rows
+
+            known = {r.name for r in _table_rows()} | set(BUILTINS)
+            for k, v in overrides.items():
+                if k not in names:
+                    raise InputError(f"no node named {k!r} in the model", node=k, field="kernel_overrides")
+                if v not in known:
+                    raise InputError(f"unknown kernel {v!r} (known: {sorted(known)})", node=k,
+                                     field="kernel_overrides")
         act_quant = {}
         for node in g.nodes:
             if node.op in ("linear", "conv2d") and node.inputs[0] in g.act_quant:
@@ -276,6 +287,10 @@ class Session:
                 nps.append(op.plan(ins, outs, shp.env))
             p = build_plan(key, self._exec, self._ops, shp, nps, self._const_names)
             self._selector.save()
+            while len(self._plans) >= self.MAX_PLANS:  # bound memory when shapes vary a lot
+                old = next(iter(self._plans))
+                del self._plans[old]
+                self._pools.pop(old, None)
             self._plans[key] = p
             self._pools[key] = []
             return p
@@ -340,8 +355,8 @@ class Session:
         return [vals[n] for n in wanted]
 
     def _get_arena(self, p):
-        pool = self._pools[p.key]
         with self._lock:
+            pool = self._pools.get(p.key)
             if pool:
                 return pool.pop()
         arena = np.empty(p.arena_bytes, dtype=np.uint8)
@@ -390,7 +405,9 @@ class Session:
             return res
         finally:
             with self._lock:
-                self._pools[p.key].append(slot)
+                pool = self._pools.get(p.key)
+                if pool is not None and self._plans.get(p.key) is p:
+                    pool.append(slot)
 
     # --- profiling -------------------------------------------------------------------------------
     def _record(self, prof):

@@ -110,7 +110,9 @@ def test_kernel_overrides_and_errors(tmp_path, rng):
     assert r["fc2"]["kernel"] == "numpy_densified" and "forced" in r["fc2"]["why"]
     with pytest.raises(InputError, match="fc9"):
         Session(path, kernel_overrides={"fc9": "numpy_dense"})
-    s = Session(path, kernel_overrides={"fc1": "no_such_kernel"})
+    with pytest.raises(InputError, match="unknown kernel"):
+        Session(path, kernel_overrides={"fc1": "no_such_kernel"})
+    s = Session(path, kernel_overrides={"fc1": "numpy_dense"})  # a real kernel, wrong format (csr)
     with pytest.raises(InputError, match="kernel_overrides"):
         s.run(None, {"x": x})
 
@@ -488,6 +490,9 @@ def test_plan_cache_and_shapes(tmp_path, rng):
     for b in (1, 4, 9, 4):
         assert s.run(None, {"x": np.ones((b, 24), np.float32)})[0].shape == (b, 10)
     assert len(s._plans) == 3
+    s.MAX_PLANS = 2
+    s.run(None, {"x": np.ones((5, 24), np.float32)})
+    assert list(s._plans) == [((9, 24),), ((5, 24),)]
     assert s.output_shapes({"x": (6, 24)}) == {"y": (6, 10)}
     assert s.planned_peak_bytes({"x": (100, 24)}) > s.planned_peak_bytes({"x": (1, 24)})
     with pytest.raises(InputError):
