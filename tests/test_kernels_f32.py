@@ -170,3 +170,18 @@ def test_fast_tanh_erf_accuracy():
         f = np.float32(v)
         assert abs(tanh_f32(f) - math.tanh(float(f))) <= 1e-6, v
         assert abs(erf_f32(f) - math.erf(float(f))) <= 1e-6, v
+
+
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_zero_sizes(row, rng):
+    """out = 0, in = 0 and N = 0 neither crash nor write out of bounds."""
+    for out, inn, n in [(0, 5, 3), (6, 0, 3), (6, 5, 0)]:
+        if row.max_n == 1 and n != 1:
+            n = 1
+        if row.fmt in ("lowrank", "nm") and 0 in (out, inn):
+            continue  # these formats cannot represent an empty dimension
+        w, fmt = make_weight(rng, row, out, inn)
+        x = rng.standard_normal((inn, n)).astype(np.float32)
+        y = run_row(row, fmt, x)
+        assert y.shape == (out, n) and not np.isnan(y).any()
+        np.testing.assert_allclose(y, w.astype(np.float64) @ x, rtol=1e-4, atol=1e-4)
