@@ -169,6 +169,7 @@ def embedding_ref(ids, table):
 
 
 EMPTY_F32 = np.zeros(0, dtype=np.float32)
+EMPTY_F32.setflags(write=False)  # read-only like mapped weights: one numba specialization for both
 
 
 def _bench():  # pragma: no cover - manual measurement helper

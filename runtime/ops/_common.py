@@ -6,6 +6,7 @@ import numpy as np
 from ...kernels.table import ACTIVATIONS
 
 EMPTY_F32 = np.zeros(0, dtype=np.float32)
+EMPTY_F32.setflags(write=False)  # read-only like mapped weights: one numba specialization for both
 
 
 def act_code(name: str, node=None):
