@@ -190,6 +190,7 @@ class Selector:
         self._choices: dict = {}  # (node, N) -> Choice
         self._packed: dict = {}  # (node, kernel) -> packed
         self._layers: dict = {}  # node -> (op, facts)
+        self._wfs: dict = {}  # node -> weight format object
         self.prep_ms: dict = {}  # (node, kernel) -> ms spent in prepare
         self.tune_path = tune_path(model_path) if model_path else None
         self._tuned = load_tune_file(self.tune_path, self.tune_key()) if self.tune_path else {}
@@ -257,6 +258,7 @@ class Selector:
                 return ch
             f = weight_facts(wf)
             self._layers[node] = (op, f)
+            self._wfs[node] = wf
             cands = self.candidates(wf, N)
             by = {c.name: c for c in cands}
             times = {}
@@ -290,6 +292,7 @@ class Selector:
         with self._lock:
             if (node, int(N)) not in self._choices:
                 self._layers[node] = (op, weight_facts(wf))
+                self._wfs[node] = wf
                 self._choices[(node, int(N))] = Choice(Candidate(kernel, "fixed", None, None), None, why)
 
     def packed(self, node, cand, wf):
@@ -370,8 +373,38 @@ class Selector:
                     "kernel": ch.name, "why": ch.why, "measured_ms": t,
                     "speedup_vs_dense": (round(dense_t / chosen_t, 2) if dense_t and chosen_t else None),
                     "prepare_ms": round(self.prep_ms.get((node, ch.name), 0.0), 3),
+                    **packing_facts(self._wfs.get(node), ch.packed),
                 })
         return rows
+
+
+def _arrays_in(obj, depth=0):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif depth < 3 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _arrays_in(o, depth + 1)
+    elif depth < 3 and isinstance(obj, dict):
+        for o in obj.values():
+            yield from _arrays_in(o, depth + 1)
+    elif depth < 3 and hasattr(obj, "data") and hasattr(obj, "indices"):  # scipy.sparse
+        yield from (obj.data, obj.indices, obj.indptr)
+
+
+def packing_facts(wf, packed) -> dict:
+    """Whether the kernel reads the file's mapped arrays (zero copy) and how many bytes it repacked."""
+    if isinstance(wf, np.ndarray) or packed is None:
+        return {"zero_copy": None, "repack_bytes": 0}
+    try:
+        file_arrays = list(wf.arrays().values())
+    except Exception:
+        return {"zero_copy": None, "repack_bytes": 0}
+    used = list(_arrays_in(packed))
+    mapped = [a for a in used if any(np.may_share_memory(a, f) for f in file_arrays)]
+    own = sum(a.nbytes for a in used if not any(np.may_share_memory(a, f) for f in file_arrays))
+    if isinstance(packed, dict) and "repack_bytes" in packed:
+        own = int(packed["repack_bytes"])
+    return {"zero_copy": bool(mapped) and own == 0, "repack_bytes": int(own)}
 
 
 def _apply_act_quant(cand, packed, aq):
@@ -395,15 +428,17 @@ def format_report(rows: list) -> str:
     if not rows:
         return "no weight layers planned yet (run the model or call output_shapes/planned_peak_bytes first)"
     lines = [f"{'node':<28} {'op':<7} {'format':<10} {'dtype':<7} {'sparsity':>8} {'N':>6}  {'kernel':<22} "
-             f"{'ms':>8} {'dense ms':>9} {'speedup':>7}  why"]
+             f"{'ms':>8} {'dense ms':>9} {'speedup':>7}  {'weights':<13} why"]
     for r in rows:
         t = r["measured_ms"]
         ms = t.get(r["kernel"])
         d = t.get("dense_blas_equivalent")
         sp = r["speedup_vs_dense"]
+        wts = ("mapped" if r.get("zero_copy") else
+               f"+{r.get('repack_bytes', 0) / 1024:.0f} KB packed" if r.get("zero_copy") is False else "")
         lines.append(f"{r['node'][:28]:<28} {r['op']:<7} {r['format']:<10} {r['dtype']:<7} {r['sparsity']:>8.1%} "
                      f"{r['N']:>6}  {r['kernel'][:22]:<22} {'' if ms is None else f'{ms:.3f}':>8} "
-                     f"{'' if d is None else f'{d:.3f}':>9} {'' if sp is None else f'{sp:.2f}x':>7}  {r['why']}")
+                     f"{'' if d is None else f'{d:.3f}':>9} {'' if sp is None else f'{sp:.2f}x':>7}  {wts:<13} {r['why']}")
         alts = {k: v for k, v in t.items() if k not in (r["kernel"], "dense_blas_equivalent")}
         if alts:
             lines.append(" " * 30 + "alternatives: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(alts.items(), key=lambda kv: kv[1])))

@@ -476,6 +476,9 @@ def test_memory_plan_and_no_weight_copies(tmp_path, rng):
     op = next(o for o in sess._ops if o.name == "o")
     choice = sess._selector.choose("o", "linear", op.wf, 32 * S_MAX)
     assert choice.name == "numpy_dense" and np.shares_memory(choice.packed, model_w)
+    rep = {r["node"]: r for r in sess.selection_report()}
+    assert rep["o"]["zero_copy"] is True and rep["o"]["repack_bytes"] == 0
+    assert "mapped" in sess.format_selection_report()
     assert isinstance(model_w.base, np.memmap) or isinstance(getattr(model_w, "base", None), (np.ndarray, memoryview))
     m = model_w
     while getattr(m, "base", None) is not None and not isinstance(m, np.memmap):
