@@ -334,6 +334,8 @@ class Session:
 
     def run(self, output_names, feeds: dict) -> list:
         """Run the model. output_names: list of output names (None = all); feeds: {name: array}."""
+        if self._model is None:
+            raise InputError("the session is closed", file=self.path)
         if output_names is None:
             wanted = [v.name for v in self._outputs]
         else:

@@ -34,18 +34,26 @@ _lock = threading.Lock()
 RUN_LOCK = threading.Lock()  # serialises runs when only workqueue is available
 
 
+def _tbb_ok() -> bool:
+    import numba.np.ufunc.tbbpool  # noqa: F401  (ImportError when libtbb cannot be loaded)
+    from numba.np.ufunc import parallel
+
+    check = getattr(parallel, "_check_tbb_version_compatible", None)
+    if check is not None:
+        check()  # ImportError when the TBB version is too old for numba
+    return True
+
+
 def _try_tbb() -> bool:
     try:
-        import numba.np.ufunc.tbbpool  # noqa: F401
-        return True
+        return _tbb_ok()
     except ImportError:
         pass
     for d in {os.path.join(sys.prefix, "lib"), os.path.join(sys.base_prefix, "lib")}:
         for lib in sorted(glob.glob(os.path.join(d, "libtbb.so.1[2-9]*")) + glob.glob(os.path.join(d, "libtbb.so"))):
             try:
                 ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-                import numba.np.ufunc.tbbpool  # noqa: F401,F811
-                return True
+                return _tbb_ok()
             except (OSError, ImportError):
                 continue
     return False
