@@ -209,6 +209,92 @@ def _mk4(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
 
 
 @jit(inline="always")
+def _mk8x3c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
+    """c == 1: 8 rows x 3 vectors at column j; stores rows < rows."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
+    a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero(); a2_4 = vzero(); a2_5 = vzero(); a2_6 = vzero(); a2_7 = vzero()
+    for k in range(k0, k1):
+        xr = x[indices[k]]
+        x0 = vload(xr, j + 0 * VW)
+        x1 = vload(xr, j + 1 * VW)
+        x2 = vload(xr, j + 2 * VW)
+        dk = d2[k, base:base + 8]
+        w = vbcast(dk[0])
+        a0_0 = vfma(w, x0, a0_0)
+        a1_0 = vfma(w, x1, a1_0)
+        a2_0 = vfma(w, x2, a2_0)
+        w = vbcast(dk[1])
+        a0_1 = vfma(w, x0, a0_1)
+        a1_1 = vfma(w, x1, a1_1)
+        a2_1 = vfma(w, x2, a2_1)
+        w = vbcast(dk[2])
+        a0_2 = vfma(w, x0, a0_2)
+        a1_2 = vfma(w, x1, a1_2)
+        a2_2 = vfma(w, x2, a2_2)
+        w = vbcast(dk[3])
+        a0_3 = vfma(w, x0, a0_3)
+        a1_3 = vfma(w, x1, a1_3)
+        a2_3 = vfma(w, x2, a2_3)
+        w = vbcast(dk[4])
+        a0_4 = vfma(w, x0, a0_4)
+        a1_4 = vfma(w, x1, a1_4)
+        a2_4 = vfma(w, x2, a2_4)
+        w = vbcast(dk[5])
+        a0_5 = vfma(w, x0, a0_5)
+        a1_5 = vfma(w, x1, a1_5)
+        a2_5 = vfma(w, x2, a2_5)
+        w = vbcast(dk[6])
+        a0_6 = vfma(w, x0, a0_6)
+        a1_6 = vfma(w, x1, a1_6)
+        a2_6 = vfma(w, x2, a2_6)
+        w = vbcast(dk[7])
+        a0_7 = vfma(w, x0, a0_7)
+        a1_7 = vfma(w, x1, a1_7)
+        a2_7 = vfma(w, x2, a2_7)
+    if 0 < rows:
+        yr = y[i0 + 0]
+        vstore(yr, j + 0 * VW, a0_0)
+        vstore(yr, j + 1 * VW, a1_0)
+        vstore(yr, j + 2 * VW, a2_0)
+    if 1 < rows:
+        yr = y[i0 + 1]
+        vstore(yr, j + 0 * VW, a0_1)
+        vstore(yr, j + 1 * VW, a1_1)
+        vstore(yr, j + 2 * VW, a2_1)
+    if 2 < rows:
+        yr = y[i0 + 2]
+        vstore(yr, j + 0 * VW, a0_2)
+        vstore(yr, j + 1 * VW, a1_2)
+        vstore(yr, j + 2 * VW, a2_2)
+    if 3 < rows:
+        yr = y[i0 + 3]
+        vstore(yr, j + 0 * VW, a0_3)
+        vstore(yr, j + 1 * VW, a1_3)
+        vstore(yr, j + 2 * VW, a2_3)
+    if 4 < rows:
+        yr = y[i0 + 4]
+        vstore(yr, j + 0 * VW, a0_4)
+        vstore(yr, j + 1 * VW, a1_4)
+        vstore(yr, j + 2 * VW, a2_4)
+    if 5 < rows:
+        yr = y[i0 + 5]
+        vstore(yr, j + 0 * VW, a0_5)
+        vstore(yr, j + 1 * VW, a1_5)
+        vstore(yr, j + 2 * VW, a2_5)
+    if 6 < rows:
+        yr = y[i0 + 6]
+        vstore(yr, j + 0 * VW, a0_6)
+        vstore(yr, j + 1 * VW, a1_6)
+        vstore(yr, j + 2 * VW, a2_6)
+    if 7 < rows:
+        yr = y[i0 + 7]
+        vstore(yr, j + 0 * VW, a0_7)
+        vstore(yr, j + 1 * VW, a1_7)
+        vstore(yr, j + 2 * VW, a2_7)
+
+
+@jit(inline="always")
 def _mk8c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
     """c == 1: 8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
@@ -380,7 +466,17 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
         i0 = br * r
         rows = min(r, nout - i0)
         # register-blocked part: JT columns at a time, groups of 8 / 4 / 1 rows
-        for j in range(jlo, min(jhi, nvec), JT):
+        je = min(jhi, nvec)
+        jv = jlo
+        if c == 1 and r % 8 == 0:
+            # widest tile first: 8 rows x 3 vectors (24 accumulators), in pairs so the rest
+            # stays a multiple of JT
+            n3 = 2 * ((je - jlo) // (6 * VW))
+            for t3 in range(n3):
+                for g in range(0, rows, 8):
+                    _mk8x3c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, jlo + t3 * 3 * VW)
+            jv = jlo + n3 * 3 * VW
+        for j in range(jv, je, JT):
             g = 0
             while g < rows:
                 if c == 1 and r - g >= 8:
@@ -399,7 +495,6 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
                     _mk1(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, j)
                     g += 1
         # fused epilogue over this chunk's vector columns, while they are still in L1/L2
-        je = min(jhi, nvec)
         if je > jlo:
             for ii in range(rows):
                 i = i0 + ii
