@@ -19,20 +19,33 @@ accumulators, int64 corrections):
     corr[o, n] = acc - zx[n] * rowsum(wq)[o] - zw[o] * (colsum(xq)[n] - in * zx[n])
     y[o, n]    = act(float32(corr) * float32(sx[n] * sw[o]) + bias[o] + residual[o, n])
 
-Paths (one row each in ``KERNELS``; every path gives bit-identical ``corr``):
+The corrections are exact integers; the fast paths carry them in float64 (exact below 2**53,
+one rounding to float32 like the int64 reference) so the dequantize loop vectorizes.
 
-* ``*_vnni`` (x86 with ``avx512_vnni``): ``vpdpbusd`` (u8 x s8) through the ``@intrinsic``
-  in ``_vnni.py``. Activations packed ``[ceil(in/4), Npad16, 4]`` uint8 while quantizing.
-  dense: register tile 8 rows x 64 columns, weights used straight from the file when
-  ``in % 4 == 0`` (else padded once). csr/bsr: repacked at load into "quads" -- for every
-  group of R output rows (R = 1 for csr, 8/4/1 for bsr by block height) the list of input
-  groups of 4 features that hold a non-zero, with the R x 4 int8 weights (zeros filled).
+Paths (one row each in ``KERNELS``; every path gives bit-identical ``y``; ``default_path()``
+picks amx > vnni > portable, ``extra["priority"]`` says the same to the runtime):
+
+* ``dense_i8_amx`` (x86 with AMX-INT8, e.g. Sapphire Rapids; Linux must grant tile-data
+  permission, asked once by ``amx_available()`` -- without it prepare() falls back to VNNI):
+  ``tdpbsud`` (s8 weights x u8 activations) through the ``amx_block`` intrinsic, 2x2 tiles of
+  16x16 int32 per 32 rows x 32 columns. Weights repacked at load into contiguous 16 x 64-byte A
+  tiles (``[ceil(out/32)*2, ceil(in/64), 16, 64]``, zero padded: same bytes as the file when
+  aligned); activations packed ``[Npad32/16, ceil(in/64)*16, 16, 4]`` while quantizing.
+  Tasks of 32 rows x all columns, dequantized + epilogue while hot.
+* ``*_vnni`` (x86 with ``avx512_vnni``): ``vpdpbusd`` (u8 x s8) through the ``vnni_tile``
+  intrinsic (``_vnni.py``). Activations packed ``[ceil(in/4), Npad16, 4]`` uint8 while
+  quantizing. dense: register tiles 8 rows x 48 columns (24 zmm accumulators, measured best of
+  8x4/8x3/6x4/4x4/8x2), weights used straight from the file when ``in % 4 == 0`` (else padded
+  once). csr/bsr: repacked at load into "quads" -- for every group of R output rows (R = 1 for
+  csr, 8/4/1 for bsr by block height) the input groups of 4 features holding a non-zero, with
+  the R x 4 int8 weights (zeros filled). Tasks of R (or 8) rows x all columns, fused dequantize.
 * portable (any CPU, plain loops): activations shifted to int8 (``xq - 128``, corrected by
   ``128 * rowsum``). Dense uses the dot form (``x`` transposed to ``[N, in]``, a contiguous
   int8 dot product per output) which LLVM turns into ``sdot`` on aarch64 cores with the
   dot-product extension (cortex-a76, neoverse-n1) and ``vpmaddwd`` on x86; csr/bsr loop over
   non-zeros with contiguous int32 accumulators over N.
-* ``*_gemv`` (N = 1, memory-bound decoding): dot form / gather, no packing.
+* ``*_gemv`` (N = 1, memory-bound decoding): dot form (dense) / gather over row-wise non-zeros
+  (csr; bsr repacked row-wise at load), no activation packing.
 
 ``prepare(wf, act_quant=None, granularity="tensor", path=None)`` returns a dict ``packed``
 (``packed["repack_bytes"]``, ``packed["repack_s"]`` report the load-time repack cost);
@@ -52,7 +65,8 @@ from .epilogue import act_ref, act_scalar, epilogue_tile
 from .table import ACT_NONE, KernelSpec
 
 __all__ = ["KERNELS", "prepare", "set_act_quant", "quantize_activations", "quantize_ref", "act_params",
-           "gemm_ref", "vnni_available"]
+           "gemm_ref", "vnni_available", "amx_available", "default_path", "run_amx", "run_vnni", "run_portable",
+           "run_gemv"]
 
 _F32 = np.float32
 _EMPTY_F32 = np.empty(0, np.float32)
@@ -779,7 +793,7 @@ def _prep(path):
 _BLOCKS = ((1, 4), (4, 1), (8, 1), (16, 1), (1, 16), (4, 4), (2, 2))
 KERNELS = [
     KernelSpec("dense_i8_amx", "gemm", "dense_i8", "int8", None, ("amx_int8", "amx_tile"), _prep("amx"), run_amx,
-               _reference, min_n=2, notes="AMX tdpbsud s8xu8, 32x32 tiles; needs amx_available() (OS permission)",
+               _reference, min_n=2, notes="AMX tdpbsud s8xu8, 2x2 16x16 tiles; needs amx_available() (OS permission)",
                extra={"priority": 3}),
     KernelSpec("dense_i8_vnni", "gemm", "dense_i8", "int8", None, ("avx512_vnni",), _prep("vnni"), run_vnni,
                _reference, min_n=2, notes="vpdpbusd u8xs8, tile 8 rows x 48 cols", extra={"priority": 2}),
