@@ -631,7 +631,7 @@ KERNELS = []
 for _r, _c in BLOCKS:
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmm", op="gemm", fmt="bsr", dtype="float32",
                               block=(_r, _c), prepare=_prepare, run=_run_gemm, reference=reference, min_n=1,
-                              notes="generic r x c kernel, N tiles of 64, X tile reused across the r rows"))
+                              notes="one kernel for every r x c; (N chunk, block row) in parallel; 8x3 / 8x2 / 4x2 / 1x2 register tiles (rows x vectors)"))
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmv", op="gemv", fmt="bsr", dtype="float32",
                               block=(_r, _c), prepare=_prepare, run=_run_gemv, reference=reference, min_n=1,
-                              max_n=1, notes="batch 1, r-vector accumulator per block row"))
+                              max_n=1, notes="batch 1; register accumulators for 4x1 / 8x1 / 16x1, generic loop otherwise"))

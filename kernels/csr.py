@@ -204,7 +204,7 @@ def reference(fmt, x, bias=None, act=0, lo=0.0, hi=0.0, residual=None):
 KERNELS = [
     KernelSpec(name="csr_f32_spmm", op="gemm", fmt="csr", dtype="float32", prepare=_prepare, run=_run_gemm,
                reference=reference, min_n=1,
-               notes="parallel over rows, N tiles of 128, nnz loop unrolled x8, fused epilogue"),
+               notes="(N chunk, row) in parallel; SIMD register tile 4 vectors x 2 chains; fused epilogue per row chunk"),
     KernelSpec(name="csr_f32_spmv", op="gemv", fmt="csr", dtype="float32", prepare=_prepare, run=_run_gemv,
                reference=reference, min_n=1, max_n=1,
                notes="batch 1: one gather-dot per row; uint16 indices cut bytes per nnz to 6"),

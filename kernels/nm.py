@@ -111,7 +111,7 @@ KERNELS = []
 for _n, _m in [(2, 4), (4, 8)]:
     KERNELS.append(KernelSpec(name=f"nm{_n}of{_m}_f32_spmm", op="gemm", fmt="nm", dtype="float32", block=(_n, _m),
                               prepare=_prepare, run=_run_gemm, reference=reference, min_n=1,
-                              notes="implicit columns, rows in parallel, N tiles of 128, slots unrolled x8"))
+                              notes="any n:m (row block only names the pattern); columns expanded per row, CSR SIMD micro-kernels"))
     KERNELS.append(KernelSpec(name=f"nm{_n}of{_m}_f32_spmv", op="gemv", fmt="nm", dtype="float32", block=(_n, _m),
                               prepare=_prepare, run=_run_gemv, reference=reference, min_n=1, max_n=1,
                               notes="batch 1 gather-dot, 5 B per stored weight"))
