@@ -3,10 +3,12 @@
 W: ``indptr`` int32 [out+1], ``indices`` int32 or uint16 [nnz] (sorted within a row),
 ``data`` float32 [nnz]. X float32 [in, N], Y float32 [out, N], both C-contiguous.
 
-* ``csr_spmm``: parallel over output rows; N is processed in tiles of ``TN`` floats so the
-  output tile stays in L1 while the row's non-zeros stream through it; the non-zero loop is
-  unrolled by 8 (one load/store of the output tile per 8 FMAs per lane); the epilogue runs on
-  the tile right after its last FMA.
+* ``csr_spmm``: (N chunk, row) pairs in parallel, chunk-major; N chunks are sized so the
+  chunk of X (in rows) stays in L2 (``L2_FLOATS``). Per row and chunk, a register-blocked
+  micro-kernel (``simd.f32vec``) keeps 4 vectors x 2 chains of accumulators in registers
+  while the row's non-zeros stream by (one broadcast + 4 loads + 4 FMAs per non-zero, no
+  output traffic); a 1-vector kernel and a scalar loop (nnz unrolled x8, output in L1) take
+  the remaining columns. The fused epilogue runs once per row and chunk.
 * ``csr_spmv`` (N = 1): one dot product per row (gather from x), memory-bound: bytes per
   non-zero are what count (uint16 indices: 6 B instead of 8 B).
 """
