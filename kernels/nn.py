@@ -16,8 +16,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit
-from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6,
-                    ACT_SIGMOID, ACT_SILU)
+from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_RELU, ACT_RELU6, ACT_SIGMOID,
+                    ACT_SILU)
 
 _SQRT_HALF = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654

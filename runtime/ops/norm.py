@@ -6,13 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import NodePlan, Op, register
-from ._common import EMPTY_F32, prod
-
-
-def _const(ctx, name):
-    if not name:
-        return None
-    return ctx.constant(name)
+from ._common import EMPTY_F32
 
 
 @register("layernorm")
