@@ -395,7 +395,8 @@ class Session:
                             a = bufs[n]
                         vals[n] = a
                         outs.append(a)
-                    op.run(ins, outs, scratch[i], np_.data)
+                    if any(o.size for o in outs):  # nothing to compute for empty outputs (batch 0)
+                        op.run(ins, outs, scratch[i], np_.data)
                 if prof is not None:
                     prof.append((node.name, node.op, np_.kernel, (time.perf_counter() - t0) * 1e3))
             res = {}

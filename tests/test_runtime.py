@@ -195,6 +195,7 @@ def test_cnn(tmp_path, rng, sparse):
     ref = run_reference(read_model(path), {"x": x})["logits"]
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert sess.output_shapes({"x": (3, 3, 16, 16)}) == {"logits": (3, 5)}
+    assert sess.run(None, {"x": np.zeros((0, 3, 16, 16), np.float32)})[0].shape == (0, 5)  # batch 0
     if not sparse:
         try:
             import torch  # noqa: F401

@@ -19,7 +19,7 @@ class GlobalAvgPool(Op):
     def run(self, ins, outs, scratch, data):
         x = ins[0]
         N, C = x.shape[:2]
-        np.mean(x.reshape(N, C, -1), axis=2, out=outs[0].reshape(N, C))
+        np.mean(x.reshape(N, C, prod(x.shape[2:])), axis=2, out=outs[0].reshape(N, C))
 
 
 @register("masked_mean")
