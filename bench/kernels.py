@@ -108,9 +108,13 @@ def make_format(spec, w: np.ndarray, pattern: dict, name="W"):
     elif spec.fmt == "nm":
         opts["n"], opts["m"] = spec.block
     elif spec.fmt == "lowrank":
-        opts["rank"] = pattern["rank"]
-        if spec.dtype == "int8":
-            opts["dtype"] = "int8"
+        # randomized range finder (cheap) instead of a full SVD per pool matrix: the timing only
+        # depends on the factor shapes [out, k] and [k, in]
+        k = int(pattern["rank"])
+        g = np.random.default_rng(k).standard_normal((w.shape[1], k)).astype(np.float32)
+        q, _ = np.linalg.qr(w @ g)
+        return cls.from_factors(q.astype(np.float32), (q.T @ w).astype(np.float32),
+                                dtype="int8" if spec.dtype == "int8" else "float32", name=name)
     elif spec.fmt == "dense":
         pass
     return cls.from_dense(w, name=name, **opts)
