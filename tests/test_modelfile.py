@@ -298,3 +298,12 @@ def test_zero_dim_constant_round_trips(tmp_path):
     with read_model(p) as m:
         c = m.tensors["c"]
         assert c.shape == () and c.to_dense().shape == () and float(c.to_dense()) == 2.5
+
+
+def test_graph_without_tensors_round_trips(tmp_path):
+    g = Graph([ValueInfo("x", "float32", ["b", 3])], [ValueInfo("y", "float32", ["b", 3])],
+              [Node("relu", "r", ["x"], ["y"])])
+    p = tmp_path / "notensors.sparsedge"
+    write_model(p, g, {}, {})
+    with read_model(p) as m:
+        assert m.tensors == {} and [n.op for n in m.graph.nodes] == ["relu"]
