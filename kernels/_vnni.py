@@ -247,3 +247,58 @@ def amx_block(typingctx, cfg, acc, aoff, astride, w, woff, wdelta, wstep, wstrid
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def vnni_dot4(typingctx, acc, x, w, woff, wstride, nvec):
+    """acc[r] = sum_k u8(x[k]) * s8(w[woff + r*wstride + k]) for r < 4 and k < 64*nvec: four
+    weight rows against one uint8 activation vector (batch-1), vpdpbusd on 64 bytes per step,
+    then a horizontal add. Rows and x must hold 64*nvec bytes (zero padded)."""
+    if not all(isinstance(v, types.Integer) for v in (woff, wstride, nvec)):
+        return None
+    sig = types.void(acc, x, w, woff, wstride, nvec)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        ptr = _I8.as_pointer()
+        accp = builder.bitcast(context.make_array(st[0])(context, builder, args[0]).data, _I32.as_pointer())
+        xp = builder.bitcast(context.make_array(st[1])(context, builder, args[1]).data, ptr)
+        wp = builder.bitcast(context.make_array(st[2])(context, builder, args[2]).data, ptr)
+        woff_, wst, nv = (context.cast(builder, args[i], st[i], types.int64) for i in (3, 4, 5))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_V16]),
+                                             "llvm.vector.reduce.add.v16i32")
+        pre = builder.basic_block
+        hdr = builder.append_basic_block("dot.hdr")
+        body = builder.append_basic_block("dot.body")
+        done = builder.append_basic_block("dot.done")
+        builder.branch(hdr)
+        builder.position_at_end(hdr)
+        i = builder.phi(_I64, "i")
+        i.add_incoming(ir.Constant(_I64, 0), pre)
+        accs = []
+        for r in range(4):
+            p = builder.phi(_V16, f"a{r}")
+            p.add_incoming(ir.Constant(_V16, None), pre)
+            accs.append(p)
+        builder.cbranch(builder.icmp_signed("<", i, nv), body, done)
+        builder.position_at_end(body)
+        off = builder.mul(i, ir.Constant(_I64, 64))
+        xv = builder.load(builder.bitcast(builder.gep(xp, [off]), _V16.as_pointer()), align=1)
+        new = []
+        for r in range(4):
+            wo = builder.add(builder.add(woff_, builder.mul(wst, ir.Constant(_I64, r))), off)
+            wv = builder.load(builder.bitcast(builder.gep(wp, [wo]), _V16.as_pointer()), align=1)
+            new.append(builder.call(fn, [accs[r], xv, wv]))
+        end = builder.basic_block
+        i.add_incoming(builder.add(i, ir.Constant(_I64, 1)), end)
+        for a, v in zip(accs, new):
+            a.add_incoming(v, end)
+        builder.branch(hdr)
+        builder.position_at_end(done)
+        for r in range(4):
+            builder.store(builder.call(red, [accs[r]]), builder.gep(accp, [ir.Constant(_I64, r)]))
+        return context.get_dummy_value()
+
+    return sig, codegen

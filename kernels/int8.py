@@ -283,7 +283,7 @@ def quantize_ref(x, scale=None, zero_point=None, granularity="tensor"):
 
 # ----------------------------------------------------------------------------------------------
 # VNNI kernels (compiled only when called, i.e. on CPUs with avx512_vnni)
-from ._vnni import amx_block, amx_config, vnni_tile  # noqa: E402
+from ._vnni import amx_block, amx_config, vnni_dot4, vnni_tile  # noqa: E402
 
 
 @jit(inline="always")
@@ -402,6 +402,23 @@ def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, rowsum, czx, cz, sx, sw, bias,
         for r in range(min(R, out - rb * R)):
             o = rb * R + r
             _deq_row(acc[r], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
+
+
+@pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
+def _gemv_vnni(w, K64, out, xq, rowsum, zw, affine, csum, sx, sw, zx0, K, bias, residual, act, lo, hi, y):
+    """N = 1 on VNNI: w int8 flat [ceil(out/4)*4, K64] (zero padded), xq uint8 [K64] (zero padded);
+    4 rows per vpdpbusd pass over x (memory-bound: weight bytes stream once)."""
+    nrb = (out + 3) // 4
+    nvec = K64 // 64
+    for rb in prange(nrb):
+        acc = np.empty(4, np.int32)
+        vnni_dot4(acc, xq, w, rb * 4 * K64, K64, nvec)
+        for r in range(min(4, out - rb * 4)):
+            o = rb * 4 + r
+            corr = np.int64(acc[r]) - np.int64(zx0) * np.int64(rowsum[o])
+            if affine:
+                corr -= np.int64(zw[o]) * (np.int64(csum) - K * np.int64(zx0))
+            y[o, 0] = _epi(corr, sx * sw[o], o, 0, bias, residual, act, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,8 +591,8 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
         path = default_path()
     if path == "amx" and not amx_available():
         path = "vnni" if vnni_available() else "portable"
-    if path == "vnni" and not vnni_available():
-        path = "portable"
+    if path in ("vnni", "gemv_vnni") and not vnni_available():
+        path = "portable" if path == "vnni" else "gemv"
     kind = wf.kind
     out, K = (int(v) for v in wf.shape)
     a = wf.arrays()
@@ -613,6 +630,17 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
             p["repack_bytes"] = w64.nbytes
             p["nk"] = nk
             p["cfg"] = amx_config()
+        elif path == "gemv_vnni":
+            K64 = max((K + 63) // 64 * 64, 64)
+            o4 = (out + 3) // 4 * 4
+            if K64 == K and o4 == out:
+                p["w64"] = q.reshape(-1)
+            else:
+                w64 = np.zeros((o4, K64), np.int8)
+                w64[:out, :K] = q
+                p["w64"] = w64.reshape(-1)
+                p["repack_bytes"] = w64.nbytes
+            p["K64"] = K64
     elif kind in ("csr_i8", "bsr_i8"):
         p["sw"] = _f32_per_row(a["scale"], out)
         rows, cols, vals = _entries(wf)
@@ -626,6 +654,8 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
                      indices=np.asarray(a["indices"], np.int32), qv=np.asarray(a["q"], np.int8))
         if path == "amx":  # sparse formats have no AMX kernel: use VNNI
             path = p["path"] = "vnni"
+        if path == "gemv_vnni":  # sparse batch-1 uses the gather kernel
+            path = p["path"] = "gemv"
         if path == "vnni":
             R = 1 if kind == "csr_i8" else (8 if p["block"][0] % 8 == 0 else 4 if p["block"][0] % 4 == 0 else 1)
             qptr, qidx, qw = _quads(rows, cols, vals, out, K, R)
@@ -731,8 +761,24 @@ def run_portable(p, x, y, bias, act, lo, hi, residual):
 
 
 def run_gemv(p, x, y, bias, act, lo, hi, residual):
-    """N = 1 (batch-1 decoding): dense dot form or CSR gather; no activation packing."""
+    """N = 1 (batch-1 decoding): dense dot form (VNNI when prepared with path "gemv_vnni") or CSR
+    gather; no activation packing."""
     K, N = x.shape
+    if p["path"] == "gemv_vnni" and N == 1:
+        if p["out"] == 0:
+            return
+        bias, residual = _opt(bias, residual)
+        sx, zx, inv, zpf = _params(p, x)
+        xq = np.zeros(p["K64"], np.uint8)
+        xs = np.empty((K, 1), np.int8)
+        _quant_kn(x, inv, zpf, xs)
+        xq[:K] = xs.reshape(-1).view(np.uint8) ^ np.uint8(128)
+        csum = int(xq.sum(dtype=np.int64)) if p["affine"] else 0
+        _gemv_vnni(p["w64"], p["K64"], p["out"], xq, p["rowsum"], p["zw"], p["affine"], csum, sx[0], p["sw"],
+                   zx[0], K, bias, residual, act, _F32(lo), _F32(hi), y)
+        return
+    if N != 1 and p["path"] == "gemv_vnni":
+        return run_portable(p, x, y, bias, act, lo, hi, residual)
     if N != 1 or p["kind"] == "dense_i8":
         return run_portable(p, x, y, bias, act, lo, hi, residual)
     if p["out"] == 0:
@@ -799,6 +845,8 @@ KERNELS = [
                _reference, min_n=2, notes="vpdpbusd u8xs8, tile 8 rows x 48 cols", extra={"priority": 2}),
     KernelSpec("dense_i8", "gemm", "dense_i8", "int8", None, (), _prep("portable"), run_portable, _reference,
                notes="portable dot form (sdot on aarch64 dotprod cores)"),
+    KernelSpec("dense_i8_gemv_vnni", "gemv", "dense_i8", "int8", None, ("avx512_vnni",), _prep("gemv_vnni"),
+               run_gemv, _reference, max_n=1, notes="batch-1: 4 rows per vpdpbusd pass", extra={"priority": 2}),
     KernelSpec("dense_i8_gemv", "gemv", "dense_i8", "int8", None, (), _prep("gemv"), run_gemv, _reference,
                max_n=1, notes="batch-1 dot form"),
     KernelSpec("csr_i8_vnni", "gemm", "csr_i8", "int8", None, ("avx512_vnni",), _prep("vnni"), run_vnni,
