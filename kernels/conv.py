@@ -120,6 +120,58 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, cols, col0):
                 d[ox] = np.float32(0.0)
 
 
+@jit(inline="always")
+def _dw_row(src, yr, wo, ky, kw, sw, pw, dw, W, Wo, ra, rb):
+    """yr[:] += sum_kx wo[ky*kw+kx] * src[ox*sw + kx*dw - pw] over in-range taps (one input row).
+    ra/rb [kw]: per tap, the output range [ra, rb) whose input column is in range (precomputed)."""
+    if kw == 3:
+        w0 = wo[ky * 3]
+        w1 = wo[ky * 3 + 1]
+        w2 = wo[ky * 3 + 2]
+        xo0 = -pw
+        a = ra[0]
+        b = max(rb[2], a)
+        # interior: all three taps in range, one fused pass
+        if sw == 1:
+            s0 = src[a + xo0:b + xo0]
+            s1 = src[a + xo0 + dw:b + xo0 + dw]
+            s2 = src[a + xo0 + 2 * dw:b + xo0 + 2 * dw]
+            dd = yr[a:b]
+            for q in range(b - a):
+                dd[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+        else:
+            for ox in range(a, b):
+                i0 = ox * sw + xo0
+                yr[ox] += w0 * src[i0] + w1 * src[i0 + dw] + w2 * src[i0 + 2 * dw]
+        # borders: per tap with range checks
+        for ox in range(0, min(a, Wo)):
+            for kx in range(3):
+                ix = ox * sw + kx * dw - pw
+                if ix >= 0 and ix < W:
+                    yr[ox] += wo[ky * 3 + kx] * src[ix]
+        for ox in range(b, Wo):
+            if ox < a:
+                continue
+            for kx in range(3):
+                ix = ox * sw + kx * dw - pw
+                if ix >= 0 and ix < W:
+                    yr[ox] += wo[ky * 3 + kx] * src[ix]
+        return
+    for kx in range(kw):
+        wv = wo[ky * kw + kx]
+        xo = kx * dw - pw
+        a = ra[kx]
+        b = rb[kx]
+        if sw == 1:
+            seg = src[a + xo:b + xo]
+            dd = yr[a:b]
+            for q in range(b - a):
+                dd[q] += wv * seg[q]
+        else:
+            for ox in range(a, b):
+                yr[ox] += wv * src[ox * sw + xo]
+
+
 @pjit
 def dwconv2d(x, w, kh, kw, sh, sw, ph, pw, dh, dw, y, bias, res, act, lo, hi):
     """Depthwise conv: y[b,o] = act(sum_taps w[o,tap] * x[b, o // mult] + bias[o] + res[b,o])."""
@@ -133,12 +185,66 @@ def dwconv2d(x, w, kh, kw, sh, sw, ph, pw, dh, dw, y, bias, res, act, lo, hi):
     mult = O // C
     nb = bias.shape[0]
     nr = res.shape[0]
+    ra = np.empty(kw, dtype=np.int64)
+    rb = np.empty(kw, dtype=np.int64)
+    for kx in range(kw):
+        ra[kx], rb[kx] = _valid_range(Wo, W, sw, kx * dw - pw)
+    # stride 1: the whole plane as one flat loop over a zero-padded copy ("wide" output rows of
+    # Wp, as sparse_conv_s1), so short rows cost no per-row overhead; strided: row by row
+    flat = sh == 1 and sw == 1
+    Hp = H + 2 * ph
+    Wp = W + 2 * pw
+    L = Hp * Wp + (kw - 1) * dw + 16
+    nw = Ho * Wp
+    offs = np.empty(kh * kw, dtype=np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            offs[ky * kw + kx] = ky * dh * Wp + kx * dw
     for t in prange(B * O):
         bi = t // O
         o = t - bi * O
         ci = o // mult
         wo = w[o]
         bv = bias[o] if nb != 0 else np.float32(0.0)
+        if flat:
+            xp = np.zeros(L, dtype=np.float32)
+            for iy in range(H):
+                dst = xp[(iy + ph) * Wp + pw:(iy + ph) * Wp + pw + W]
+                src = x[bi, ci, iy]
+                for ix in range(W):
+                    dst[ix] = src[ix]
+            yw = np.zeros(nw, dtype=np.float32)
+            if kh == 3 and kw == 3:
+                s0 = xp[offs[0]:offs[0] + nw]
+                s1 = xp[offs[1]:offs[1] + nw]
+                s2 = xp[offs[2]:offs[2] + nw]
+                s3 = xp[offs[3]:offs[3] + nw]
+                s4 = xp[offs[4]:offs[4] + nw]
+                s5 = xp[offs[5]:offs[5] + nw]
+                s6 = xp[offs[6]:offs[6] + nw]
+                s7 = xp[offs[7]:offs[7] + nw]
+                s8 = xp[offs[8]:offs[8] + nw]
+                w0, w1, w2, w3, w4, w5, w6, w7, w8 = wo[0], wo[1], wo[2], wo[3], wo[4], wo[5], wo[6], wo[7], wo[8]
+                for q in range(nw):
+                    yw[q] = ((w0 * s0[q] + w1 * s1[q]) + (w2 * s2[q] + w3 * s3[q])) + \
+                            ((w4 * s4[q] + w5 * s5[q]) + (w6 * s6[q] + w7 * s7[q])) + w8 * s8[q]
+            else:
+                for tap in range(kh * kw):
+                    wv = wo[tap]
+                    sg = xp[offs[tap]:offs[tap] + nw]
+                    for q in range(nw):
+                        yw[q] += wv * sg[q]
+            for oy in range(Ho):
+                dst = y[bi, o, oy]
+                src = yw[oy * Wp:oy * Wp + Wo]
+                for ox in range(Wo):
+                    dst[ox] = src[ox]
+            plane = y[bi, o].reshape(Ho * Wo)
+            if nr != 0:
+                epilogue_tile(plane, bv, res[bi, o].reshape(Ho * Wo), act, lo, hi)
+            else:
+                epilogue_tile(plane, bv, plane[0:0], act, lo, hi)
+            continue
         for oy in range(Ho):
             yr = y[bi, o, oy]
             for ox in range(Wo):
@@ -147,23 +253,12 @@ def dwconv2d(x, w, kh, kw, sh, sw, ph, pw, dh, dw, y, bias, res, act, lo, hi):
                 iy = oy * sh - ph + ky * dh
                 if iy < 0 or iy >= H:
                     continue
-                src = x[bi, ci, iy]
-                for kx in range(kw):
-                    wv = wo[ky * kw + kx]
-                    xo = kx * dw - pw
-                    a, b = _valid_range(Wo, W, sw, xo)
-                    if sw == 1:
-                        seg = src[a + xo:b + xo]
-                        dd = yr[a:b]
-                        for q in range(b - a):
-                            dd[q] += wv * seg[q]
-                    else:
-                        for ox in range(a, b):
-                            yr[ox] += wv * src[ox * sw + xo]
-            if nr != 0:
-                epilogue_tile(yr, bv, res[bi, o, oy], act, lo, hi)
-            else:
-                epilogue_tile(yr, bv, yr[0:0], act, lo, hi)
+                _dw_row(x[bi, ci, iy], yr, wo, ky, kw, sw, pw, dw, W, Wo, ra, rb)
+        plane = y[bi, o].reshape(Ho * Wo)
+        if nr != 0:
+            epilogue_tile(plane, bv, res[bi, o].reshape(Ho * Wo), act, lo, hi)
+        else:
+            epilogue_tile(plane, bv, plane[0:0], act, lo, hi)
 
 
 @pjit
