@@ -295,6 +295,66 @@ def _mk8x3c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
 
 
 @jit(inline="always")
+def _mk4x4c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
+    """c == 1: 4 rows x 4 vectors at column j; stores rows < rows."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
+    a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero()
+    a3_0 = vzero(); a3_1 = vzero(); a3_2 = vzero(); a3_3 = vzero()
+    for k in range(k0, k1):
+        xr = x[indices[k]]
+        x0 = vload(xr, j + 0 * VW)
+        x1 = vload(xr, j + 1 * VW)
+        x2 = vload(xr, j + 2 * VW)
+        x3 = vload(xr, j + 3 * VW)
+        dk = d2[k, base:base + 4]
+        w = vbcast(dk[0])
+        a0_0 = vfma(w, x0, a0_0)
+        a1_0 = vfma(w, x1, a1_0)
+        a2_0 = vfma(w, x2, a2_0)
+        a3_0 = vfma(w, x3, a3_0)
+        w = vbcast(dk[1])
+        a0_1 = vfma(w, x0, a0_1)
+        a1_1 = vfma(w, x1, a1_1)
+        a2_1 = vfma(w, x2, a2_1)
+        a3_1 = vfma(w, x3, a3_1)
+        w = vbcast(dk[2])
+        a0_2 = vfma(w, x0, a0_2)
+        a1_2 = vfma(w, x1, a1_2)
+        a2_2 = vfma(w, x2, a2_2)
+        a3_2 = vfma(w, x3, a3_2)
+        w = vbcast(dk[3])
+        a0_3 = vfma(w, x0, a0_3)
+        a1_3 = vfma(w, x1, a1_3)
+        a2_3 = vfma(w, x2, a2_3)
+        a3_3 = vfma(w, x3, a3_3)
+    if 0 < rows:
+        yr = y[i0 + 0]
+        vstore(yr, j + 0 * VW, a0_0)
+        vstore(yr, j + 1 * VW, a1_0)
+        vstore(yr, j + 2 * VW, a2_0)
+        vstore(yr, j + 3 * VW, a3_0)
+    if 1 < rows:
+        yr = y[i0 + 1]
+        vstore(yr, j + 0 * VW, a0_1)
+        vstore(yr, j + 1 * VW, a1_1)
+        vstore(yr, j + 2 * VW, a2_1)
+        vstore(yr, j + 3 * VW, a3_1)
+    if 2 < rows:
+        yr = y[i0 + 2]
+        vstore(yr, j + 0 * VW, a0_2)
+        vstore(yr, j + 1 * VW, a1_2)
+        vstore(yr, j + 2 * VW, a2_2)
+        vstore(yr, j + 3 * VW, a3_2)
+    if 3 < rows:
+        yr = y[i0 + 3]
+        vstore(yr, j + 0 * VW, a0_3)
+        vstore(yr, j + 1 * VW, a1_3)
+        vstore(yr, j + 2 * VW, a2_3)
+        vstore(yr, j + 3 * VW, a3_3)
+
+
+@jit(inline="always")
 def _mk8c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
     """c == 1: 8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
@@ -476,6 +536,12 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
                 for g in range(0, rows, 8):
                     _mk8x3c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, jlo + t3 * 3 * VW)
             jv = jlo + n3 * 3 * VW
+        elif c == 1 and r == 4:
+            # 4 rows x 4 vectors (16 accumulators), then 2-vector tiles for the rest
+            n4 = (je - jlo) // (4 * VW)
+            for t4 in range(n4):
+                _mk4x4c1(indices, d2, k0, k1, 0, x, y, i0, rows, jlo + t4 * 4 * VW)
+            jv = jlo + n4 * 4 * VW
         for j in range(jv, je, JT):
             g = 0
             while g < rows:
