@@ -160,6 +160,8 @@ def plot(doc, out_png: str) -> None:
     for ax, sid in zip(axl, shapes):
         fam = defaultdict(list)
         for (s, p, f), c in best.items():
+            if c.get("kind") == "peer" and c.get("structure") not in ("dense", "unstructured"):
+                continue  # peers as lines over the unstructured sweep only
             if s == sid and c.get("ratio_numpy_dense") and c.get("structure") != "lowrank":
                 fam[f].append((c["sparsity"], c["ratio_numpy_dense"], c["kind"]))
         for f, pts in sorted(fam.items()):
