@@ -82,12 +82,46 @@ def _try_omp() -> bool:
         return False
 
 
+def _lazy_blas_check() -> None:
+    """Import ``numba.np.arraymath`` without its import-time ``import scipy.linalg.cython_blas``.
+
+    numba imports ``arraymath`` when its CPU target first loads its registries (the first compile
+    or cache load), and that module probes for BLAS by importing ``scipy.linalg`` (about 0.35 s of
+    a 1.3 s cold start of the demo model; no sparsedge kernel calls BLAS from jitted code). The
+    probe only sets ``arraymath._HAVE_BLAS``; numba's BLAS-backed implementations call the real
+    ``ensure_blas()`` again when they are compiled. So when scipy is installed (a dependency) the
+    probe is answered True without importing it, and the real function is restored right after.
+    """
+    import importlib.util
+    import sys as _sys
+
+    if "numba.np.arraymath" in _sys.modules or importlib.util.find_spec("scipy") is None:
+        return
+    from numba.np import linalg as _la
+
+    real = _la.ensure_blas
+    _la.ensure_blas = lambda: None
+    try:
+        import numba.np.arraymath as _am
+    except Exception:  # pragma: no cover - numba internals moved: leave numba's own path
+        _la.ensure_blas = real
+        return
+    finally:
+        _la.ensure_blas = real
+    if getattr(_am, "ensure_blas", None) is not real:
+        _am.ensure_blas = real
+
+
 def configure() -> str:
     """Choose the threading layer (once per process); returns the configured name."""
     global _configured
     with _lock:
         if _configured is not None:
             return _configured
+        try:
+            _lazy_blas_check()
+        except Exception:  # pragma: no cover - best effort start-up saving
+            pass
         requested = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
         if requested and requested != "default":
             if requested == "omp":
