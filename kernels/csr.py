@@ -107,6 +107,32 @@ def _mkc4(indices, data, k0, k1, x, yr, j):
 
 
 @jit
+def _mkc8(indices, data, k0, k1, x, yr, j):
+    """yr[j:j+8*VW] = sum_k data[k] * x[indices[k], j:j+8*VW]; 8 vector accumulators."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    for k in range(k0, k1):
+        xr = x[indices[k]]
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xr, j), a0)
+        a1 = vfma(w, vload(xr, j + VW), a1)
+        a2 = vfma(w, vload(xr, j + 2 * VW), a2)
+        a3 = vfma(w, vload(xr, j + 3 * VW), a3)
+        a4 = vfma(w, vload(xr, j + 4 * VW), a4)
+        a5 = vfma(w, vload(xr, j + 5 * VW), a5)
+        a6 = vfma(w, vload(xr, j + 6 * VW), a6)
+        a7 = vfma(w, vload(xr, j + 7 * VW), a7)
+    vstore(yr, j, a0)
+    vstore(yr, j + VW, a1)
+    vstore(yr, j + 2 * VW, a2)
+    vstore(yr, j + 3 * VW, a3)
+    vstore(yr, j + 4 * VW, a4)
+    vstore(yr, j + 5 * VW, a5)
+    vstore(yr, j + 6 * VW, a6)
+    vstore(yr, j + 7 * VW, a7)
+
+
+@jit
 def _mkc1(indices, data, k0, k1, x, yr, j):
     """yr[j:j+VW] = sum_k data[k] * x[indices[k], j:j+VW]; 4 chains in registers."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
@@ -145,8 +171,14 @@ def csr_spmm(indptr, indices, data, x, y, bias, res, act, lo, hi):
         k1 = indptr[i + 1]
         b = bias[i] if nb != 0 else np.float32(0.0)
         yrow = y[i]
-        for j in range(jlo, min(jhi, n4), 4 * VW):
+        j = jlo
+        je = min(jhi, n4)
+        while j + 8 * VW <= je:
+            _mkc8(indices, data, k0, k1, x, yrow, j)
+            j += 8 * VW
+        while j < je:
             _mkc4(indices, data, k0, k1, x, yrow, j)
+            j += 4 * VW
         if jhi == n:
             for j in range(n4, n1, VW):
                 _mkc1(indices, data, k0, k1, x, yrow, j)
