@@ -15,10 +15,10 @@ What it does, exactly:
    at batch 360).
 3. Dense phase: Adam (lr 1e-3, cosine decay, no weight decay), batch 64, ``--epochs`` epochs (default 20),
    inputs augmented with Gaussian pixel noise (std 0.05) and random +-1 pixel shifts.
-4. Pruning-aware phase (``--ft-epochs``, default 60, Adam ``--ft-lr`` 1e-3, cosine decay): the loss
+4. Pruning-aware phase (``--ft-epochs``, default 80, Adam ``--ft-lr`` 1e-3, cosine decay): the loss
    is ``(1 - p) * CE(dense network) + p * CE(same network with every weight matrix
    magnitude-pruned to --sparsity (default 0.9) per layer, unstructured)``, p = ``--pruned-weight``
-   (default 0.75) (the mask is
+   (default 0.9) (the mask is
    recomputed from the current weights at every step; gradients of the pruned branch reach
    the kept weights). The shipped weights stay dense: the model is trained so that the
    converter's one-shot magnitude pruning (``--prune 0.9``) keeps its accuracy, which is what
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=3, help="number of hidden layers")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--ft-epochs", type=int, default=60)
+    p.add_argument("--ft-epochs", type=int, default=80)
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--pruned-weight", type=float, default=0.75,
+    p.add_argument("--pruned-weight", type=float, default=0.9,
                    help="weight of the pruned branch's loss in the pruning-aware phase")
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=64)
