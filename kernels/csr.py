@@ -5,8 +5,8 @@ W: ``indptr`` int32 [out+1], ``indices`` int32 or uint16 [nnz] (sorted within a 
 
 * ``csr_spmm``: (N chunk, row) pairs in parallel, chunk-major; N chunks are sized so the
   chunk of X (in rows) stays in L2 (``L2_FLOATS``). Per row and chunk, a register-blocked
-  micro-kernel (``simd.f32vec``) keeps 4 vectors x 2 chains of accumulators in registers
-  while the row's non-zeros stream by (one broadcast + 4 loads + 4 FMAs per non-zero, no
+  micro-kernel (``simd.f32vec``) keeps 8 vectors (or 4 vectors x 2 chains) of accumulators in registers
+  while the row's non-zeros stream by (one broadcast + 8 loads + 8 FMAs per non-zero, no
   output traffic); a 1-vector kernel and a scalar loop (nnz unrolled x8, output in L1) take
   the remaining columns. The fused epilogue runs once per row and chunk.
 * ``csr_spmv`` (N = 1): one dot product per row (gather from x), memory-bound: bytes per

@@ -15,7 +15,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit
-from .csr import L2_FLOATS, TN, _mkc1, _mkc4, _row_tile, reference
+from .csr import L2_FLOATS, TN, _mkc1, _mkc4, _mkc8, _row_tile, reference
 from .simd import VW
 from .epilogue import act_scalar, epilogue_tile, none1, none2
 from .table import KernelSpec
@@ -56,8 +56,14 @@ def nm_spmm(values, offsets, n, mm, x, y, bias, res, act, lo, hi):
             cols[s] = _col(s, n, sh, mm, off)
         b = bias[i] if nb != 0 else np.float32(0.0)
         yrow = y[i]
-        for j in range(jlo, min(jhi, n4), 4 * VW):
+        j = jlo
+        je = min(jhi, n4)
+        while j + 8 * VW <= je:
+            _mkc8(cols, vr, 0, slots, x, yrow, j)
+            j += 8 * VW
+        while j < je:
             _mkc4(cols, vr, 0, slots, x, yrow, j)
+            j += 4 * VW
         if jhi == ncol:
             for j in range(n4, n1, VW):
                 _mkc1(cols, vr, 0, slots, x, yrow, j)
