@@ -143,7 +143,6 @@ import numpy as np
 kind, model, feeds_path, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 z = np.load(feeds_path, allow_pickle=False)
 feeds = {k: z[k] for k in z.files}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if kind == "sparsedge":
     from sparsedge.runtime import Session
     s = Session(model, threads=threads)
@@ -153,8 +152,16 @@ else:
     so = ort.SessionOptions(); so.intra_op_num_threads = threads
     s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     s.run(None, feeds); s.run(None, feeds)
-print("@@RSS@@" + json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                              "before_load_bytes": base * 1024}))
+# VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's over fork+exec)
+hwm = None
+try:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+except OSError:
+    pass
+print("@@RSS@@" + json.dumps({"peak_rss_bytes": hwm if hwm is not None else
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
