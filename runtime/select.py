@@ -106,15 +106,47 @@ def _epi(y, bias, act, residual):
 
 
 def _dense_run(W, x, y, bias, act, lo, hi, residual):
-    np.matmul(W, x, out=y)
-    _epi(y, bias, act, residual)
+    """y[out, N] = act(W @ x + bias + residual); output rows split over the call's threads (par).
+    Activations other than none/relu/relu6 run after the split as one (numba) pass."""
+    from . import par
+
+    npy = act in (0, 1, 2)
+
+    def part(o0, o1):
+        np.matmul(W[o0:o1], x, out=y[o0:o1])
+        if npy:
+            _epi(y[o0:o1], None if bias is None else bias[o0:o1], act,
+                 None if residual is None else residual[o0:o1])
+
+    par.split(W.shape[0], part, float(W.shape[0]) * W.shape[1] * x.shape[1])
+    if not npy:
+        _epi(y, bias, act, residual)
 
 
 def _dense_run_tl(W, x2d, y2d, bias, act):
+    """y2d[N, out] = act(x2d @ W.T + bias); token rows (or, for few tokens, output features)
+    split over the call's threads (par)."""
+    from . import par
     from .ops._common import epilogue_rows
 
-    np.matmul(x2d, W.T, out=y2d)
-    epilogue_rows(y2d, bias, act)
+    npy = act in (0, 1, 2)
+    n, work = x2d.shape[0], float(x2d.shape[0]) * W.shape[0] * W.shape[1]
+    if n >= 32:
+        def part(r0, r1):
+            np.matmul(x2d[r0:r1], W.T, out=y2d[r0:r1])
+            if npy:
+                epilogue_rows(y2d[r0:r1], bias, act)
+
+        par.split(n, part, work)
+    else:
+        def part(o0, o1):
+            np.matmul(x2d, W[o0:o1].T, out=y2d[:, o0:o1])
+            if npy:
+                epilogue_rows(y2d[:, o0:o1], None if bias is None else bias[o0:o1], act)
+
+        par.split(W.shape[0], part, work)
+    if not npy:
+        epilogue_rows(y2d, bias, act)
 
 
 def _scipy_prep(wf):

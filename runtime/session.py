@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError, ModelFileError, UnsupportedOpError
 from ..formats import optable
+from . import par as _par
 from . import threads as _threads
 from .planner import arena_views, build_plan
 from .select import Selector, format_report
@@ -349,6 +350,7 @@ class Session:
         feeds = self._validate_feeds(feeds)
         p = self._plan({k: a.shape for k, a in feeds.items()})
         _threads.use_threads(self.threads)
+        _par.set_threads(self.threads)
         if _threads.needs_lock():
             with _threads.RUN_LOCK:
                 vals = self._execute(p, feeds)

@@ -76,3 +76,21 @@ def as_f32_const(t):
         return t
     a = t.to_dense()
     return a
+
+
+def split0(y, ins, fn, work=None) -> None:
+    """Run ``fn(y_part, ins_parts)`` over ranges of y's first axis on the call's threads
+    (``runtime.par``). An input with y's rank and first dim is sliced alike; any other input
+    (broadcast along axis 0, or lower rank, or None) is passed whole. ``work`` defaults to y.size."""
+    from .. import par
+
+    if y.ndim == 0 or y.shape[0] < 2:
+        fn(y, ins)
+        return
+    n = y.shape[0]
+    cut = [a is not None and a.ndim == y.ndim and a.shape[0] == n for a in ins]
+
+    def part(i0, i1):
+        fn(y[i0:i1], [a[i0:i1] if c else a for a, c in zip(ins, cut)])
+
+    par.split(n, part, float(y.size if work is None else work))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Op, register
+from ._common import split0
 
 
 @register("relu")
@@ -97,7 +98,8 @@ class Binary(Op):
                 a = a.astype(y.dtype) if a.size < y.size else a
             if b.dtype != y.dtype:
                 b = b.astype(y.dtype) if b.size < y.size else b
-            _BIN[self.node.op](a, b, out=y, casting="unsafe")
+            f = _BIN[self.node.op]
+            split0(y, [a, b], lambda yp, p: f(p[0], p[1], out=yp, casting="unsafe"))
 
 
 @register("clamp")

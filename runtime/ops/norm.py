@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import NodePlan, Op, register
-from ._common import EMPTY_F32
+from ._common import EMPTY_F32, split0
 
 
 @register("layernorm")
@@ -89,6 +89,18 @@ class Softmax(Op):
 
         x, y = ins[0], outs[0]
         mask = ins[1] if len(ins) > 1 else None
+        if data == x.ndim - 1 and x.ndim >= 2:
+            L = x.shape[-1]
+
+            def part(yp, p):  # a range of the first axis, on one of the call's threads
+                if p[1] is not None:
+                    np.add(p[0], p[1], out=yp, casting="unsafe")
+                else:
+                    np.copyto(yp, p[0])
+                softmax_inplace(yp.reshape(-1, L))
+
+            split0(y, [x, mask], part)
+            return
         if mask is not None:
             np.add(x, mask, out=y, casting="unsafe")
         else:
