@@ -143,6 +143,54 @@ def _fuse_residuals(graph, sym) -> list:
     return [replace.get(id(n), n) for n in graph.nodes if id(n) not in drop or id(n) in replace]
 
 
+def _fuse_softmax_scale(nodes, outputs, tensors) -> list:
+    """Node list with ``softmax(div(x, c))`` / ``softmax(mul(x, c))`` (c a stored scalar float
+    constant, the div/mul output used only as the softmax's x) rewritten into one softmax with the
+    runtime-internal attr ``_scale`` (1/c or c): attention's score scaling without a pass of its own."""
+    from ..formats.graph import Node
+
+    consumers: dict = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    outs = set(outputs)
+    scale_of: dict = {}
+    for n in nodes:
+        if n.op not in ("div", "mul") or len(n.inputs) != 2 or n.outputs[0] in outs:
+            continue
+        c = n.inputs[1]
+        t = tensors.get(c)
+        if t is None or n.inputs[0] in tensors:
+            continue
+        try:
+            v = t if isinstance(t, np.ndarray) else (t.to_dense() if getattr(t, "kind", "") == "dense" else None)
+        except Exception:
+            v = None
+        if v is None or v.size != 1 or v.dtype.kind != "f":
+            continue
+        v = float(np.asarray(v, dtype=np.float64).reshape(()))
+        if n.op == "div" and v == 0.0:
+            continue
+        cs = consumers.get(n.outputs[0], [])
+        if len(cs) != 1 or cs[0].op != "softmax" or cs[0].inputs[0] != n.outputs[0] or \
+                n.outputs[0] in cs[0].inputs[1:]:
+            continue
+        scale_of[id(cs[0])] = (n, (1.0 / v) if n.op == "div" else v)
+    if not scale_of:
+        return nodes
+    drop = {id(sc[0]) for sc in scale_of.values()}
+    out = []
+    for n in nodes:
+        if id(n) in drop:
+            continue
+        if id(n) in scale_of:
+            d, sc = scale_of[id(n)]
+            n = Node("softmax", n.name, [d.inputs[0]] + list(n.inputs[1:]), list(n.outputs),
+                     {**n.attrs, "_scale": float(n.attrs.get("_scale", 1.0)) * sc})
+        out.append(n)
+    return out
+
+
 class Session:
     """Run a ``.sparsedge`` model. See the module docstring.
 
@@ -200,7 +248,9 @@ class Session:
         self._sym = infer(g, self._model.tensors, None, file=self.path)
         from ..formats.graph import Graph
 
-        self._exec = Graph(g.inputs, g.outputs, _fuse_residuals(g, self._sym), g.act_quant)
+        nodes = _fuse_softmax_scale(_fuse_residuals(g, self._sym), [v.name for v in g.outputs],
+                                    self._model.tensors)
+        self._exec = Graph(g.inputs, g.outputs, nodes, g.act_quant)
         self._fm = _feature_major_values(self._exec)
         self._ctx = LoadContext(self._model, self._selector, self._fm, self.path)
         self._ops = [impl_for(n.op)(n, self._ctx) for n in self._exec.nodes]

@@ -71,24 +71,67 @@ class L2Norm(Op):
         np.divide(x, n, out=y)
 
 
+_NO_MASK = np.zeros((0, 0), dtype=np.float32)
+
+
+def _mask_rows(xs, ms):
+    """(mask rows Rm, rows per mask row) when an additive mask of shape ``ms`` broadcast against x of
+    shape ``xs`` (softmax over the last axis) picks, for flat row r of x, mask row (r // rpm) % Rm;
+    None for other broadcasts (numpy path)."""
+    nd = len(xs)
+    if len(ms) > nd or ms[-1] != xs[-1]:
+        return None
+    ms = (1,) * (nd - len(ms)) + tuple(ms)
+    idx = [i for i in range(nd - 1) if ms[i] != 1]
+    a, b = (idx[0], idx[-1] + 1) if idx else (0, 0)
+    if any(ms[i] != xs[i] for i in range(a, b)):
+        return None
+    rm = int(np.prod(xs[a:b], dtype=np.int64)) if b > a else 1
+    rpm = int(np.prod(xs[b:nd - 1], dtype=np.int64)) if nd - 1 > b else 1
+    return rm, max(rpm, 1)
+
+
 @register("softmax")
 class Softmax(Op):
+    """softmax(x * scale + mask) over ``axis``. ``scale`` is the runtime-internal attr ``_scale``
+    (a ``div``/``mul`` by a scalar constant folded in by the Session, as attention's 1/sqrt(d)).
+    Last axis, float32, mask broadcast along whole leading axes (attention masks): one fused
+    parallel numba pass (``kernels.nn.softmax_rows``); otherwise numpy."""
+
     def default_kernel(self):
-        return "nn.softmax_inplace"
+        return "nn.softmax_rows"
 
     def plan(self, ins, outs, env):
         shp = ins[0][0]
         ax = self.attrs["axis"] % len(shp)
+        scale = float(self.attrs.get("_scale", 1.0))
+        mask = ins[1] if len(ins) > 1 else None
+        fused = None
+        if ax == len(shp) - 1 and ins[0][1] == "float32" and len(shp) >= 1 and shp[-1] > 0:
+            if mask is None:
+                fused = (1, 1)
+            elif mask[1] == "float32":
+                fused = _mask_rows(tuple(shp), tuple(mask[0]))
         scratch = []
         if ax != len(shp) - 1:
             scratch = [(tuple(shp), "float32")]
-        return NodePlan(scratch=scratch, data=ax, kernel=self.default_kernel())
+        kern = "nn.softmax_rows" if fused is not None else "nn.softmax_inplace"
+        return NodePlan(scratch=scratch, data=(ax, fused, scale), kernel=kern)
 
     def run(self, ins, outs, scratch, data):
-        from ...kernels.nn import softmax_inplace
+        from ...kernels.nn import softmax_inplace, softmax_rows
 
+        ax, fused, scale = data
         x, y = ins[0], outs[0]
         mask = ins[1] if len(ins) > 1 else None
+        if fused is not None:
+            L = x.shape[-1]
+            m2 = _NO_MASK if mask is None else np.ascontiguousarray(mask).reshape(fused[0], L)
+            softmax_rows(np.ascontiguousarray(x).reshape(-1, L), m2, fused[1], np.float32(scale), y.reshape(-1, L))
+            return
+        if scale != 1.0:
+            x = x * np.float32(scale)
+        data = ax
         if data == x.ndim - 1 and x.ndim >= 2:
             L = x.shape[-1]
 
