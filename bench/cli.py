@@ -114,6 +114,38 @@ def run_suites(args, what) -> int:
            "mode": "quick" if args.quick else "full", "suites": suites, "machine": machine,
            "settings": {"threads": threads}, "cases": [], "skipped": []}
     peers_filter = tuple(args.peers.split(",")) if args.peers else None
+    # numpy's BLAS (the numpy_dense peer and the runtime's dense layers) gets the same thread
+    # count as numba, torch and onnxruntime (threadpoolctl when installed; recorded either way)
+    from .peers import blas_threads
+
+    try:
+        import threadpoolctl  # noqa: F401
+        doc["settings"]["blas_threads_limited"] = True
+    except Exception:
+        doc["settings"]["blas_threads_limited"] = False
+    with blas_threads(threads):
+        _run_selected(args, doc, suites, models, threads, peers_filter, peak)
+    try:
+        doc["machine"]["numba"]["threading_layer"] = numba.threading_layer()
+    except ValueError:
+        pass
+    doc["duration_s"] = round(time.perf_counter() - t0, 2)
+    doc = sanitize(doc)
+    errs = errors(doc)
+    if errs:  # a bug in the suite, not a user error: keep the file for inspection
+        _log("warning: result does not validate against bench/schema.json: " + "; ".join(errs[:5]))
+    from .report import text_summary
+
+    print(text_summary(doc))
+    if args.json:
+        _atomic_write_json(args.json, doc)
+        _log(f"wrote {args.json} ({len(doc['cases'])} cases, {doc['duration_s']:.0f}s)")
+    return 0 if not errs else 3
+
+
+def _run_selected(args, doc, suites, models, threads, peers_filter, peak) -> None:
+    from ..errors import InputError
+
     kernel_names: list[str] = []
     if "kernels" in suites:
         from . import kernels as K
@@ -150,22 +182,6 @@ def run_suites(args, what) -> int:
         doc["cases"] += res["cases"]
         doc["skipped"] += res["skipped"]
         doc["settings"]["models"] = res["settings"]
-    try:
-        doc["machine"]["numba"]["threading_layer"] = numba.threading_layer()
-    except ValueError:
-        pass
-    doc["duration_s"] = round(time.perf_counter() - t0, 2)
-    doc = sanitize(doc)
-    errs = errors(doc)
-    if errs:  # a bug in the suite, not a user error: keep the file for inspection
-        _log("warning: result does not validate against bench/schema.json: " + "; ".join(errs[:5]))
-    from .report import text_summary
-
-    print(text_summary(doc))
-    if args.json:
-        _atomic_write_json(args.json, doc)
-        _log(f"wrote {args.json} ({len(doc['cases'])} cases, {doc['duration_s']:.0f}s)")
-    return 0 if not errs else 3
 
 
 def _atomic_write_json(path, doc) -> None:
