@@ -1,0 +1,161 @@
+"""The runtime's fast paths vs the numpy reference: fused softmax (mask broadcasts, scale folded
+from div/mul, all-masked / NaN / inf rows), work split over threads (runtime.par), dense BLAS
+split paths, vectorizable exp."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsedge.formats.dense import Dense
+from sparsedge.formats.graph import Graph, Node, ValueInfo
+from sparsedge.formats.modelfile import read_model, write_model
+from sparsedge.runtime import Session, par
+from sparsedge.runtime.reference import run_reference
+
+F32 = np.float32
+
+
+def _run(tmp_path, nodes, feeds, consts, out="y", threads=2):
+    g_in = [ValueInfo(k, str(v.dtype), list(v.shape)) for k, v in feeds.items()]
+    g = Graph(g_in, [ValueInfo(out, "float32", [])], nodes)
+    from sparsedge.runtime.shapes import infer
+
+    t = {k: Dense.from_dense(v) for k, v in consts.items()}
+    t.setdefault("_unused", Dense.from_dense(np.zeros(1, F32)))
+    sh = infer(g, t, {k: v.shape for k, v in feeds.items()})
+    g.outputs = [ValueInfo(out, "float32", list(sh.shapes[out]))]
+    path = str(tmp_path / "m.sparsedge")
+    write_model(path, g, t, {})
+    s = Session(path, threads=threads)
+    (y,) = s.run(None, feeds)
+    ref = run_reference(read_model(path), feeds)[out]
+    return s, y, ref
+
+
+@pytest.mark.parametrize("mshape", [None, (4, 1, 1, 9), (1, 1, 1, 9), (9,), (1, 3, 5, 9), (4, 3, 1, 9),
+                                    (4, 1, 5, 9), (5, 9), (4, 3, 5, 9), (1, 1, 5, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_softmax_masks(tmp_path, rng, mshape, threads):
+    x = (rng.standard_normal((4, 3, 5, 9)) * 3).astype(F32)
+    feeds = {"x": x}
+    ins = ["x"]
+    if mshape is not None:
+        m = np.where(rng.random(mshape) < 0.3, -1e4, 0.0).astype(F32)
+        feeds["m"] = m
+        ins.append("m")
+    _, y, ref = _run(tmp_path, [Node("softmax", "sm", ins, ["y"], {"axis": -1})], feeds, {}, threads=threads)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op,c", [("div", 5.656854), ("mul", 0.125)])
+def test_softmax_scale_folded(tmp_path, rng, op, c):
+    a = rng.standard_normal((2, 4, 7, 3)).astype(F32)
+    b = rng.standard_normal((2, 4, 3, 7)).astype(F32)
+    m = np.zeros((2, 1, 1, 7), F32)
+    m[1, ..., -2:] = -1e4
+    nodes = [Node("matmul", "mm", ["a", "b"], ["s"], {}), Node(op, "sc", ["s", "c"], ["t"], {}),
+             Node("softmax", "sm", ["t", "m"], ["y"], {"axis": 3})]
+    s, y, ref = _run(tmp_path, nodes, {"a": a, "b": b, "m": m}, {"c": np.array(c, F32)})
+    assert [n.op for n in s._exec.nodes] == ["matmul", "softmax"]  # the scaling pass is gone
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_scale_not_folded_when_shared(tmp_path, rng):
+    x = rng.standard_normal((3, 6)).astype(F32)
+    nodes = [Node("div", "sc", ["x", "c"], ["t"], {}), Node("softmax", "sm", ["t"], ["u"], {"axis": -1}),
+             Node("add", "ad", ["u", "t"], ["y"], {})]
+    s, y, ref = _run(tmp_path, nodes, {"x": x}, {"c": np.array(2.0, F32)})
+    assert [n.op for n in s._exec.nodes] == ["div", "softmax", "add"]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_rows_special_values():
+    from sparsedge.kernels.nn import softmax_rows
+
+    x = np.array([[1, 2, 3, 4], [-np.inf] * 4, [0, np.nan, 1, 2], [0, np.inf, 1, 2], [-np.inf, 0, 1, -np.inf],
+                  [-3.4e38, 0, 1, 2]], F32)
+    y = np.empty_like(x)
+    softmax_rows(x, np.zeros((0, 0), F32), 1, F32(1.0), y)
+    assert np.all(np.isnan(y[1])) and np.all(np.isnan(y[2])) and np.all(np.isnan(y[3]))
+    for r in (0, 4, 5):
+        e = np.exp(x[r].astype(np.float64) - x[r].max())
+        np.testing.assert_allclose(y[r], e / e.sum(), rtol=1e-6, atol=1e-7)
+
+
+def test_exp_f32_accuracy():
+    import numba
+
+    from sparsedge.kernels.nn import exp_f32
+
+    @numba.njit
+    def ex(a, out):
+        for i in range(a.shape[0]):
+            out[i] = exp_f32(a[i])
+
+    a = np.linspace(-87.0, 88.0, 200001).astype(F32)
+    o = np.empty_like(a)
+    ex(a, o)
+    ref = np.exp(a.astype(np.float64))
+    assert np.max(np.abs(o - ref) / ref) < 5e-7
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 17])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_par_split_covers_range(n, k):
+    seen = []
+    par.split(n, lambda a, b: seen.append((a, b)), work=float("inf"), k=k)
+    cov = sorted(i for a, b in seen for i in range(a, b))
+    assert cov == list(range(n))
+
+
+def test_par_split_propagates_errors():
+    def f(a, b):
+        if a > 0:
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        par.split(10, f, work=float("inf"), k=2)
+    par.split(4, lambda a, b: None, work=float("inf"), k=2)  # the pool still works afterwards
+
+
+@pytest.mark.parametrize("N", [1, 5, 31, 64])
+@pytest.mark.parametrize("act", [0, 1, 3])
+def test_dense_builtin_split(rng, N, act):
+    from sparsedge.runtime.select import _dense_run, _dense_run_tl
+
+    W = rng.standard_normal((300, 40)).astype(F32)
+    b = rng.standard_normal(300).astype(F32)
+    x = rng.standard_normal((N, 40)).astype(F32)
+    par.set_threads(2)
+    old = par.MIN_WORK
+    par.MIN_WORK = 0
+    try:
+        y = np.empty((N, 300), F32)
+        _dense_run_tl(W, x, y, b, act)
+        yc = np.empty((300, N), F32)
+        res = rng.standard_normal((300, N)).astype(F32)
+        _dense_run(W, np.ascontiguousarray(x.T), yc, b, act, 0.0, 0.0, res)
+    finally:
+        par.MIN_WORK = old
+        par.set_threads(1)
+    from sparsedge.kernels.epilogue import act_ref
+
+    ref = act_ref(x.astype(np.float64) @ W.T.astype(np.float64) + b, act)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    refc = act_ref(W.astype(np.float64) @ x.T.astype(np.float64) + b[:, None] + res, act)
+    np.testing.assert_allclose(yc, refc, rtol=1e-4, atol=1e-4)
+
+
+def test_split_ops_through_session(tmp_path, rng, monkeypatch):
+    """matmul (batched and 2-D), broadcast binary ops, transpose, softmax with every op split."""
+    monkeypatch.setattr(par, "MIN_WORK", 0)
+    a = rng.standard_normal((3, 2, 5, 4)).astype(F32)
+    b = rng.standard_normal((3, 2, 4, 6)).astype(F32)
+    c = rng.standard_normal((1, 2, 1, 6)).astype(F32)
+    w = rng.standard_normal((6, 6)).astype(F32)
+    nodes = [Node("matmul", "mm", ["a", "b"], ["s"], {}), Node("add", "ad", ["s", "c"], ["t"], {}),
+             Node("transpose", "tr", ["t"], ["u"], {"perm": [2, 0, 1, 3]}),
+             Node("reshape", "rs", ["u"], ["v"], {"shape": [30, 6]}), Node("matmul", "m2", ["v", "w"], ["z"], {}),
+             Node("mul", "mu", ["z", "z"], ["q"], {}), Node("softmax", "sm", ["q"], ["y"], {"axis": 0})]
+    _, y, ref = _run(tmp_path, nodes, {"a": a, "b": b, "c": c}, {"w": w})
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
