@@ -245,6 +245,47 @@ def dwconv2d(x, w, kh, kw, sh, sw, ph, pw, dh, dw, y, bias, res, act, lo, hi):
             else:
                 epilogue_tile(plane, bv, plane[0:0], act, lo, hi)
             continue
+        if sw == 2 and kh == 3 and kw == 3:
+            # stride 2 across: split the padded input columns by parity (polyphase) once, so every
+            # tap of an output row is a contiguous slice; the 9 taps fuse into one vectorized loop
+            Wq = (Wp + 1) // 2
+            xe = np.zeros(Hp * Wq, dtype=np.float32)
+            xd = np.zeros(Hp * Wq, dtype=np.float32)
+            for iy in range(H):
+                src = x[bi, ci, iy]
+                rowq = (iy + ph) * Wq
+                for ix in range(W):
+                    cpos = ix + pw
+                    if cpos % 2 == 0:
+                        xe[rowq + cpos // 2] = src[ix]
+                    else:
+                        xd[rowq + cpos // 2] = src[ix]
+            for oy in range(Ho):
+                yr = y[bi, o, oy]
+                for q in range(Wo):
+                    yr[q] = np.float32(0.0)
+                for ky in range(3):
+                    rbase = (oy * sh + ky * dh) * Wq
+                    c0 = 0
+                    c1 = dw
+                    c2 = 2 * dw
+                    p0 = xe if c0 % 2 == 0 else xd
+                    p1 = xe if c1 % 2 == 0 else xd
+                    p2 = xe if c2 % 2 == 0 else xd
+                    s0 = p0[rbase + c0 // 2:rbase + c0 // 2 + Wo]
+                    s1 = p1[rbase + c1 // 2:rbase + c1 // 2 + Wo]
+                    s2 = p2[rbase + c2 // 2:rbase + c2 // 2 + Wo]
+                    w0 = wo[ky * 3]
+                    w1 = wo[ky * 3 + 1]
+                    w2 = wo[ky * 3 + 2]
+                    for q in range(Wo):
+                        yr[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+            plane = y[bi, o].reshape(Ho * Wo)
+            if nr != 0:
+                epilogue_tile(plane, bv, res[bi, o].reshape(Ho * Wo), act, lo, hi)
+            else:
+                epilogue_tile(plane, bv, plane[0:0], act, lo, hi)
+            continue
         for oy in range(Ho):
             yr = y[bi, o, oy]
             for ox in range(Wo):

@@ -216,3 +216,20 @@ def test_sparse_conv_s1(case, kind, rng):
     np.testing.assert_allclose(y, ref[0], rtol=1e-4, atol=1e-4)
     conv.sparse_conv_s1(kind[:3], packed, x[0], y, kh, kw, p, d, bias=bias, act=table.ACT_SILU, residual=res[0])
     np.testing.assert_allclose(y, ref_res[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [(3, 1, 11, 9, (2, 2), (1, 1), (1, 1)), (2, 2, 12, 13, (1, 2), (0, 2), (2, 1)),
+                                  (4, 1, 8, 8, (3, 2), (1, 0), (1, 2)), (2, 1, 5, 6, (2, 2), (0, 0), (1, 1))])
+def test_dwconv_stride2_polyphase(case, rng):
+    """The 3x3 horizontal-stride-2 path (parity split of the padded input) on odd/even sizes and paddings."""
+    C, mult, H, W, s, p, d = case
+    O = C * mult
+    row = table.by_name("dwconv_f32_direct")
+    x = rng.standard_normal((1, C, H, W)).astype(np.float32)
+    fmt = Dense.from_dense(rng.standard_normal((O, 1, 3, 3)).astype(np.float32), as_2d=True)
+    Ho, Wo = conv.conv_out_size(H, 3, s[0], p[0], d[0]), conv.conv_out_size(W, 3, s[1], p[1], d[1])
+    res = rng.standard_normal((1, O, Ho, Wo)).astype(np.float32)
+    y = np.full((1, O, Ho, Wo), np.nan, np.float32)
+    row.run(row.prepare(fmt), x, y, None, table.ACT_RELU, 0.0, 0.0, res, stride=s, padding=p, dilation=d)
+    ref = row.reference(fmt, x, None, table.ACT_RELU, 0.0, 0.0, res, stride=s, padding=p, dilation=d)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
