@@ -174,7 +174,10 @@ def _dw_row(src, yr, wo, ky, kw, sw, pw, dw, W, Wo, ra, rb):
 
 @pjit
 def dwconv2d(x, w, kh, kw, sh, sw, ph, pw, dh, dw, y, bias, res, act, lo, hi):
-    """Depthwise conv: y[b,o] = act(sum_taps w[o,tap] * x[b, o // mult] + bias[o] + res[b,o])."""
+    """Depthwise conv: y[b,o] = act(sum_taps w[o,tap] * x[b, o // mult] + bias[o] + res[b,o]).
+    (batch, channel) planes in parallel. Stride 1: one flat loop over a zero-padded copy of the
+    plane (9 taps fused for 3x3). 3x3 with horizontal stride 2: parity-split padded input, 3 taps
+    fused per input row. Otherwise row by row, tap by tap. Epilogue once per plane."""
     B = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
