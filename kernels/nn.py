@@ -261,6 +261,7 @@ _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_LO = np.float32(-87.33654)
 _EXP_HI = np.float32(88.37626)
+_FLT_MIN = np.float32(1.1754944e-38)
 _P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
 _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
 
@@ -269,13 +270,15 @@ _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.flo
 def exp_f32(v):
     """exp for float32 (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^k by bitcast);
     only arithmetic, so loops over it vectorize (libm expf calls do not). Relative error <= 2e-7
-    on [-87.3, 88.4]; inputs below clamp to exp(-87.3) ~ 1.2e-38 (not 0), above to exp(88.4)."""
+    on [-87.3, 88.4]; 0 below -87.3 (no denormals: a denormal softmax output made the attention
+    GEMM that reads it 20x slower), exp(88.4) above."""
     x = min(max(v, _EXP_LO), _EXP_HI)
     k = np.floor(x * _LOG2E + np.float32(0.5))
     r = x - k * _LN2_HI - k * _LN2_LO
     r2 = r * r
     p = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * r2 + r + np.float32(1.0)
-    return p * _bits_to_f32((np.int32(k) + 127) << 23)
+    e = p * _bits_to_f32((np.int32(k) + 127) << 23)
+    return e if v >= _EXP_LO else np.float32(0.0)
 
 
 @jit(fastmath={"nnan", "nsz", "reassoc", "contract", "arcp", "afn"})
@@ -330,4 +333,5 @@ def softmax_rows(x, mask, rows_per_mask, scale, y):
             s += e
         inv = np.float32(1.0) / s
         for j in range(L):
-            yr[j] = yr[j] * inv
+            q = yr[j] * inv
+            yr[j] = q if q >= _FLT_MIN else np.float32(0.0)  # flush denormals (slow in the next GEMM)

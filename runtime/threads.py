@@ -14,10 +14,10 @@ thread that runs the kernels, at the start of every ``Session.run``.
 BLAS threads: numpy's OpenBLAS keeps its own worker threads, which busy-wait after each call.
 Alternating OpenBLAS calls with numba parallel kernels then thrashes: measured on the 2-core dev
 machine, a 256x256x256 matmul after a parallel layernorm took 56 ms (median) instead of 0.28 ms,
-and a 2-layer BERT (hidden 256) ran in 766 ms instead of 35 ms. So the runtime gives the cores to
-numba and sets OpenBLAS to 1 thread (``limit_blas``, through ctypes on numpy's bundled OpenBLAS;
-process-wide) when a Session runs with more than one thread; ``SPARSEDGE_BLAS_THREADS=k``
-overrides it (e.g. a dense-only model on an otherwise idle board).
+and a 2-layer BERT (hidden 256) ran in 766 ms instead of 35 ms. So the runtime sets OpenBLAS to
+1 thread (``limit_blas``, through ctypes on numpy's bundled OpenBLAS; process-wide) when a
+Session is created, and splits BLAS calls over the Session's own threads (``runtime.par``);
+``SPARSEDGE_BLAS_THREADS=k`` overrides it.
 
 omp: libgomp's idle workers spin for a while after each parallel region (its default wait
 policy), stealing the cores from the Python, numpy and BLAS work between kernels. Measured on the
@@ -220,13 +220,16 @@ def limit_blas(n: int) -> int | None:
 
 
 def blas_policy(numba_threads: int) -> int | None:
-    """Apply the runtime's BLAS thread policy (see module doc); returns OpenBLAS's thread count."""
+    """Apply the runtime's BLAS thread policy (see module doc); returns OpenBLAS's thread count.
+
+    OpenBLAS is held at 1 thread whatever the Session's thread count: BLAS work is split over the
+    Session's threads by ``runtime.par`` instead. (At ``threads=1`` OpenBLAS kept its default
+    pool, so a "1-thread" Session used every core and its idle BLAS workers spun: dense BERT ran
+    1258 ms vs onnxruntime's 342 ms at 1 thread on the loaded dev machine.)"""
     env = os.environ.get("SPARSEDGE_BLAS_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return limit_blas(int(env))
-    if numba_threads > 1 and layer() != "workqueue":
-        cur = blas_threads()
-        if cur is not None and cur > 1:
-            return limit_blas(1)
-        return cur
-    return blas_threads()
+    cur = blas_threads()
+    if cur is not None and cur > 1:
+        return limit_blas(1)
+    return cur

@@ -97,6 +97,10 @@ def test_exp_f32_accuracy():
     ex(a, o)
     ref = np.exp(a.astype(np.float64))
     assert np.max(np.abs(o - ref) / ref) < 5e-7
+    z = np.array([-87.5, -1e4, -np.inf, -3.4e38], F32)
+    oz = np.empty_like(z)
+    ex(z, oz)
+    assert np.all(oz == 0)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 17])
