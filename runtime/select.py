@@ -319,6 +319,22 @@ class Selector:
             self._choices[key] = ch
             return ch
 
+    def peek(self, node: str, op: str, wf, N: int) -> str:
+        """The kernel name ``choose`` would pick for (node, N) without measuring, packing or
+        recording anything (an override, a cached tuned choice, else the rules)."""
+        with self._lock:
+            ch = self._choices.get((node, int(N)))
+            if ch is not None:
+                return ch.cand.name
+            cands = self.candidates(wf, N)
+            by = {c.name: c for c in cands}
+            if node in self.overrides and self.overrides[node] in by:
+                return self.overrides[node]
+            cached = self._tuned.get(f"{node}|N={N}")
+            if cached and cached.get("kernel") in by:
+                return cached["kernel"]
+            return self._rule(cands, weight_facts(wf), N)[0].name
+
     def record(self, node: str, op: str, wf, N: int, kernel: str, why: str) -> None:
         """Report a layer whose kernel is fixed by its op (depthwise / grouped conv) and not selected."""
         with self._lock:

@@ -163,3 +163,23 @@ def test_split_ops_through_session(tmp_path, rng, monkeypatch):
              Node("mul", "mu", ["z", "z"], ["q"], {}), Node("softmax", "sm", ["q"], ["y"], {"axis": 0})]
     _, y, ref = _run(tmp_path, nodes, {"a": a, "b": b, "c": c}, {"w": w})
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,stride,res", [(3, 1, True), (3, 2, False), (1, 1, True), (1, 2, False)])
+def test_conv_batched_blas(tmp_path, rng, k, stride, res):
+    """Dense convs on small images run the whole batch as one GEMM ("bgemm"), fused residual too."""
+    x = rng.standard_normal((3, 4, 6, 5)).astype(F32)
+    w = rng.standard_normal((8, 4, k, k)).astype(F32)
+    b = rng.standard_normal(8).astype(F32)
+    attrs = {"stride": [stride, stride], "padding": [k // 2, k // 2]}
+    nodes = [Node("conv2d", "cv", ["x", "w", "b"], ["c" if res else "y"], attrs)]
+    feeds = {"x": x}
+    if res:
+        Ho = (6 + 2 * (k // 2) - k) // stride + 1
+        Wo = (5 + 2 * (k // 2) - k) // stride + 1
+        feeds["r"] = rng.standard_normal((3, 8, Ho, Wo)).astype(F32)
+        nodes += [Node("add", "ad", ["c", "r"], ["s"], {}), Node("relu", "rl", ["s"], ["y"], {})]
+    s, y, ref = _run(tmp_path, nodes, feeds, {"w": w, "b": b})
+    p = s._plan({kk: v.shape for kk, v in feeds.items()})
+    assert p.node_plans[0].data[0] == "bgemm"
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)

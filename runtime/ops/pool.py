@@ -1,10 +1,13 @@
 """max / average pooling (NCHW) in numpy without temporaries: for each kernel offset, the valid
-output range is computed and the strided input slice is folded into the output in place."""
+output range is computed and the strided input slice is folded into the output in place. Max
+pooling splits the batch over the call's threads (``runtime.par``); the numba leaf
+``kernels.conv.maxpool2d`` measured slower (10.9 vs 6.2 ms, ResNet stem pool, batch 8)."""
 from __future__ import annotations
 
 import numpy as np
 
 from . import NodePlan, Op, register
+from ._common import split0
 
 
 def _valid(o_n, i_n, s, p, off):
@@ -42,10 +45,14 @@ class MaxPool(Op):
 
     def run(self, ins, outs, scratch, data):
         x, y = ins[0], outs[0]
-        y.fill(-np.inf)
-        for oh, ow, ih, iw in data:
-            t = y[:, :, oh, ow]
-            np.maximum(t, x[:, :, ih, iw], out=t)
+        def part(yp, p):  # a range of images, on one of the call's threads
+            xp = p[0]
+            yp.fill(-np.inf)
+            for oh, ow, ih, iw in data:
+                t = yp[:, :, oh, ow]
+                np.maximum(t, xp[:, :, ih, iw], out=t)
+
+        split0(y, [x], part, x.size * len(data))
 
 
 @register("avgpool2d")
