@@ -183,3 +183,30 @@ def test_conv_batched_blas(tmp_path, rng, k, stride, res):
     p = s._plan({kk: v.shape for kk, v in feeds.items()})
     assert p.node_plans[0].data[0] == "bgemm"
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_every_op_has_a_reference():
+    from sparsedge.runtime.reference import missing_references
+
+    assert missing_references() == []
+
+
+def test_op_module_can_register_its_reference(monkeypatch):
+    from sparsedge.formats import optable
+    from sparsedge.runtime import ops as rops
+    from sparsedge.runtime.reference import REF, eval_node
+
+    spec = optable.OPS["neg"]
+    monkeypatch.setitem(optable.OPS, "p1_test_neg", spec)
+    monkeypatch.setitem(rops.IMPLS, "p1_test_neg", None)
+
+    @rops.register("p1_test_neg", reference=lambda attrs, x, env=None: -x)
+    class _Neg(rops.Op):
+        pass
+
+    try:
+        out = eval_node(Node("p1_test_neg", "n", ["x"], ["y"], {}), [np.ones(3, F32)])
+        np.testing.assert_array_equal(out[0], -np.ones(3, F32))
+    finally:
+        REF.pop("p1_test_neg", None)
+        rops.IMPLS.pop("p1_test_neg", None)

@@ -4,7 +4,10 @@ Adding an op = one file in this folder (plus its row in ``formats/optable.py``):
 
     from . import Op, register
 
-    @register("my_op")
+    def _ref(attrs, x, env=None):                        # plain numpy, for tests and the converter
+        return np.negative(x)
+
+    @register("my_op", reference=_ref)
     class MyOp(Op):
         def run(self, ins, outs, scratch, data):     # write every output in place
             np.negative(ins[0], out=outs[0])
@@ -72,13 +75,19 @@ class Op:
         raise NotImplementedError
 
 
-def register(*names):
-    """Class decorator: the class implements the ops ``names``."""
+def register(*names, reference=None):
+    """Class decorator: the class implements the ops ``names``. ``reference``: the op's plain-numpy
+    reference ``fn(attrs, *inputs, env=None)`` when ``runtime/reference.py`` has none (a new op
+    can then live in one file here plus its row in ``formats/optable.py``)."""
     def deco(cls):
         for n in names:
             if n not in optable.OPS:
                 raise KeyError(f"op {n!r} is not in formats/optable.py")
             IMPLS[n] = cls
+            if reference is not None:
+                from ..reference import register_reference
+
+                register_reference(n, reference)
         return cls
     return deco
 
