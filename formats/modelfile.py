@@ -50,12 +50,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 
 from ..errors import FormatError, ModelFileError
+from .atomic import atomic_write
 from .base import FORMATS, WeightFormat
 from .graph import Graph
 
@@ -166,36 +166,16 @@ def write_model(path, graph: Graph, tensors: dict, metadata: dict | None = None)
     pre = PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0, len(hbytes), file_size, zlib.crc32(hbytes), bytes(24), 0)
     pre = pre[:60] + struct.pack("<I", zlib.crc32(pre[:60]))
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pre)
-            f.write(hbytes)
-            at = PREAMBLE.size + len(hbytes)
-            for off, a in buffers:
-                f.write(bytes(data_offset + off - at))
-                if a.nbytes:
-                    f.write(memoryview(a).cast("B"))
-                at = data_offset + off + a.nbytes
-            f.write(bytes(file_size - at))  # the data section starts aligned even when it is empty
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_write(path) as f:
+        f.write(pre)
+        f.write(hbytes)
+        at = PREAMBLE.size + len(hbytes)
+        for off, a in buffers:
+            f.write(bytes(data_offset + off - at))
+            if a.nbytes:
+                f.write(memoryview(a).cast("B"))
+            at = data_offset + off + a.nbytes
+        f.write(bytes(file_size - at))  # the data section starts aligned even when it is empty
     return file_size
 
 

@@ -23,12 +23,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from ..errors import InputError, SparsedgeError
+from ..formats.atomic import atomic_write
 
 # ------------------------------------------------------------------------------------------
 # progress
@@ -295,20 +295,8 @@ def layer_output_errors(graph, dense_tensors, hat_tensors, results, dense_vals, 
 
 
 def _atomic_write(path: str, data: bytes):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _fmt_bytes(n) -> str:
