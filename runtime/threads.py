@@ -82,34 +82,59 @@ def _try_omp() -> bool:
         return False
 
 
-def _lazy_blas_check() -> None:
-    """Import ``numba.np.arraymath`` without its import-time ``import scipy.linalg.cython_blas``.
+class _ArraymathHook:
+    """A one-shot import hook: when numba imports ``numba.np.arraymath`` (its CPU target loading
+    its registries at the first compile or cache load), run that module's import-time BLAS probe
+    without importing ``scipy.linalg``. Models that never dispatch a numba kernel pay nothing."""
 
-    numba imports ``arraymath`` when its CPU target first loads its registries (the first compile
-    or cache load), and that module probes for BLAS by importing ``scipy.linalg`` (about 0.35 s of
-    a 1.3 s cold start of the demo model; no sparsedge kernel calls BLAS from jitted code). The
-    probe only sets ``arraymath._HAVE_BLAS``; numba's BLAS-backed implementations call the real
+    def find_spec(self, name, path=None, target=None):
+        if name != "numba.np.arraymath":
+            return None
+        import importlib.util
+        import sys as _sys
+
+        try:
+            _sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            from numba.np import linalg as _la
+
+            real = _la.ensure_blas
+            _la.ensure_blas = lambda: None
+            try:
+                real_exec(module)
+            finally:
+                _la.ensure_blas = real
+                if getattr(module, "ensure_blas", None) is not real:
+                    module.ensure_blas = real
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _lazy_blas_check() -> None:
+    """Skip ``import scipy.linalg`` in numba's first registry load (about 0.35 s of a 1.3 s cold
+    start of the demo model; no sparsedge kernel calls BLAS from jitted code).
+
+    ``numba.np.arraymath`` probes for BLAS at import by importing ``scipy.linalg.cython_blas``; the
+    probe only sets ``arraymath._HAVE_BLAS``, and numba's BLAS-backed implementations call the real
     ``ensure_blas()`` again when they are compiled. So when scipy is installed (a dependency) the
-    probe is answered True without importing it, and the real function is restored right after.
+    probe is answered True without importing it (``_ArraymathHook``) and the real function is
+    restored right after.
     """
     import importlib.util
     import sys as _sys
 
     if "numba.np.arraymath" in _sys.modules or importlib.util.find_spec("scipy") is None:
         return
-    from numba.np import linalg as _la
-
-    real = _la.ensure_blas
-    _la.ensure_blas = lambda: None
-    try:
-        import numba.np.arraymath as _am
-    except Exception:  # pragma: no cover - numba internals moved: leave numba's own path
-        _la.ensure_blas = real
-        return
-    finally:
-        _la.ensure_blas = real
-    if getattr(_am, "ensure_blas", None) is not real:
-        _am.ensure_blas = real
+    if not any(isinstance(f, _ArraymathHook) for f in _sys.meta_path):
+        _sys.meta_path.insert(0, _ArraymathHook())
 
 
 def configure() -> str:

@@ -210,3 +210,28 @@ def test_op_module_can_register_its_reference(monkeypatch):
     finally:
         REF.pop("p1_test_neg", None)
         rops.IMPLS.pop("p1_test_neg", None)
+
+
+def test_cold_start_skips_scipy_linalg_but_numba_blas_works(tmp_path):
+    """A new process running a sparse kernel does not import scipy.linalg; numba's np.dot still
+    compiles afterwards (its real ensure_blas is restored)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import sys
+import numpy as np
+import sparsedge.runtime
+from sparsedge.kernels.nn import softmax_rows
+x = np.zeros((2, 3), np.float32)
+softmax_rows(x, np.zeros((0, 0), np.float32), 1, np.float32(1.0), x)
+assert "scipy.linalg" not in sys.modules, "scipy.linalg imported"
+import numba
+import numba.np.arraymath as am, numba.np.linalg as la
+assert am._HAVE_BLAS and am.ensure_blas is la.ensure_blas
+f = numba.njit(lambda a, b: np.dot(a, b))
+assert f(np.ones((2, 2)), np.ones((2, 2)))[0, 0] == 2.0
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
