@@ -47,24 +47,12 @@ def parse_inputs(items) -> dict:
 
 
 def write_npz(path, arrays: dict):
-    import tempfile
-
     import numpy as np
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".run-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from ..formats.atomic import atomic_write
+
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def run(args) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..formats.atomic import atomic_write
 
 BUILTIN_PREFIX = ("numpy_", "scipy_")
 
@@ -541,17 +541,5 @@ def save_tune_file(path, key, entries, model_path):
         d = {}
     d = {"version": 1, "model": _fingerprint(model_path), "entries": dict(d.get("entries", {}))}
     d["entries"][key] = entries
-    dirn = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=dirn)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=1, sort_keys=True)
