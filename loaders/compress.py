@@ -437,14 +437,17 @@ def decode(kind: str, meta: dict, arrays: dict, shape: tuple) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # speed model and format choice
 
-# Predicted time relative to dense float32 BLAS (lower is faster), from the development
-# machine's measurements (shared README, W 3072x768 x 128): CSR 2.7x at 90%, 5.2x at 95%,
-# 1.4x at 80%; BSR 8x1 6.5x and 4x1 5.2x at 90%; int8 dense about 4x.
-_CSR_K = 3.7
-_BSR_K = {(8, 1): 1.54, (4, 1): 1.92, (16, 1): 1.45, (1, 4): 2.4, (1, 16): 2.0, (4, 4): 1.6}
-_INT8 = 0.28
-_INT8_SPARSE = 0.57  # CSR/BSR int8 vs float: the targets put CSR-int8 at 90% 1.2-1.5x dense int8
-_NM_K = 1.7
+# Predicted time relative to dense float32 BLAS (lower is faster): this project's measurements on
+# the development machine, 2 threads, W 3072x768 x N=128, all in one interleaved run
+# (`sparsedge bench kernels --shapes ffn_n128 --threads 2`, docs/results/kernels.json):
+# CSR 1.23x dense at 90%, 2.54x at 95%, 0.64x at 80% (time ~ 8 x density); BSR at 90%: 16x1 5.25x,
+# 8x1 4.09x, 4x1 3.30x, 4x4 2.51x, 1x16 1.07x, 1x4 0.93x; N:M 2:4 0.30x; dense int8 (AMX) 2.11x;
+# CSR int8 / CSR float 1.58x, BSR int8 / BSR float 0.8-1.3x. `sparsedge tune` measures on the board.
+_CSR_K = 8.0
+_BSR_K = {(16, 1): 1.9, (8, 1): 2.45, (4, 1): 3.0, (4, 4): 4.0, (1, 16): 9.3, (1, 4): 10.7}
+_INT8 = 0.47
+_INT8_SPARSE = 0.63
+_NM_K = 6.7
 
 
 def predict_ratio(kind: str, density: float, block=None, int8=False, shape=None, rank=None) -> float:

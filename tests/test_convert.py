@@ -416,7 +416,8 @@ def test_sigint_subprocess_never_leaves_partial_output(tmp_path, rng):
         names = sorted(os.listdir(od))
         if out.exists():
             read_model(str(out)).close()  # complete and valid
-            assert p.returncode in (0, 130)
+            # finished; a Ctrl-C that lands during interpreter shutdown kills it by the signal
+            assert p.returncode in (0, 130, -signal.SIGINT), (p.returncode, err[-500:])
         else:
             assert p.returncode != 0
             assert [n for n in names if n != "rep"] == [], names
