@@ -108,8 +108,57 @@ class Conv2d(Op):
                 scratch.append(((O, M), "float32"))
             return NodePlan(scratch=scratch, data=("bgemm", choice, Ho, Wo), kernel=choice.name)
         choice = self.ctx.selector.choose(self.name, "conv2d", self.wf, npix)
+        kind = self._direct_kind(choice)
+        if kind is not None:
+            # stride-1 sparse k x k conv without im2col (kernels/conv.py sparse_conv_s1): work
+            # buffers (zero-padded shifted input [C*L], wide output [O, Ho*Wp]) in the arena
+            geo = self.k.shifted_geometry(C, H, W, self.kh, self.kw, self.padding[0], self.padding[1],
+                                          self.dilation[0], self.dilation[1])
+            _, Wp, L, Ho2, Wo2, Nw = geo
+            if (Ho2, Wo2) == (Ho, Wo):
+                if self.DIRECT_NOTE not in choice.why:
+                    choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
+                return NodePlan(scratch=[((C * L,), "float32"), ((O, Nw), "float32")],
+                                data=("direct", choice, Ho, Wo, kind), kernel=f"{choice.name}+{self.DIRECT_NOTE}")
         scratch = [] if self.pointwise else [((C * self.kh * self.kw, npix), "float32")]
         return NodePlan(scratch=scratch, data=("gemm", choice, Ho, Wo), kernel=choice.name)
+
+    DIRECT_NOTE = "direct shifted conv"
+
+    def _direct_kind(self, choice):
+        """"csr" / "bsr" when this layer can run ``sparse_conv_s1`` (stride 1, groups 1, kh*kw > 1,
+        float32 CSR spmm row or BSR r x 1 spmm row with r % 8 == 0, packed as those rows' prepare
+        returns it), else None."""
+        if (self.k is None or not hasattr(self.k, "sparse_conv_s1") or self.g != 1 or self.stride != (1, 1)
+                or self.kh * self.kw <= 1):
+            return None
+        spec = getattr(choice.cand, "spec", None)
+        if choice.cand.kind != "table" or spec is None or spec.op != "gemm" or spec.dtype != "float32":
+            return None
+        p = choice.packed
+        if not isinstance(p, tuple) or not all(isinstance(a, np.ndarray) for a in p[:3]):
+            return None
+        if spec.fmt == "csr" and choice.name == "csr_f32_spmm" and len(p) == 3:
+            if p[2].dtype == np.float32 and p[2].ndim == 1:
+                return "csr"
+            return None
+        if spec.fmt == "bsr" and len(p) == 5:
+            r, c = int(p[3]), int(p[4])
+            if (c == 1 and r % 8 == 0 and tuple(spec.block or ()) == (r, 1) and p[2].dtype == np.float32
+                    and p[2].ndim == 2 and p[2].shape[1] == r):
+                return "bsr"
+        return None
+
+    def _run_direct(self, x, y, res, choice, kind, scratch):
+        """Per image: sparse_conv_s1 with the fused epilogue; work buffers from the plan's scratch."""
+        work = (scratch[0], scratch[1])
+        for n in range(x.shape[0]):
+            xn = x[n] if x[n].flags.c_contiguous else np.ascontiguousarray(x[n])
+            rn = None
+            if res is not None:
+                rn = res[n] if res[n].flags.c_contiguous else np.ascontiguousarray(res[n])
+            self.k.sparse_conv_s1(kind, choice.packed, xn, y[n], self.kh, self.kw, self.padding, self.dilation,
+                                  bias=self.bias, act=self.act, lo=0.0, hi=0.0, residual=rn, work=work)
 
     BATCH_PIX = 256  # output pixels per image below which a BLAS conv runs the batch as one GEMM
     _BLAS = ("numpy_dense", "numpy_densified", "dense_f32_blas", "lowrank_f32_blas")
@@ -137,7 +186,7 @@ class Conv2d(Op):
         np.copyto(y.reshape(Nb, self.O, npix), yb.reshape(self.O, Nb, npix).transpose(1, 0, 2))
 
     def run(self, ins, outs, scratch, data):
-        mode, choice, Ho, Wo = data
+        mode, choice, Ho, Wo = data[:4]
         x, y = ins[0], outs[0]
         res = ins[3] if self.has_res else None
         Nb, C = x.shape[:2]
@@ -153,6 +202,8 @@ class Conv2d(Op):
             return self._run_dw(x, y, scratch[0], Ho, Wo, res)
         if mode == "bgemm":
             return self._run_batched(x, y, res, choice, scratch, npix)
+        if mode == "direct":
+            return self._run_direct(x, y, res, choice, data[4], scratch)
         for n in range(Nb):
             yn = y[n].reshape(self.O, npix)
             rn = None if res is None else res[n].reshape(self.O, npix)

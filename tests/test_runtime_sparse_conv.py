@@ -1,0 +1,154 @@
+"""conv2d's direct shifted sparse conv path (kernels/conv.py ``sparse_conv_s1``): stride 1, groups 1,
+k x k with a float32 CSR or BSR r x 1 (r % 8 == 0) weight. Session outputs vs the numpy reference
+interpreter, and the selection report / profile showing which path ran."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsedge.formats.base import FORMATS
+from sparsedge.formats.dense import Dense
+from sparsedge.formats.graph import Graph, Node, ValueInfo
+from sparsedge.formats.modelfile import read_model, write_model
+from sparsedge.runtime import Session
+from sparsedge.runtime.reference import run_reference
+
+NOTE = "direct shifted conv"
+H, W = 9, 11
+
+
+def _out(n, k, p, d, s=1):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _weight(kind, O, C, k, rng, sparsity=0.85):
+    w = (rng.standard_normal((O, C, k, k)) * 0.3).astype(np.float32)
+    if kind == "csr":
+        w[rng.random(w.shape) < sparsity] = 0
+        return FORMATS["csr"].from_dense(w)
+    r, c = kind
+    w2 = w.reshape(O, -1)
+    mask = rng.random((-(-O // r), -(-w2.shape[1] // c))) < sparsity
+    full = np.kron(mask, np.ones((r, c)))[:O, :w2.shape[1]].astype(bool)
+    w2[full] = 0
+    return FORMATS["bsr"].from_dense(w2.reshape(O, C, k, k), block=(r, c))
+
+
+def build(path, kind, *, C=6, O=16, k=3, pad=1, dil=1, stride=1, bias=True, act="none", residual=None, rng):
+    """One conv2d (x [batch, C, H, W]) -> optional add(r) [+ relu]; returns the model path."""
+    Ho, Wo = _out(H, k, pad, dil, stride), _out(W, k, pad, dil, stride)
+    ins = [ValueInfo("x", "float32", ["batch", C, H, W])]
+    attrs = {"padding": [pad, pad], "dilation": [dil, dil], "stride": [stride, stride], "activation": act}
+    t = {"w": _weight(kind, O, C, k, rng)}
+    cin = ["x", "w"]
+    if bias:
+        t["b"] = Dense.from_dense((rng.standard_normal(O) * 0.3).astype(np.float32))
+        cin.append("b")
+    nodes = [Node("conv2d", "conv", cin, ["c"], attrs)]
+    out = "c"
+    if residual is not None:
+        ins.append(ValueInfo("r", "float32", ["batch", O, Ho, Wo]))
+        nodes.append(Node("add", "add", ["c", "r"], ["s"], {}))
+        out = "s"
+        if residual == "relu":
+            nodes.append(Node("relu", "relu", ["s"], ["y"], {}))
+            out = "y"
+    g = Graph(ins, [ValueInfo(out, "float32", ["batch", O, Ho, Wo])], nodes)
+    write_model(path, g, t, {})
+    return path, (O, Ho, Wo)
+
+
+def _feeds(model_path, batch, oshape, rng):
+    m = read_model(model_path)
+    f = {"x": rng.standard_normal((batch, m.graph.inputs[0].shape[1], H, W)).astype(np.float32)}
+    if len(m.graph.inputs) > 1:
+        f["r"] = rng.standard_normal((batch,) + oshape).astype(np.float32)
+    return m, f
+
+
+def _run(path, feeds, threads, override):
+    s = Session(path, threads=threads, profile=True, kernel_overrides={"conv": override} if override else None)
+    try:
+        y = s.run(None, feeds)[0]
+        rep = [r for r in s.selection_report() if r["node"] == "conv"]
+        prof = getattr(s, "profile", None)
+    finally:
+        s.close()
+    return y, rep, prof
+
+
+CASES = [  # kind, override, k, pad, dil, act, residual, O
+    ("csr", "csr_f32_spmm", 3, 1, 1, "none", "relu", 16),
+    ((8, 1), "bsr8x1_f32_spmm", 3, 1, 1, "none", "relu", 16),
+    ("csr", "csr_f32_spmm", 5, 2, 1, "none", "add", 16),
+    ((8, 1), "bsr8x1_f32_spmm", 5, 0, 1, "relu", None, 20),  # O not a multiple of r: padded edge block
+    ("csr", "csr_f32_spmm", 3, 0, 2, "none", None, 12),
+    ((8, 1), "bsr8x1_f32_spmm", 3, 2, 2, "none", "relu", 24),
+    ((16, 1), "bsr16x1_f32_spmm", 5, 1, 2, "relu", None, 20),
+    ("csr", "csr_f32_spmm", 5, 2, 2, "relu", None, 16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7])))
+def test_direct_matches_reference(tmp_path, case):
+    kind, override, k, pad, dil, act, residual, O = case
+    rng = np.random.default_rng(CASES.index(case))
+    path, osh = build(str(tmp_path / "m.sparsedge"), kind, O=O, k=k, pad=pad, dil=dil, act=act,
+                      residual=residual, rng=rng)
+    for batch in (1, 3):
+        m, feeds = _feeds(path, batch, osh, rng)
+        ref = list(run_reference(m, feeds).values())[0]
+        for threads in (1, 2):
+            y, rep, _ = _run(path, feeds, threads, override)
+            assert y.shape == ref.shape == (batch,) + osh
+            np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+            assert rep and all(r["kernel"] == override for r in rep), rep
+            assert all(NOTE in r["why"] for r in rep), rep
+
+
+def test_default_selection_takes_direct_path(tmp_path):
+    """No override: a 90% CSR 3x3 conv with a 64-channel shape gets the direct path when the
+    selector picks the csr spmm row (else the report must not claim it)."""
+    rng = np.random.default_rng(5)
+    path, osh = build(str(tmp_path / "m.sparsedge"), "csr", C=16, O=16, k=3, pad=1, residual="relu", rng=rng)
+    m, feeds = _feeds(path, 2, osh, rng)
+    ref = list(run_reference(m, feeds).values())[0]
+    y, rep, _ = _run(path, feeds, 2, None)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    for r in rep:
+        assert (NOTE in r["why"]) == (r["kernel"] == "csr_f32_spmm"), r
+
+
+@pytest.mark.parametrize("kind,override,k,stride,pad", [
+    ("csr", "csr_f32_spmm", 3, 2, 1),             # strided: im2col
+    ((4, 1), "bsr4x1_f32_spmm", 3, 1, 1),         # r % 8 != 0
+    ((1, 4), "bsr1x4_f32_spmm", 3, 1, 1),         # c != 1
+    ("csr", "csr_f32_spmm", 1, 1, 1),             # 1x1 (padded): im2col
+    ("csr", "numpy_densified", 3, 1, 1),          # BLAS on densified weights
+    ("csr", "scipy_csr", 3, 1, 1),                # builtin csr candidate
+])
+def test_other_cases_stay_on_im2col(tmp_path, kind, override, k, stride, pad):
+    rng = np.random.default_rng(7)
+    path, osh = build(str(tmp_path / "m.sparsedge"), kind, k=k, pad=pad, stride=stride, act="relu", rng=rng)
+    m, feeds = _feeds(path, 3, osh, rng)
+    ref = list(run_reference(m, feeds).values())[0]
+    y, rep, _ = _run(path, feeds, 2, override)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert rep and all(NOTE not in r["why"] for r in rep), rep
+
+
+def test_grouped_sparse_conv_not_direct(tmp_path):
+    rng = np.random.default_rng(9)
+    C, O, k = 8, 16, 3
+    w = (rng.standard_normal((O, C // 2, k, k)) * 0.3).astype(np.float32)
+    w[rng.random(w.shape) < 0.85] = 0
+    g = Graph([ValueInfo("x", "float32", ["batch", C, H, W])], [ValueInfo("c", "float32", ["batch", O, H, W])],
+              [Node("conv2d", "conv", ["x", "w"], ["c"], {"padding": [1, 1], "groups": 2})])
+    path = str(tmp_path / "g.sparsedge")
+    write_model(path, g, {"w": FORMATS["csr"].from_dense(w)}, {})
+    m = read_model(path)
+    feeds = {"x": rng.standard_normal((2, C, H, W)).astype(np.float32)}
+    ref = list(run_reference(m, feeds).values())[0]
+    y, rep, _ = _run(path, feeds, 1, None)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert all(NOTE not in r["why"] for r in rep), rep
