@@ -14,7 +14,7 @@ from sparsedge.runtime import Session
 from sparsedge.runtime.reference import run_reference
 
 NOTE = "direct shifted conv"
-H, W = 9, 11
+H, W = 13, 15
 
 
 def _out(n, k, p, d, s=1):
@@ -34,7 +34,7 @@ def _weight(kind, O, C, k, rng, sparsity=0.85):
     return FORMATS["bsr"].from_dense(w2.reshape(O, C, k, k), block=(r, c))
 
 
-def build(path, kind, *, C=6, O=16, k=3, pad=1, dil=1, stride=1, bias=True, act="none", residual=None, rng):
+def build(path, kind, *, C=12, O=16, k=3, pad=1, dil=1, stride=1, bias=True, act="none", residual=None, rng):
     """One conv2d (x [batch, C, H, W]) -> optional add(r) [+ relu]; returns the model path."""
     Ho, Wo = _out(H, k, pad, dil, stride), _out(W, k, pad, dil, stride)
     ins = [ValueInfo("x", "float32", ["batch", C, H, W])]
@@ -152,3 +152,25 @@ def test_grouped_sparse_conv_not_direct(tmp_path):
     y, rep, _ = _run(path, feeds, 1, None)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert all(NOTE not in r["why"] for r in rep), rep
+
+
+@pytest.mark.parametrize("what", ["small_grid", "few_weights_per_row"])
+def test_direct_gate_keeps_im2col(tmp_path, what):
+    """Layers where the direct conv measured slower stay on im2col: a wide grid below one 4-vector
+    tile (3x3 on 3x3 outputs) and < 8 weights per output row (3-channel stem)."""
+    rng = np.random.default_rng(11)
+    global H, W
+    old = H, W
+    try:
+        if what == "small_grid":
+            H, W = 3, 3
+            path, osh = build(str(tmp_path / "m.sparsedge"), "csr", C=32, pad=1, rng=rng)
+        else:
+            path, osh = build(str(tmp_path / "m.sparsedge"), "csr", C=3, pad=1, rng=rng)
+        m, feeds = _feeds(path, 2, osh, rng)
+        ref = list(run_reference(m, feeds).values())[0]
+        y, rep, _ = _run(path, feeds, 1, "csr_f32_spmm")
+    finally:
+        H, W = old
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert rep and all(NOTE not in r["why"] for r in rep), rep
