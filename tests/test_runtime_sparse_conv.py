@@ -14,7 +14,7 @@ from sparsedge.runtime import Session
 from sparsedge.runtime.reference import run_reference
 
 NOTE = "direct shifted conv"
-H, W = 13, 15
+H, W = 7, 30  # default input; W + 2*pad = 32 keeps the wide grid whole vector tiles (the gate)
 
 
 def _out(n, k, p, d, s=1):
@@ -34,12 +34,14 @@ def _weight(kind, O, C, k, rng, sparsity=0.85):
     return FORMATS["bsr"].from_dense(w2.reshape(O, C, k, k), block=(r, c))
 
 
-def build(path, kind, *, C=12, O=16, k=3, pad=1, dil=1, stride=1, bias=True, act="none", residual=None, rng):
+def build(path, kind, *, C=12, O=16, k=3, pad=1, dil=1, stride=1, bias=True, act="none", residual=None, rng,
+          hw=None, sparsity=0.85):
     """One conv2d (x [batch, C, H, W]) -> optional add(r) [+ relu]; returns the model path."""
-    Ho, Wo = _out(H, k, pad, dil, stride), _out(W, k, pad, dil, stride)
-    ins = [ValueInfo("x", "float32", ["batch", C, H, W])]
+    h, w = hw if hw is not None else (H, 32 - 2 * pad)
+    Ho, Wo = _out(h, k, pad, dil, stride), _out(w, k, pad, dil, stride)
+    ins = [ValueInfo("x", "float32", ["batch", C, h, w])]
     attrs = {"padding": [pad, pad], "dilation": [dil, dil], "stride": [stride, stride], "activation": act}
-    t = {"w": _weight(kind, O, C, k, rng)}
+    t = {"w": _weight(kind, O, C, k, rng, sparsity)}
     cin = ["x", "w"]
     if bias:
         t["b"] = Dense.from_dense((rng.standard_normal(O) * 0.3).astype(np.float32))
@@ -60,7 +62,7 @@ def build(path, kind, *, C=12, O=16, k=3, pad=1, dil=1, stride=1, bias=True, act
 
 def _feeds(model_path, batch, oshape, rng):
     m = read_model(model_path)
-    f = {"x": rng.standard_normal((batch, m.graph.inputs[0].shape[1], H, W)).astype(np.float32)}
+    f = {"x": rng.standard_normal([batch] + list(m.graph.inputs[0].shape[1:])).astype(np.float32)}
     if len(m.graph.inputs) > 1:
         f["r"] = rng.standard_normal((batch,) + oshape).astype(np.float32)
     return m, f
@@ -77,7 +79,7 @@ def _run(path, feeds, threads, override):
     return y, rep, prof
 
 
-CASES = [  # kind, override, k, pad, dil, act, residual, O
+CASES = [  # kind, override, k, pad, dil, act, residual, O[, (H, W)]
     ("csr", "csr_f32_spmm", 3, 1, 1, "none", "relu", 16),
     ((8, 1), "bsr8x1_f32_spmm", 3, 1, 1, "none", "relu", 16),
     ("csr", "csr_f32_spmm", 5, 2, 1, "none", "add", 16),
@@ -86,15 +88,17 @@ CASES = [  # kind, override, k, pad, dil, act, residual, O
     ((8, 1), "bsr8x1_f32_spmm", 3, 2, 2, "none", "relu", 24),
     ((16, 1), "bsr16x1_f32_spmm", 5, 1, 2, "relu", None, 20),
     ("csr", "csr_f32_spmm", 5, 2, 2, "relu", None, 16),
+    ("csr", "csr_f32_spmm", 3, 1, 1, "none", "relu", 16, (3, 41)),  # Nw = 129: 1 column in the scalar tails
+    ((8, 1), "bsr8x1_f32_spmm", 3, 1, 1, "relu", None, 16, (3, 41)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7])))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7] + c[8:])))
 def test_direct_matches_reference(tmp_path, case):
-    kind, override, k, pad, dil, act, residual, O = case
+    kind, override, k, pad, dil, act, residual, O = case[:8]
     rng = np.random.default_rng(CASES.index(case))
     path, osh = build(str(tmp_path / "m.sparsedge"), kind, O=O, k=k, pad=pad, dil=dil, act=act,
-                      residual=residual, rng=rng)
+                      residual=residual, rng=rng, hw=case[8] if len(case) > 8 else None)
     for batch in (1, 3):
         m, feeds = _feeds(path, batch, osh, rng)
         ref = list(run_reference(m, feeds).values())[0]
@@ -154,23 +158,18 @@ def test_grouped_sparse_conv_not_direct(tmp_path):
     assert all(NOTE not in r["why"] for r in rep), rep
 
 
-@pytest.mark.parametrize("what", ["small_grid", "few_weights_per_row"])
+@pytest.mark.parametrize("what", ["small_grid", "tail", "few_weights_per_row", "stem"])
 def test_direct_gate_keeps_im2col(tmp_path, what):
     """Layers where the direct conv measured slower stay on im2col: a wide grid below one 4-vector
-    tile (3x3 on 3x3 outputs) and < 8 weights per output row (3-channel stem)."""
+    tile (3x3 outputs), a grid with a large scalar tail (Nw = 8*10 for BSR: 16 of 80 columns),
+    < 8 weights per output row, and a reduction depth C*kh*kw < 64 (3-channel stem)."""
     rng = np.random.default_rng(11)
-    global H, W
-    old = H, W
-    try:
-        if what == "small_grid":
-            H, W = 3, 3
-            path, osh = build(str(tmp_path / "m.sparsedge"), "csr", C=32, pad=1, rng=rng)
-        else:
-            path, osh = build(str(tmp_path / "m.sparsedge"), "csr", C=3, pad=1, rng=rng)
-        m, feeds = _feeds(path, 2, osh, rng)
-        ref = list(run_reference(m, feeds).values())[0]
-        y, rep, _ = _run(path, feeds, 1, "csr_f32_spmm")
-    finally:
-        H, W = old
+    kw = {"small_grid": dict(kind="csr", C=32, hw=(3, 3)), "tail": dict(kind=(8, 1), C=32, hw=(8, 8)),
+          "few_weights_per_row": dict(kind="csr", C=8, hw=(7, 30), sparsity=0.95), "stem": dict(kind=(8, 1), C=3, hw=(7, 30))}[what]
+    kind = kw.pop("kind")
+    path, osh = build(str(tmp_path / "m.sparsedge"), kind, pad=1, rng=rng, **kw)
+    m, feeds = _feeds(path, 2, osh, rng)
+    ref = list(run_reference(m, feeds).values())[0]
+    y, rep, _ = _run(path, feeds, 1, "csr_f32_spmm" if kind == "csr" else "bsr8x1_f32_spmm")
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert rep and all(NOTE not in r["why"] for r in rep), rep

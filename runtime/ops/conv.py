@@ -150,13 +150,19 @@ class Conv2d(Op):
         return None
 
     DIRECT_MIN_NNZ_ROW = 8  # mean weights per output row below which im2col + GEMM stays
+    DIRECT_MIN_K = 64  # reduction depth C*kh*kw below which (stems) im2col + GEMM stays
+    DIRECT_MAX_TAIL = 1 / 64  # largest share of the wide grid left to the kernels' scalar tail
 
     def _direct_pays(self, choice, kind, O, Nw) -> bool:
-        """Measured (ResNet-style model, 90% CSR, 2 threads, batch 8): the direct conv is ~2x faster
-        from 8x8 to 32x32 outputs, but 5x slower at 4x4 (wide grid Nw = 24 < one 4-vector tile: the
-        kernel's scalar tail) and 1.5x slower on a 3-channel stem (2.7 weights per row: the crop
-        pass and padded grid cost more than the im2col it saves)."""
-        if Nw < 4 * int(getattr(self.k, "VW", 8)):
+        """Measured (ResNet-style model at 90%, 2 threads, batch 8, this 2-core host, VW=16): the direct
+        conv is ~2x faster than im2col + GEMM where the wide grid Nw = Ho*Wp is (nearly) whole vector
+        tiles, but 5x (CSR, 4x4 outputs: Nw=24) to 11x (BSR 8x1, 8x8 outputs: Nw=80, 16 columns in the
+        scalar tail) slower where the kernels' scalar tail (Nw % VW for CSR, Nw % 2VW for BSR) is a
+        visible share, and 1.2-1.5x slower on a 3-channel 3x3 stem (K = 27; CSR 2.7 / BSR 16 weights per
+        row: the shift-pack and crop passes cost more than the small im2col they save)."""
+        vw = int(getattr(self.k, "VW", 8))
+        tile, step = (4 * vw, vw) if kind == "csr" else (2 * vw, 2 * vw)
+        if Nw < tile or (Nw % step) > self.DIRECT_MAX_TAIL * Nw or self.Cg * self.kh * self.kw < self.DIRECT_MIN_K:
             return False
         p = choice.packed
         nnz = p[2].shape[0]  # csr: weights; bsr r x 1: blocks = weights per row of a block row
