@@ -545,7 +545,10 @@ def choose_format(w: np.ndarray, plan: LayerPlan, groups: int, res: LayerResult)
             nm = (plan.prune.n, plan.prune.m) if plan.prune and plan.prune.kind == "nm" else detect_nm(w)
             if nm is not None and is_nm(w, *nm):
                 cands.append(("nm", nm, predict_ratio("nm", nm[0] / nm[1])))
-    return min(cands, key=lambda c: c[2])
+    # within 10% of the fastest prediction (the model's accuracy), the compressed format wins:
+    # the file is smaller and the weights stream fewer bytes on a board
+    best = min(c[2] for c in cands)
+    return min(cands, key=lambda c: (c[2] > 1.1 * best, c[0] == "dense", c[2]))
 
 
 def encode(kind: str, extra, w: np.ndarray, int8: bool):
