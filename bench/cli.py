@@ -112,7 +112,10 @@ def run_suites(args, what) -> int:
     doc = {"schema": SCHEMA_ID, "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": ["sparsedge", "bench"] + sys.argv[2:] if sys.argv[1:2] == ["bench"] else list(sys.argv),
            "mode": "quick" if args.quick else "full", "suites": suites, "machine": machine,
-           "settings": {"threads": threads}, "cases": [], "skipped": []}
+           "settings": {"threads": threads,
+                        # OpenBLAS worker spinning between interleaved calls (see bench/__init__.py)
+                        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")},
+           "cases": [], "skipped": []}
     peers_filter = tuple(args.peers.split(",")) if args.peers else None
     # numpy's BLAS (the numpy_dense peer and the runtime's dense layers) gets the same thread
     # count as numba, torch and onnxruntime (threadpoolctl when installed; recorded either way)
