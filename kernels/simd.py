@@ -122,3 +122,22 @@ def vadd(typingctx, a, b):
     def codegen(context, builder, signature, args):
         return builder.fadd(args[0], args[1])
     return sig, codegen
+
+
+@intrinsic
+def vprefetch(typingctx, arr, idx):
+    """Software prefetch (read, keep in all cache levels) of ``arr[idx]``; 1-D array of any dtype.
+    A hint only: no fault, no effect on results, safe on an address past the end."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1):
+        return None
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        p = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
