@@ -658,6 +658,214 @@ def sparse_conv_s1(kind, packed, x, y, kh, kw, padding=(0, 0), dilation=(1, 1), 
 
 
 # ---------------------------------------------------------------------------------------
+# Batched direct sparse convolution (any stride), the whole batch in one kernel call.
+#
+# The batch is packed channel-major into ``xf``: per input channel (and, for stride s > 1, per
+# phase (ry, rx) of the padded input, i.e. the sub-grid of padded rows = ry mod sh and columns
+# = rx mod sw), one flat plane of length L holding the B images one after the other. Output
+# position p = b*IS + oy*RS + ox (IS: image stride, RS: row stride of the plane) and weight
+# column (c, ky, kx) read ``xf[roff[col] + p]``, a contiguous row, so csr_conv_s1 / bsr_conv_s1
+# run on it unchanged with N = Npad (the position count rounded up to whole vector tiles: no
+# scalar tails). ``crop_batch`` keeps the valid positions (oy < Ho, ox < Wo) and applies
+# bias / residual / activation into NCHW.
+#
+# Layouts (``batch_geometry``):
+# * "shared" (stride 1, ph <= dh*(kh-1), pw <= dw*(kw-1)): rows of RS = W + pw, images of S = H + ph
+#   rows; the pw zero columns left of a row are also the right padding of the row before, the ph
+#   zero rows above an image also the bottom padding of the image before (IS = S*RS). Computed
+#   positions per image (H+ph)*(W+pw): 1.06x the real outputs at 32x32, 1.56x at 4x4 (3x3, pad 1).
+# * "phase" (otherwise): each phase plane holds, per image, Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw)
+#   padded positions; tap (ky, kx) reads phase ((ky*dh) % sh, (kx*dw) % sw) shifted by
+#   ((ky*dh)//sh, (kx*dw)//sw). RS = Wq, IS = Hq*Wq.
+
+def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=64):
+    """-> (shared, P, RS, IS, L, Npad, size, Ho, Wo): P planes per channel, row / image strides,
+    plane stride L, padded position count Npad (multiple of ``tile``), xf length ``size``."""
+    Ho = conv_out_size(H, kh, sh, ph, dh)
+    Wo = conv_out_size(W, kw, sw, pw, dw)
+    shared = sh == 1 and sw == 1 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1)
+    if shared:
+        P, RS = 1, W + pw
+        IS = (H + ph) * RS
+        plane = (B * (H + ph) + ph + 1) * RS
+        shift = (kh - 1) * dh * RS + (kw - 1) * dw
+    else:
+        P, RS = sh * sw, -(-(W + 2 * pw) // sw)
+        Hq = -(-(H + 2 * ph) // sh)
+        IS = Hq * RS
+        plane = B * IS
+        shift = ((kh - 1) * dh // sh) * RS + (kw - 1) * dw // sw
+    npos = B * IS
+    Npad = -(-npos // tile) * tile
+    L = -(-plane // 16) * 16
+    size = C * P * L + shift + Npad + 16
+    return shared, P, RS, IS, L, Npad, size, Ho, Wo
+
+
+def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L):
+    """roff[(c*kh+ky)*kw+kx] for the layout of ``batch_geometry`` (int64 [C*kh*kw])."""
+    roff = np.empty(C * kh * kw, dtype=np.int64)
+    for c in range(C):
+        for ky in range(kh):
+            for kx in range(kw):
+                if shared:
+                    v = c * L + ky * dh * RS + kx * dw
+                else:
+                    ry, rx = (ky * dh) % sh, (kx * dw) % sw
+                    v = ((c * sh + ry) * sw + rx) * L + (ky * dh // sh) * RS + (kx * dw) // sw
+                roff[(c * kh + ky) * kw + kx] = v
+    return roff
+
+
+@pjit
+def pack_shared(x, ph, pw, L, xf):
+    """Shared-padding layout: xf[c*L + (b*(H+ph) + ph + iy)*(W+pw) + pw + ix] = x[b, c, iy, ix], zeros
+    elsewhere (x [B, C, H, W]; xf as sized by batch_geometry). (image, channel) pairs in parallel."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    RS = W + pw
+    S = H + ph
+    n = xf.shape[0]
+    for t in prange(B * C):
+        b = t // C
+        c = t - b * C
+        base = c * L + b * S * RS
+        blk = xf[base:base + S * RS]
+        for q in range(ph * RS):
+            blk[q] = np.float32(0.0)
+        for iy in range(H):
+            r = blk[(ph + iy) * RS:(ph + iy + 1) * RS]
+            for q in range(pw):
+                r[q] = np.float32(0.0)
+            d = r[pw:pw + W]
+            src = x[b, c, iy]
+            for q in range(W):
+                d[q] = src[q]
+        if b == B - 1:
+            e = n if c == C - 1 else (c + 1) * L
+            tail = xf[base + S * RS:e]
+            for q in range(tail.shape[0]):
+                tail[q] = np.float32(0.0)
+
+
+@pjit
+def pack_phase(x, sh, sw, ph, pw, Hq, Wq, L, xf):
+    """Phase layout: xf[((c*sh+ry)*sw+rx)*L + b*Hq*Wq + u*Wq + v] = xpad[b, c, u*sh+ry, v*sw+rx]
+    (xpad: x zero-padded by ph / pw), zeros elsewhere. (image, channel) pairs in parallel."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    IS = Hq * Wq
+    n = xf.shape[0]
+    for t in prange(B * C):
+        b = t // C
+        c = t - b * C
+        for ry in range(sh):
+            for rx in range(sw):
+                base = ((c * sh + ry) * sw + rx) * L + b * IS
+                # columns v with 0 <= v*sw + rx - pw < W: [va, vb)
+                xo = rx - pw
+                va = 0 if xo >= 0 else (-xo + sw - 1) // sw
+                vb = 0 if W - 1 - xo < 0 else (W - 1 - xo) // sw + 1
+                vb = min(vb, Wq)
+                va = min(va, vb)
+                for u in range(Hq):
+                    r = xf[base + u * Wq:base + (u + 1) * Wq]
+                    iy = u * sh + ry - ph
+                    if iy < 0 or iy >= H:
+                        for q in range(Wq):
+                            r[q] = np.float32(0.0)
+                        continue
+                    src = x[b, c, iy]
+                    for q in range(va):
+                        r[q] = np.float32(0.0)
+                    if sw == 1:
+                        d = r[va:vb]
+                        s = src[va + xo:vb + xo]
+                        for q in range(vb - va):
+                            d[q] = s[q]
+                    else:
+                        for q in range(va, vb):
+                            r[q] = src[q * sw + xo]
+                    for q in range(vb, Wq):
+                        r[q] = np.float32(0.0)
+                if b == B - 1:
+                    last = (c == C - 1) and (ry == sh - 1) and (rx == sw - 1)
+                    e = n if last else base + IS + (L - B * IS)
+                    tail = xf[base + IS:e]
+                    for q in range(tail.shape[0]):
+                        tail[q] = np.float32(0.0)
+
+
+@pjit
+def crop_batch(yw, IS, RS, y, bias, res, act, lo, hi):
+    """y[b, o, oy, ox] = act(yw[o, b*IS + oy*RS + ox] + bias[o] + res[b, o, oy, ox]);
+    y [B, O, Ho, Wo], res the same or shape (0,0,0,0), bias [O] or length 0."""
+    B = y.shape[0]
+    O = y.shape[1]
+    Ho = y.shape[2]
+    Wo = y.shape[3]
+    nb = bias.shape[0]
+    nr = res.shape[0]
+    for t in prange(B * O):
+        b = t // O
+        o = t - b * O
+        bv = bias[o] if nb != 0 else np.float32(0.0)
+        plane = y[b, o].reshape(Ho * Wo)
+        for oy in range(Ho):
+            src = yw[o, b * IS + oy * RS:b * IS + oy * RS + Wo]
+            dst = plane[oy * Wo:(oy + 1) * Wo]
+            for q in range(Wo):
+                dst[q] = src[q]
+        if nr != 0:
+            epilogue_tile(plane, bv, res[b, o].reshape(Ho * Wo), act, lo, hi)
+        else:
+            epilogue_tile(plane, bv, plane[0:0], act, lo, hi)
+
+
+def batch_pack(x, geo, kh, kw, stride, padding, dilation, xf):
+    """Fill ``xf`` from x [B, C, H, W] (C-contiguous float32) in the layout of ``geo`` (batch_geometry)."""
+    shared, P, RS, IS, L = geo[:5]
+    if shared:
+        pack_shared(x, int(padding[0]), int(padding[1]), L, xf)
+    else:
+        pack_phase(x, int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), IS // RS, RS, L, xf)
+
+
+def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=None,
+                      act=0, lo=0.0, hi=0.0, residual=None, work=None, roff=None):
+    """Whole batch: y [B, O, Ho, Wo] = act(conv(x [B, C, H, W]) + bias + residual), any stride /
+    padding / dilation, groups 1, without im2col. kind "csr": packed = (indptr, indices, data)
+    (csr row's prepare); "bsr": the bsr row's prepare output with r x 1 blocks, r % 8 == 0.
+    ``work``: optional (xf float32 [size], yw float32 [O, Npad]) from ``batch_geometry``;
+    ``roff``: optional precomputed ``batch_roff``."""
+    B, C, H, W = x.shape
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    O = y.shape[1]
+    geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
+    if work is None:
+        work = (np.empty(size, np.float32), np.empty((O, Npad), np.float32))
+    xf, yw = work
+    if roff is None:
+        roff = batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L)
+    batch_pack(x, geo, kh, kw, stride, padding, dilation, xf)
+    if kind == "csr":
+        csr_conv_s1(packed[0], packed[1], packed[2], xf, roff, yw)
+    elif kind == "bsr" and packed[4] == 1 and packed[3] % 8 == 0:
+        bsr_conv_s1(packed[0], packed[1], packed[2], packed[3], xf, roff, yw)
+    else:
+        raise ValueError(f"sparse_conv_batch: needs csr or bsr r x 1 with r % 8 == 0, got {kind}")
+    crop_batch(yw, IS, RS, y, EMPTY1 if bias is None else bias, EMPTY4 if residual is None else residual,
+               int(act), float(lo), float(hi))
+
+
+# ---------------------------------------------------------------------------------------
 # numpy references
 
 def _pad(x, ph, pw, value=0.0):

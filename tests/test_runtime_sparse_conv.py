@@ -1,5 +1,6 @@
-"""conv2d's direct shifted sparse conv path (kernels/conv.py ``sparse_conv_s1``): stride 1, groups 1,
-k x k with a float32 CSR or BSR r x 1 (r % 8 == 0) weight. Session outputs vs the numpy reference
+"""conv2d's direct shifted sparse conv paths (kernels/conv.py ``sparse_conv_batch``, the whole batch in
+one call, any stride; ``sparse_conv_s1`` per image, stride 1): groups 1, k x k with a float32 CSR or
+BSR r x 1 (r % 8 == 0) weight. Session outputs vs the numpy reference
 interpreter, and the selection report / profile showing which path ran."""
 from __future__ import annotations
 
@@ -124,7 +125,6 @@ def test_default_selection_takes_direct_path(tmp_path):
 
 
 @pytest.mark.parametrize("kind,override,k,stride,pad", [
-    ("csr", "csr_f32_spmm", 3, 2, 1),             # strided: im2col
     ((4, 1), "bsr4x1_f32_spmm", 3, 1, 1),         # r % 8 != 0
     ((1, 4), "bsr1x4_f32_spmm", 3, 1, 1),         # c != 1
     ("csr", "csr_f32_spmm", 1, 1, 1),             # 1x1 (padded): im2col
@@ -158,13 +158,13 @@ def test_grouped_sparse_conv_not_direct(tmp_path):
     assert all(NOTE not in r["why"] for r in rep), rep
 
 
-@pytest.mark.parametrize("what", ["small_grid", "tail", "few_weights_per_row", "stem"])
+@pytest.mark.parametrize("what", ["small_grid", "few_weights_per_row", "stem"])
 def test_direct_gate_keeps_im2col(tmp_path, what):
     """Layers where the direct conv measured slower stay on im2col: a wide grid below one 4-vector
     tile (3x3 outputs), a grid with a large scalar tail (Nw = 8*10 for BSR: 16 of 80 columns),
     < 8 weights per output row, and a reduction depth C*kh*kw < 64 (3-channel stem)."""
     rng = np.random.default_rng(11)
-    kw = {"small_grid": dict(kind="csr", C=32, hw=(3, 3)), "tail": dict(kind=(8, 1), C=32, hw=(8, 8)),
+    kw = {"small_grid": dict(kind="csr", C=32, hw=(3, 3)),
           "few_weights_per_row": dict(kind="csr", C=8, hw=(7, 30), sparsity=0.95), "stem": dict(kind=(8, 1), C=3, hw=(7, 30))}[what]
     kind = kw.pop("kind")
     path, osh = build(str(tmp_path / "m.sparsedge"), kind, pad=1, rng=rng, **kw)
@@ -173,3 +173,26 @@ def test_direct_gate_keeps_im2col(tmp_path, what):
     y, rep, _ = _run(path, feeds, 1, "csr_f32_spmm" if kind == "csr" else "bsr8x1_f32_spmm")
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert rep and all(NOTE not in r["why"] for r in rep), rep
+
+
+BATCHED = [  # kind, override, C, O, k, stride, pad, (H, W), residual
+    ("csr", "csr_f32_spmm", 16, 24, 3, 2, 1, (11, 12), None),          # strided (phase layout)
+    ((8, 1), "bsr8x1_f32_spmm", 16, 16, 3, 1, 1, (8, 8), "relu"),       # small grid (old scalar tail)
+    ((16, 1), "bsr16x1_f32_spmm", 64, 32, 1, 2, 0, (9, 9), None),       # 1x1 stride-2 downsample
+    ("csr", "csr_f32_spmm", 32, 16, 3, 1, 1, (4, 4), "add"),            # 4x4 grid, residual
+]
+
+
+@pytest.mark.parametrize("case", BATCHED, ids=lambda c: "-".join(map(str, c)))
+def test_batched_direct_path(tmp_path, case):
+    """Batch 8: strided convs and small grids run the batched direct conv and match the reference."""
+    kind, override, C, O, k, stride, pad, hw, residual = case
+    rng = np.random.default_rng(13)
+    path, osh = build(str(tmp_path / "m.sparsedge"), kind, C=C, O=O, k=k, pad=pad, stride=stride, act="relu",
+                      residual=residual, rng=rng, hw=hw)
+    m, feeds = _feeds(path, 8, osh, rng)
+    ref = list(run_reference(m, feeds).values())[0]
+    for threads in (1, 2):
+        y, rep, _ = _run(path, feeds, threads, override)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+        assert rep and all(r["kernel"] == override and NOTE in r["why"] for r in rep), rep

@@ -110,12 +110,26 @@ class Conv2d(Op):
         choice = self.ctx.selector.choose(self.name, "conv2d", self.wf, npix)
         kind = self._direct_kind(choice)
         if kind is not None:
-            # stride-1 sparse k x k conv without im2col (kernels/conv.py sparse_conv_s1): work
-            # buffers (zero-padded shifted input [C*L], wide output [O, Ho*Wp]) in the arena
+            # sparse k x k / strided conv without im2col, the whole batch in one call (kernels/conv.py
+            # sparse_conv_batch): packed input [size] and wide output [O, Npad] in the arena scratch
+            k = self.k
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+            geo = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw)
+            shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
+            if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(choice, kind, O, Npad, Nb * npix):
+                if self.DIRECT_NOTE not in choice.why:
+                    choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
+                roff = k.batch_roff(C, self.kh, self.kw, sh, sw, dh, dw, shared, RS, L)
+                return NodePlan(scratch=[((size,), "float32"), ((O, Npad), "float32")],
+                                data=("bdirect", choice, Ho, Wo, kind, geo, roff),
+                                kernel=f"{choice.name}+{self.DIRECT_NOTE}")
+        if kind is not None and self.stride == (1, 1):
+            # per image (sparse_conv_s1) where the batched layout computes too many padding positions
+            # (valid convs on short images, batch 1 on tiny grids)
             geo = self.k.shifted_geometry(C, H, W, self.kh, self.kw, self.padding[0], self.padding[1],
                                           self.dilation[0], self.dilation[1])
             _, Wp, L, Ho2, Wo2, Nw = geo
-            if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(choice, kind, O, Nw):
+            if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays_s1(choice, kind, O, Nw):
                 if self.DIRECT_NOTE not in choice.why:
                     choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
                 return NodePlan(scratch=[((C * L,), "float32"), ((O, Nw), "float32")],
@@ -129,8 +143,7 @@ class Conv2d(Op):
         """"csr" / "bsr" when this layer can run ``sparse_conv_s1`` (stride 1, groups 1, kh*kw > 1,
         float32 CSR spmm row or BSR r x 1 spmm row with r % 8 == 0, packed as those rows' prepare
         returns it), else None."""
-        if (self.k is None or not hasattr(self.k, "sparse_conv_s1") or self.g != 1 or self.stride != (1, 1)
-                or self.kh * self.kw <= 1):
+        if self.k is None or not hasattr(self.k, "sparse_conv_batch") or self.g != 1 or self.pointwise:
             return None
         spec = getattr(choice.cand, "spec", None)
         if choice.cand.kind != "table" or spec is None or spec.op != "gemm" or spec.dtype != "float32":
@@ -151,23 +164,44 @@ class Conv2d(Op):
 
     DIRECT_MIN_NNZ_ROW = 8  # mean weights per output row below which im2col + GEMM stays
     DIRECT_MIN_K = 64  # reduction depth C*kh*kw below which (stems) im2col + GEMM stays
-    DIRECT_MAX_TAIL = 1 / 64  # largest share of the wide grid left to the kernels' scalar tail
+    DIRECT_MAX_WASTE = 2.0  # largest computed / real output positions (padding columns, rows, tile round-up)
 
-    def _direct_pays(self, choice, kind, O, Nw) -> bool:
-        """Measured (ResNet-style model at 90%, 2 threads, batch 8, this 2-core host, VW=16): the direct
-        conv is ~2x faster than im2col + GEMM where the wide grid Nw = Ho*Wp is (nearly) whole vector
-        tiles, but 5x (CSR, 4x4 outputs: Nw=24) to 11x (BSR 8x1, 8x8 outputs: Nw=80, 16 columns in the
-        scalar tail) slower where the kernels' scalar tail (Nw % VW for CSR, Nw % 2VW for BSR) is a
-        visible share, and 1.2-1.5x slower on a 3-channel 3x3 stem (K = 27; CSR 2.7 / BSR 16 weights per
-        row: the shift-pack and crop passes cost more than the small im2col they save)."""
-        vw = int(getattr(self.k, "VW", 8))
-        tile, step = (4 * vw, vw) if kind == "csr" else (2 * vw, 2 * vw)
-        if Nw < tile or (Nw % step) > self.DIRECT_MAX_TAIL * Nw or self.Cg * self.kh * self.kw < self.DIRECT_MIN_K:
+    def _direct_pays(self, choice, kind, O, Npad, nreal) -> bool:
+        """Measured (ResNet-style model at 90%, 2 threads, batch 8, this 2-core host): the batched direct
+        conv beats per-image im2col + the same GEMM from 32x32 (2.5x) down to 4x4 outputs (1.4x, computing
+        256 positions for 128 real ones), strided too; it lost on a 3-channel 3x3 stem (K = 27: the pack and
+        crop passes cost more than the small im2col they save) and with < 8 weights per output row."""
+        if Npad > self.DIRECT_MAX_WASTE * nreal or self.Cg * self.kh * self.kw < self.DIRECT_MIN_K:
             return False
         p = choice.packed
         nnz = p[2].shape[0]  # csr: weights; bsr r x 1: blocks = weights per row of a block row
         rows = O if kind == "csr" else max(1, p[0].shape[0] - 1)
         return nnz >= self.DIRECT_MIN_NNZ_ROW * rows
+
+    DIRECT_MAX_TAIL = 1 / 64  # largest share of the wide grid left to the kernels' scalar tail
+
+    def _direct_pays_s1(self, choice, kind, O, Nw) -> bool:
+        """Per-image sparse_conv_s1 (measured, ResNet-style model at 90%, 2 threads, batch 8, VW=16): ~2x
+        faster than im2col + GEMM where the wide grid Nw = Ho*Wp is (nearly) whole vector tiles, 5-11x
+        slower where the kernels' scalar tail (Nw % VW for CSR, Nw % 2VW for BSR) is a visible share."""
+        vw = int(getattr(self.k, "VW", 8))
+        tile, step = (4 * vw, vw) if kind == "csr" else (2 * vw, 2 * vw)
+        if Nw < tile or (Nw % step) > self.DIRECT_MAX_TAIL * Nw or self.Cg * self.kh * self.kw < self.DIRECT_MIN_K:
+            return False
+        p = choice.packed
+        nnz = p[2].shape[0]
+        rows = O if kind == "csr" else max(1, p[0].shape[0] - 1)
+        return nnz >= self.DIRECT_MIN_NNZ_ROW * rows
+
+    def _run_bdirect(self, x, y, res, choice, kind, geo, roff, scratch):
+        """The whole batch through sparse_conv_batch (pack, one sparse kernel call, crop + epilogue)."""
+        k = self.k
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        if res is not None and not res.flags.c_contiguous:
+            res = np.ascontiguousarray(res)
+        k.sparse_conv_batch(kind, choice.packed, x, y, self.kh, self.kw, self.stride, self.padding, self.dilation,
+                            bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[1]), roff=roff)
 
     def _run_direct(self, x, y, res, choice, kind, scratch):
         """Per image: sparse_conv_s1 with the fused epilogue; work buffers from the plan's scratch."""
@@ -222,6 +256,8 @@ class Conv2d(Op):
             return self._run_dw(x, y, scratch[0], Ho, Wo, res)
         if mode == "bgemm":
             return self._run_batched(x, y, res, choice, scratch, npix)
+        if mode == "bdirect":
+            return self._run_bdirect(x, y, res, choice, data[4], data[5], data[6], scratch)
         if mode == "direct":
             return self._run_direct(x, y, res, choice, data[4], scratch)
         for n in range(Nb):
