@@ -302,3 +302,204 @@ def vnni_dot4(typingctx, acc, x, w, woff, wstride, nvec):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ----------------------------------------------------------------------------------------------
+# unstructured groups of 4: byte-interleave 4 activation rows in registers, then vpdpbusd
+def _unpack(builder, a, b, width, hi):
+    """x86 punpck{l,h}{bw,wd} on 512-bit vectors (within each 128-bit lane) as a shufflevector of
+    two <n x iW> vectors: lo takes elements 0..h-1 of every lane, hi h..2h-1 (h = lane elements / 2)."""
+    n = 512 // width
+    per = 128 // width
+    h = per // 2
+    vt = ir.VectorType(ir.IntType(width), n)
+    a = builder.bitcast(a, vt)
+    b = builder.bitcast(b, vt)
+    mask = []
+    for lane in range(4):
+        for j in range(h):
+            src = lane * per + j + (h if hi else 0)
+            mask += [src, n + src]
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, n), mask))
+
+
+@intrinsic
+def vnni_gather4(typingctx, R, NC, QLO, QHI, acc, aoff, ars, xq, xrs, xoff, gidx, gw, g0, g1):
+    """Sparse groups of 4 arbitrary input features: for g in [g0, g1) the features
+    ``k = gidx[4g + j]`` (j < 4), weights ``gw[(g*R + r)*4 + j]`` (int8) for the R rows of the tile.
+    Activation rows are uint8 ``xq[k*xrs + xoff + 64c + p]`` (c < NC chunks of 64 columns, stored
+    column-permuted: position ``16L + 4q + i`` holds column ``16q + 4L + i``); per group and chunk
+    the 4 rows are byte-interleaved in registers (punpcklbw/hbw then punpcklwd/hwd: 8 shuffles) into
+    4 zmm of 16 columns x 4 features and fed to vpdpbusd with the broadcast weight dword of each row.
+    Only the column quarters q in [QLO, QHI) are computed (R * NC * (QHI-QLO) accumulators).
+    Writes int32 ``acc[aoff + r*ars + 64c + 16q + l]`` (natural column order)."""
+    r_, nc_, qlo_, qhi_ = (_literal_int(v) for v in (R, NC, QLO, QHI))
+    if None in (r_, nc_, qlo_, qhi_):
+        return None
+    ints = (aoff, ars, xrs, xoff, g0, g1)
+    if not all(isinstance(v, types.Integer) for v in ints):
+        return None
+    sig = types.void(R, NC, QLO, QHI, acc, aoff, ars, xq, xrs, xoff, gidx, gw, g0, g1)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+
+        def ptr(i, t):
+            return builder.bitcast(context.make_array(st[i])(context, builder, args[i]).data, t.as_pointer())
+
+        def i64(i):
+            return context.cast(builder, args[i], st[i], types.int64)
+
+        accp, xp, ip, wp = ptr(4, _I32), ptr(7, _I8), ptr(10, _I32), ptr(11, _I8)
+        aoff_, ars_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (5, 6, 8, 9, 12, 13))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
+        v64 = ir.VectorType(_I8, 64)
+        zero = ir.Constant(_V16, None)
+        bmask = ir.Constant(_V16, [0] * 16)
+        qs = list(range(qlo_, qhi_))
+        need_lo = any(q < 2 for q in qs)
+        need_hi = any(q >= 2 for q in qs)
+
+        pre = builder.basic_block
+        hdr = builder.append_basic_block("g4.hdr")
+        body = builder.append_basic_block("g4.body")
+        done = builder.append_basic_block("g4.done")
+        builder.branch(hdr)
+        builder.position_at_end(hdr)
+        g = builder.phi(_I64, "g")
+        g.add_incoming(g0_, pre)
+        keys = [(r, c, q) for r in range(r_) for c in range(nc_) for q in qs]
+        accs = {}
+        for key in keys:
+            p = builder.phi(_V16)
+            p.add_incoming(zero, pre)
+            accs[key] = p
+        builder.cbranch(builder.icmp_signed("<", g, g1_), body, done)
+
+        builder.position_at_end(body)
+        g4 = builder.mul(g, ir.Constant(_I64, 4))
+        rows = []
+        for j in range(4):
+            k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
+            rows.append(builder.add(builder.mul(k, xrs_), xoff_))
+        wb = []
+        for r in range(r_):
+            off = builder.add(builder.mul(g, ir.Constant(_I64, 4 * r_)), ir.Constant(_I64, 4 * r))
+            wv = builder.load(builder.bitcast(builder.gep(wp, [off]), _I32.as_pointer()), align=1)
+            wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
+                                                                    ir.Constant(_I32, 0)),
+                                             ir.Constant(_V16, ir.Undefined), bmask))
+        new = {}
+        for c in range(nc_):
+            xs = []
+            for j in range(4):
+                p = builder.gep(xp, [builder.add(rows[j], ir.Constant(_I64, 64 * c))])
+                xs.append(builder.load(builder.bitcast(p, v64.as_pointer()), align=1))
+            quarters = {}
+            for hi in ([0] if need_lo else []) + ([1] if need_hi else []):
+                ab = _unpack(builder, xs[0], xs[1], 8, hi)
+                cd = _unpack(builder, xs[2], xs[3], 8, hi)
+                for h2 in (0, 1):
+                    q = 2 * hi + h2
+                    if q in qs:
+                        quarters[q] = builder.bitcast(_unpack(builder, ab, cd, 16, h2), _V16)
+            for r in range(r_):
+                for q in qs:
+                    new[(r, c, q)] = builder.call(fn, [accs[(r, c, q)], quarters[q], wb[r]])
+        end = builder.basic_block
+        g.add_incoming(builder.add(g, ir.Constant(_I64, 1)), end)
+        for key in keys:
+            accs[key].add_incoming(new[key], end)
+        builder.branch(hdr)
+
+        builder.position_at_end(done)
+        for (r, c, q) in keys:
+            off = builder.add(aoff_, builder.add(builder.mul(ars_, ir.Constant(_I64, r)),
+                                                 ir.Constant(_I64, 64 * c + 16 * q)))
+            builder.store(accs[(r, c, q)], builder.bitcast(builder.gep(accp, [off]), _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def minmax_f32(typingctx, x):
+    """(min(min(x), 0), max(max(x), 0)) of a contiguous float32 array as float32, in 16-lane
+    vectors (plain numba loops do not vectorize this reduction without fastmath nnan). NaNs are
+    not propagated (garbage in, garbage quantization, no crash)."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"):
+        return None
+    ret = types.UniTuple(types.float32, 2)
+    sig = ret(x)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, 16)
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        p = builder.bitcast(ary.data, f32.as_pointer())
+        n = ary.nitems
+        U = 4  # independent accumulator pairs (the compare + select chain is the bound)
+        nv = builder.sdiv(n, ir.Constant(_I64, 16 * U))
+        zero = ir.Constant(vf, None)
+        pre = builder.basic_block
+        hdr = builder.append_basic_block("mm.hdr")
+        body = builder.append_basic_block("mm.body")
+        tail = builder.append_basic_block("mm.tail")
+        thdr = builder.append_basic_block("mm.thdr")
+        tbody = builder.append_basic_block("mm.tbody")
+        done = builder.append_basic_block("mm.done")
+        builder.branch(hdr)
+        builder.position_at_end(hdr)
+        i = builder.phi(_I64)
+        i.add_incoming(ir.Constant(_I64, 0), pre)
+        los, his = [], []
+        for u in range(U):
+            lo = builder.phi(vf)
+            hi = builder.phi(vf)
+            lo.add_incoming(zero, pre)
+            hi.add_incoming(zero, pre)
+            los.append(lo)
+            his.append(hi)
+        builder.cbranch(builder.icmp_signed("<", i, nv), body, tail)
+        builder.position_at_end(body)
+        base = builder.mul(i, ir.Constant(_I64, 16 * U))
+        for u in range(U):
+            v = builder.load(builder.bitcast(builder.gep(p, [builder.add(base, ir.Constant(_I64, 16 * u))]),
+                                             vf.as_pointer()), align=4)
+            los[u].add_incoming(builder.select(builder.fcmp_ordered("<", v, los[u]), v, los[u]), body)
+            his[u].add_incoming(builder.select(builder.fcmp_ordered(">", v, his[u]), v, his[u]), body)
+        i.add_incoming(builder.add(i, ir.Constant(_I64, 1)), body)
+        builder.branch(hdr)
+        builder.position_at_end(tail)
+        lo, hi = los[0], his[0]
+        for u in range(1, U):
+            lo = builder.select(builder.fcmp_ordered("<", los[u], lo), los[u], lo)
+            hi = builder.select(builder.fcmp_ordered(">", his[u], hi), his[u], hi)
+        slo = builder.extract_element(lo, ir.Constant(_I32, 0))
+        shi = builder.extract_element(hi, ir.Constant(_I32, 0))
+        for k in range(1, 16):
+            a = builder.extract_element(lo, ir.Constant(_I32, k))
+            b = builder.extract_element(hi, ir.Constant(_I32, k))
+            slo = builder.select(builder.fcmp_ordered("<", a, slo), a, slo)
+            shi = builder.select(builder.fcmp_ordered(">", b, shi), b, shi)
+        j0 = builder.mul(nv, ir.Constant(_I64, 16 * U))
+        builder.branch(thdr)
+        builder.position_at_end(thdr)
+        j = builder.phi(_I64)
+        j.add_incoming(j0, tail)
+        tlo = builder.phi(f32)
+        thi = builder.phi(f32)
+        tlo.add_incoming(slo, tail)
+        thi.add_incoming(shi, tail)
+        builder.cbranch(builder.icmp_signed("<", j, n), tbody, done)
+        builder.position_at_end(tbody)
+        s = builder.load(builder.gep(p, [j]))
+        tlo.add_incoming(builder.select(builder.fcmp_ordered("<", s, tlo), s, tlo), tbody)
+        thi.add_incoming(builder.select(builder.fcmp_ordered(">", s, thi), s, thi), tbody)
+        j.add_incoming(builder.add(j, ir.Constant(_I64, 1)), tbody)
+        builder.branch(thdr)
+        builder.position_at_end(done)
+        return context.make_tuple(builder, ret, (tlo, thi))
+
+    return sig, codegen

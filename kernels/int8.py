@@ -61,6 +61,7 @@ from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
+from ._vnni import amx_block, amx_config, minmax_f32, vnni_dot4, vnni_gather4, vnni_tile
 from .epilogue import act_ref, act_scalar, epilogue_tile
 from .table import ACT_NONE, KernelSpec
 
@@ -235,9 +236,29 @@ def act_params(x, granularity="tensor"):
     return scale, zp
 
 
+@jit(fastmath=False)  # IEEE float32 division and rounding, as act_params
+def _tensor_params(x):
+    """Dynamic per-tensor parameters of x float32 [K, N] (C-contiguous) in one call: (sx f32 [N],
+    zx i32 [N], inv = 1/sx f32 [N], zx as f32 [N]); the same float32 operations as ``act_params``
+    (which costs about 10 small numpy calls)."""
+    N = x.shape[1]
+    lo, hi = minmax_f32(x)
+    sc = (hi - lo) / np.float32(255.0)
+    if not (sc > np.float32(0.0)) or not np.isfinite(sc):
+        sc = np.float32(1.0)
+    z = np.rint(-lo / sc)
+    z = min(max(z, np.float32(0.0)), np.float32(255.0))
+    zi = np.int32(z)
+    iv = np.float32(1.0) / sc
+    return (np.full(N, sc, np.float32), np.full(N, zi, np.int32), np.full(N, iv, np.float32),
+            np.full(N, np.float32(zi), np.float32))
+
+
 def _params(packed, x):
     aq = packed["act_quant"]
     N = x.shape[1]
+    if aq is None and packed["granularity"] == "tensor" and x.flags.c_contiguous:
+        return _tensor_params(x)
     if aq is None:
         sx, zx = act_params(x, packed["granularity"])
     else:
@@ -283,7 +304,6 @@ def quantize_ref(x, scale=None, zero_point=None, granularity="tensor"):
 
 # ----------------------------------------------------------------------------------------------
 # VNNI kernels (compiled only when called, i.e. on CPUs with avx512_vnni)
-from ._vnni import amx_block, amx_config, vnni_dot4, vnni_tile  # noqa: E402
 
 
 @jit(inline="always")
@@ -402,6 +422,73 @@ def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, rowsum, czx, cz, sx, sw, bias,
         for r in range(min(R, out - rb * R)):
             o = rb * R + r
             _deq_row(acc[r], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
+
+
+@pjit
+def _quant_perm(x, inv, zpf, xq):
+    """x float32 [K, N] -> xq uint8 [K, npad] (npad % 64 == 0, zeros past N), columns permuted
+    inside every chunk of 64: position 16L + 4q + i holds column 16q + 4L + i (a 4x4 transpose of
+    dwords, undone by the in-lane byte interleave of ``vnni_gather4``)."""
+    K, N = x.shape
+    npad = xq.shape[1]
+    nb = (K + 31) // 32
+    for b in prange(nb):
+        tmp = np.empty(npad, np.uint8)
+        t32 = tmp.view(np.uint32)
+        for k in range(b * 32, min(b * 32 + 32, K)):
+            r = x[k]
+            for n in range(N):
+                tmp[n] = np.uint8(_q(r[n], inv[n], zpf[n]))
+            for n in range(N, npad):
+                tmp[n] = 0
+            d32 = xq[k].view(np.uint32)
+            for c in range(npad // 64):
+                s = t32[16 * c:16 * c + 16]
+                d = d32[16 * c:16 * c + 16]
+                for L in range(4):
+                    for q in range(4):
+                        d[4 * L + q] = s[4 * q + L]
+
+
+@pjit(fastmath=False)  # no FMA contraction in the fused dequantize
+def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+    """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
+    groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] with int8 weights
+    gw flat [ng, R, 4]; xq uint8 [K, npad] column-permuted (``_quant_perm``). R in (1, 4, 8).
+    Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
+    nrb = gptr.shape[0] - 1
+    npad = xq.shape[1]
+    xf = xq.reshape(-1)
+    zw = np.empty(0, np.int32)
+    TB = 16 if R == 1 else 1  # row groups per task
+    ntask = (nrb + TB - 1) // TB
+    for t in prange(ntask):
+        acc = np.empty((R * TB, npad), np.int32)
+        af = acc.reshape(-1)
+        b0 = t * TB
+        b1 = min(b0 + TB, nrb)
+        for b in range(b0, b1):
+            g0 = gptr[b]
+            g1 = gptr[b + 1]
+            ao = (b - b0) * R * npad
+            if R == 1:
+                c0 = 0
+                while c0 + 128 <= npad:
+                    vnni_gather4(1, 2, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                    c0 += 128
+                if c0 < npad:
+                    vnni_gather4(1, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+            elif R == 4:
+                for c0 in range(0, npad, 64):
+                    vnni_gather4(4, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+            else:
+                for c0 in range(0, npad, 64):
+                    vnni_gather4(8, 1, 0, 2, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                    vnni_gather4(8, 1, 2, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+        N = y.shape[1]
+        for rr in range(min((b1 - b0) * R, out - b0 * R)):
+            o = b0 * R + rr
+            _deq_row(acc[rr, :N], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
@@ -550,6 +637,38 @@ def _quads(rows, cols, vals, out, K, R):
     return qptr, (uq % G).astype(np.int32), qw
 
 
+def _groups(rows, cols, vals, out, K, R):
+    """Entries (row, col, int8 val) -> groups-of-4 sparse arrays for row groups of R: the distinct
+    columns holding a non-zero in a row group, in order, taken 4 at a time (the last group padded
+    with zero weights on a repeated column): gptr int32 [ceil(out/R)+1], gidx int32 [ng, 4] (input
+    feature), gw int8 [ng, R, 4]."""
+    nrb = (out + R - 1) // R
+    keep = vals != 0
+    rows, cols, vals = rows[keep].astype(np.int64), cols[keep].astype(np.int64), vals[keep]
+    key = (rows // R) * max(K, 1) + cols
+    uq, inv = np.unique(key, return_inverse=True)
+    rg = uq // max(K, 1)
+    cnt = np.bincount(rg, minlength=nrb)[:nrb]
+    ngr = (cnt + 3) // 4
+    gptr = np.zeros(nrb + 1, np.int64)
+    np.cumsum(ngr, out=gptr[1:])
+    cstart = np.zeros(nrb + 1, np.int64)
+    np.cumsum(cnt, out=cstart[1:])
+    pos = np.arange(uq.shape[0], dtype=np.int64) - cstart[rg]
+    slot = gptr[rg] * 4 + pos  # flat slot of each distinct column
+    ng = int(gptr[-1])
+    gidx = np.full(ng * 4, -1, np.int64)
+    gidx[slot] = uq % max(K, 1)
+    gidx = gidx.reshape(ng, 4)
+    for j in range(1, 4):  # padding slots: the group's first column (already in cache), weight 0
+        m = gidx[:, j] < 0
+        gidx[m, j] = gidx[m, 0]
+    gw = np.zeros((ng * 4, R), np.int8)
+    gw[slot[inv], rows % R] = vals
+    gw = np.ascontiguousarray(gw.reshape(ng, 4, R).transpose(0, 2, 1))
+    return gptr.astype(np.int32), gidx.astype(np.int32), gw
+
+
 def _entries(wf):
     a = wf.arrays()
     out, K = wf.shape
@@ -656,10 +775,16 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
             path = p["path"] = "vnni"
         if path == "gemv_vnni":  # sparse batch-1 uses the gather kernel
             path = p["path"] = "gemv"
-        if path == "vnni":
+        if path == "vnni" and (kind == "csr_i8" or (p["block"][1] == 1 and p["block"][0] % 4 == 0)):
+            # unstructured / r x 1 blocks: groups of 4 arbitrary non-zero columns per row group
+            R = 1 if kind == "csr_i8" else (8 if p["block"][0] % 8 == 0 else 4)
+            gptr, gidx, gw = _groups(rows, cols, vals, out, K, R)
+            p.update(layout="groups", R=R, gptr=gptr, gidx=gidx.reshape(-1), gw=gw.reshape(-1))
+            p["repack_bytes"] = gptr.nbytes + gidx.nbytes + gw.nbytes
+        elif path == "vnni":
             R = 1 if kind == "csr_i8" else (8 if p["block"][0] % 8 == 0 else 4 if p["block"][0] % 4 == 0 else 1)
             qptr, qidx, qw = _quads(rows, cols, vals, out, K, R)
-            p.update(R=R, qptr=qptr, qidx=qidx, qw=qw.reshape(-1))
+            p.update(layout="quads", R=R, qptr=qptr, qidx=qidx, qw=qw.reshape(-1))
             p["repack_bytes"] = qptr.nbytes + qidx.nbytes + qw.nbytes
         elif path == "gemv" and kind == "bsr_i8":
             # batch-1 on BSR: row-wise CSR entries (a repack; exact)
@@ -698,6 +823,13 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
         return
     bias, residual = _opt(bias, residual)
     sx, zx, inv, zpf = _params(p, x)
+    if p.get("layout") == "groups":
+        xq = np.empty((K, (N + 63) // 64 * 64), np.uint8)
+        _quant_perm(x, inv, zpf, xq)
+        czx = -zx.astype(np.float64)
+        _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
+                     sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
+        return
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)
     x4 = np.empty(G * npad * 4, np.uint8)
