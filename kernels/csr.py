@@ -3,12 +3,18 @@
 W: ``indptr`` int32 [out+1], ``indices`` int32 or uint16 [nnz] (sorted within a row),
 ``data`` float32 [nnz]. X float32 [in, N], Y float32 [out, N], both C-contiguous.
 
-* ``csr_spmm``: (N chunk, row) pairs in parallel, chunk-major; N chunks are sized so the
-  chunk of X (in rows) stays in L2 (``L2_FLOATS``). Per row and chunk, a register-blocked
-  micro-kernel (``simd.f32vec``) keeps 8 vectors (or 4 vectors x 2 chains) of accumulators in registers
-  while the row's non-zeros stream by (one broadcast + 8 loads + 8 FMAs per non-zero, no
-  output traffic); a 1-vector kernel and a scalar loop (nnz unrolled x8, output in L1) take
-  the remaining columns. The fused epilogue runs once per row and chunk.
+* ``csr_spmm``: (N chunk, row block) tasks in parallel, chunk-major; N chunks are sized so
+  the chunk of X (in rows) stays in L2 (``L2_FLOATS``); a row block is a contiguous range of
+  rows (``ROW_BLOCKS`` per chunk; measured faster than one task per row). Per row and chunk, a
+  register-blocked micro-kernel (``simd.f32vec``) keeps 8 vectors (or 4 vectors x 2 chains)
+  of accumulators in registers while the row's non-zeros stream by (one broadcast + 8 loads +
+  8 FMAs per non-zero, loop 0-based over the row's slices, no output traffic); a 1-vector
+  kernel and a scalar loop (nnz unrolled x8, output in L1) take the remaining columns. The
+  fused epilogue runs once per row and chunk. X rows must be 64-byte aligned for the vector
+  loads not to straddle cache lines (measured 2x slower at 90%, N=128): when X's base is not
+  64-byte aligned or N is not a multiple of VW, and each X row is used by at least
+  ``COPY_MIN_USES`` non-zeros on average, X is first copied (in parallel) to an aligned
+  buffer with a padded row stride.
 * ``csr_spmv`` (N = 1): one dot product per row (gather from x), memory-bound: bytes per
   non-zero are what count (uint16 indices: 6 B instead of 8 B).
 """
@@ -24,50 +30,55 @@ from .table import KernelSpec
 
 TN = 128  # N tile (floats) of the scalar remainder / epilogue passes
 L2_FLOATS = 1 << 18  # X chunk budget: 1 MB of floats kept L2-resident
+ROW_BLOCKS = 64  # parallel tasks per N chunk (contiguous row ranges)
+COPY_MIN_USES = 8  # copy a misaligned X when each X row is used by >= this many non-zeros on average
 
 
 @jit
 def _row_tile(indices, data, k0, k1, x, yr, j0, m):
     """yr[:m] = sum_k data[k] * x[indices[k], j0:j0+m] over k in [k0, k1)."""
+    ix = indices[k0:k1]
+    dv = data[k0:k1]
+    nk = k1 - k0
     for j in range(m):
         yr[j] = np.float32(0.0)
-    k = k0
-    while k + 8 <= k1:
-        v0 = data[k]
-        v1 = data[k + 1]
-        v2 = data[k + 2]
-        v3 = data[k + 3]
-        v4 = data[k + 4]
-        v5 = data[k + 5]
-        v6 = data[k + 6]
-        v7 = data[k + 7]
-        x0 = x[indices[k], j0:j0 + m]
-        x1 = x[indices[k + 1], j0:j0 + m]
-        x2 = x[indices[k + 2], j0:j0 + m]
-        x3 = x[indices[k + 3], j0:j0 + m]
-        x4 = x[indices[k + 4], j0:j0 + m]
-        x5 = x[indices[k + 5], j0:j0 + m]
-        x6 = x[indices[k + 6], j0:j0 + m]
-        x7 = x[indices[k + 7], j0:j0 + m]
+    k = 0
+    while k + 8 <= nk:
+        v0 = dv[k]
+        v1 = dv[k + 1]
+        v2 = dv[k + 2]
+        v3 = dv[k + 3]
+        v4 = dv[k + 4]
+        v5 = dv[k + 5]
+        v6 = dv[k + 6]
+        v7 = dv[k + 7]
+        x0 = x[ix[k], j0:j0 + m]
+        x1 = x[ix[k + 1], j0:j0 + m]
+        x2 = x[ix[k + 2], j0:j0 + m]
+        x3 = x[ix[k + 3], j0:j0 + m]
+        x4 = x[ix[k + 4], j0:j0 + m]
+        x5 = x[ix[k + 5], j0:j0 + m]
+        x6 = x[ix[k + 6], j0:j0 + m]
+        x7 = x[ix[k + 7], j0:j0 + m]
         for j in range(m):
             yr[j] += (v0 * x0[j] + v1 * x1[j]) + (v2 * x2[j] + v3 * x3[j]) + \
                      ((v4 * x4[j] + v5 * x5[j]) + (v6 * x6[j] + v7 * x7[j]))
         k += 8
-    if k + 4 <= k1:
-        v0 = data[k]
-        v1 = data[k + 1]
-        v2 = data[k + 2]
-        v3 = data[k + 3]
-        x0 = x[indices[k], j0:j0 + m]
-        x1 = x[indices[k + 1], j0:j0 + m]
-        x2 = x[indices[k + 2], j0:j0 + m]
-        x3 = x[indices[k + 3], j0:j0 + m]
+    if k + 4 <= nk:
+        v0 = dv[k]
+        v1 = dv[k + 1]
+        v2 = dv[k + 2]
+        v3 = dv[k + 3]
+        x0 = x[ix[k], j0:j0 + m]
+        x1 = x[ix[k + 1], j0:j0 + m]
+        x2 = x[ix[k + 2], j0:j0 + m]
+        x3 = x[ix[k + 3], j0:j0 + m]
         for j in range(m):
             yr[j] += (v0 * x0[j] + v1 * x1[j]) + (v2 * x2[j] + v3 * x3[j])
         k += 4
-    while k < k1:
-        v0 = data[k]
-        x0 = x[indices[k], j0:j0 + m]
+    while k < nk:
+        v0 = dv[k]
+        x0 = x[ix[k], j0:j0 + m]
         for j in range(m):
             yr[j] += v0 * x0[j]
         k += 1
@@ -76,26 +87,29 @@ def _row_tile(indices, data, k0, k1, x, yr, j0, m):
 @jit
 def _mkc4(indices, data, k0, k1, x, yr, j):
     """yr[j:j+4*VW] = sum_k data[k] * x[indices[k], j:j+4*VW]; 4 vectors x 2 chains in registers."""
+    ix = indices[k0:k1]
+    dv = data[k0:k1]
+    nk = k1 - k0
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
     b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
-    k = k0
-    while k + 2 <= k1:
-        xr = x[indices[k]]
-        w = vbcast(data[k])
+    k = 0
+    while k + 2 <= nk:
+        xr = x[ix[k]]
+        w = vbcast(dv[k])
         a0 = vfma(w, vload(xr, j), a0)
         a1 = vfma(w, vload(xr, j + VW), a1)
         a2 = vfma(w, vload(xr, j + 2 * VW), a2)
         a3 = vfma(w, vload(xr, j + 3 * VW), a3)
-        xr = x[indices[k + 1]]
-        w = vbcast(data[k + 1])
+        xr = x[ix[k + 1]]
+        w = vbcast(dv[k + 1])
         b0 = vfma(w, vload(xr, j), b0)
         b1 = vfma(w, vload(xr, j + VW), b1)
         b2 = vfma(w, vload(xr, j + 2 * VW), b2)
         b3 = vfma(w, vload(xr, j + 3 * VW), b3)
         k += 2
-    if k < k1:
-        xr = x[indices[k]]
-        w = vbcast(data[k])
+    if k < nk:
+        xr = x[ix[k]]
+        w = vbcast(dv[k])
         a0 = vfma(w, vload(xr, j), a0)
         a1 = vfma(w, vload(xr, j + VW), a1)
         a2 = vfma(w, vload(xr, j + 2 * VW), a2)
@@ -108,12 +122,15 @@ def _mkc4(indices, data, k0, k1, x, yr, j):
 
 @jit
 def _mkc8(indices, data, k0, k1, x, yr, j):
-    """yr[j:j+8*VW] = sum_k data[k] * x[indices[k], j:j+8*VW]; 8 vector accumulators."""
+    """yr[j:j+8*VW] = sum_k data[k] * x[indices[k], j:j+8*VW]; 8 vector accumulators.
+    The loop runs 0-based over the row's slices (no negative-index fix-ups in the hot loop)."""
+    ix = indices[k0:k1]
+    dv = data[k0:k1]
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
     a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-    for k in range(k0, k1):
-        xr = x[indices[k]]
-        w = vbcast(data[k])
+    for k in range(k1 - k0):
+        xr = x[ix[k]]
+        w = vbcast(dv[k])
         a0 = vfma(w, vload(xr, j), a0)
         a1 = vfma(w, vload(xr, j + VW), a1)
         a2 = vfma(w, vload(xr, j + 2 * VW), a2)
@@ -135,60 +152,95 @@ def _mkc8(indices, data, k0, k1, x, yr, j):
 @jit
 def _mkc1(indices, data, k0, k1, x, yr, j):
     """yr[j:j+VW] = sum_k data[k] * x[indices[k], j:j+VW]; 4 chains in registers."""
+    ix = indices[k0:k1]
+    dv = data[k0:k1]
+    nk = k1 - k0
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-    k = k0
-    while k + 4 <= k1:
-        a0 = vfma(vbcast(data[k]), vload(x[indices[k]], j), a0)
-        a1 = vfma(vbcast(data[k + 1]), vload(x[indices[k + 1]], j), a1)
-        a2 = vfma(vbcast(data[k + 2]), vload(x[indices[k + 2]], j), a2)
-        a3 = vfma(vbcast(data[k + 3]), vload(x[indices[k + 3]], j), a3)
+    k = 0
+    while k + 4 <= nk:
+        a0 = vfma(vbcast(dv[k]), vload(x[ix[k]], j), a0)
+        a1 = vfma(vbcast(dv[k + 1]), vload(x[ix[k + 1]], j), a1)
+        a2 = vfma(vbcast(dv[k + 2]), vload(x[ix[k + 2]], j), a2)
+        a3 = vfma(vbcast(dv[k + 3]), vload(x[ix[k + 3]], j), a3)
         k += 4
-    while k < k1:
-        a0 = vfma(vbcast(data[k]), vload(x[indices[k]], j), a0)
+    while k < nk:
+        a0 = vfma(vbcast(dv[k]), vload(x[ix[k]], j), a0)
         k += 1
     vstore(yr, j, vadd(vadd(a0, a1), vadd(a2, a3)))
 
 
 @pjit
-def csr_spmm(indptr, indices, data, x, y, bias, res, act, lo, hi):
-    """Y = act(W @ X + bias + res). bias float32 [out] or len 0; res float32 [out, N] or (0, 0)."""
-    nout = y.shape[0]
+def _aligned_copy(x, npad):
+    """A copy of x [in, N] with 64-byte aligned rows: float32 [in, npad] (npad >= N, a multiple
+    of VW; columns N..npad uninitialized)."""
+    nin = x.shape[0]
     n = x.shape[1]
+    buf = np.empty(nin * npad + VW, np.float32)
+    off = ((64 - buf.ctypes.data % 64) % 64) // 4
+    xa = buf[off:off + nin * npad].reshape((nin, npad))
+    for r in prange(nin):
+        xa[r, :n] = x[r, :]
+    return xa
+
+
+@pjit
+def _spmm_rows(indptr, indices, data, x, y, bias, res, act, lo, hi):
+    """The GEMM proper; x float32 [in, >= N] (row stride may exceed N), N = y.shape[1]."""
+    nout = y.shape[0]
+    n = y.shape[1]
     nb = bias.shape[0]
     nr = res.shape[0]
     nin = x.shape[0]
     n4 = (n // (4 * VW)) * (4 * VW)
     n1 = (n // VW) * VW
-    # N chunks so a chunk of X stays in L2 while all rows use it; chunk-major (chunk, row) loop
+    # N chunks so a chunk of X stays in L2 while all rows use it; chunk-major (chunk, row block)
+    # tasks, each a contiguous range of rows (measured faster than one task per row)
     nc = max(4 * VW, (L2_FLOATS // max(nin, 1)) // (4 * VW) * (4 * VW))
     nch = max(1, (n + nc - 1) // nc)
-    for t in prange(nch * nout):
-        ch = t // nout
-        i = t - ch * nout
+    nblk = min(nout, ROW_BLOCKS)
+    for t in prange(nch * nblk):
+        ch = t // nblk
+        blk = t - ch * nblk
         jlo = ch * nc
         jhi = min(n, jlo + nc)
-        k0 = indptr[i]
-        k1 = indptr[i + 1]
-        b = bias[i] if nb != 0 else np.float32(0.0)
-        yrow = y[i]
-        j = jlo
         je = min(jhi, n4)
-        while j + 8 * VW <= je:
-            _mkc8(indices, data, k0, k1, x, yrow, j)
-            j += 8 * VW
-        while j < je:
-            _mkc4(indices, data, k0, k1, x, yrow, j)
-            j += 4 * VW
-        if jhi == n:
-            for j in range(n4, n1, VW):
-                _mkc1(indices, data, k0, k1, x, yrow, j)
-            if n1 < n:
-                _row_tile(indices, data, k0, k1, x, y[i, n1:n], n1, n - n1)
-        yr = y[i, jlo:jhi]
-        if nr != 0:
-            epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
-        else:
-            epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+        for i in range(blk * nout // nblk, (blk + 1) * nout // nblk):
+            k0 = indptr[i]
+            k1 = indptr[i + 1]
+            b = bias[i] if nb != 0 else np.float32(0.0)
+            yrow = y[i]
+            j = jlo
+            while j + 8 * VW <= je:
+                _mkc8(indices, data, k0, k1, x, yrow, j)
+                j += 8 * VW
+            while j < je:
+                _mkc4(indices, data, k0, k1, x, yrow, j)
+                j += 4 * VW
+            if jhi == n:
+                for j in range(n4, n1, VW):
+                    _mkc1(indices, data, k0, k1, x, yrow, j)
+                if n1 < n:
+                    _row_tile(indices, data, k0, k1, x, y[i, n1:n], n1, n - n1)
+            yr = y[i, jlo:jhi]
+            if nr != 0:
+                epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
+            else:
+                epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+
+
+@jit
+def csr_spmm(indptr, indices, data, x, y, bias, res, act, lo, hi):
+    """Y = act(W @ X + bias + res). bias float32 [out] or len 0; res float32 [out, N] or (0, 0).
+    X rows that are not 64-byte aligned (base address, or N not a multiple of VW) are first
+    copied to an aligned buffer when each X row is used often enough (nnz >= COPY_MIN_USES * in)."""
+    nin = x.shape[0]
+    n = x.shape[1]
+    nnz = indptr[y.shape[0]]
+    if n >= VW and nin > 0 and nnz >= COPY_MIN_USES * nin and (x.ctypes.data % 64 != 0 or n % VW != 0):
+        npad = (n + VW - 1) // VW * VW
+        _spmm_rows(indptr, indices, data, _aligned_copy(x, npad), y, bias, res, act, lo, hi)
+    else:
+        _spmm_rows(indptr, indices, data, x, y, bias, res, act, lo, hi)
 
 
 @pjit
