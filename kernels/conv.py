@@ -678,9 +678,10 @@ def sparse_conv_s1(kind, packed, x, y, kh, kw, padding=(0, 0), dilation=(1, 1), 
 #   padded positions; tap (ky, kx) reads phase ((ky*dh) % sh, (kx*dw) % sw) shifted by
 #   ((ky*dh)//sh, (kx*dw)//sw). RS = Wq, IS = Hq*Wq.
 
-def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=64):
+def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW):
     """-> (shared, P, RS, IS, L, Npad, size, Ho, Wo): P planes per channel, row / image strides,
-    plane stride L, padded position count Npad (multiple of ``tile``), xf length ``size``."""
+    plane stride L, padded position count Npad (multiple of ``tile``: VW for csr_conv_koff, 2*VW for
+    bsr_conv_s1), xf length ``size``."""
     Ho = conv_out_size(H, kh, sh, ph, dh)
     Wo = conv_out_size(W, kw, sw, pw, dw)
     shared = sh == 1 and sw == 1 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1)
@@ -800,6 +801,111 @@ def pack_phase(x, sh, sw, ph, pw, Hq, Wq, L, xf):
                         tail[q] = np.float32(0.0)
 
 
+@jit(inline="always")
+def _mkoff8(koff, data, k0, k1, xf, yr, j):
+    """yr[j:j+8VW] = sum_k data[k] * xf[koff[k] + j : +8VW] (8 accumulators, one chain)."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    for k in range(k0, k1):
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+    vstore(yr, j, a0)
+    vstore(yr, j + VW, a1)
+    vstore(yr, j + 2 * VW, a2)
+    vstore(yr, j + 3 * VW, a3)
+    vstore(yr, j + 4 * VW, a4)
+    vstore(yr, j + 5 * VW, a5)
+    vstore(yr, j + 6 * VW, a6)
+    vstore(yr, j + 7 * VW, a7)
+
+
+@jit(inline="always")
+def _mkoff4(koff, data, k0, k1, xf, yr, j):
+    """yr[j:j+4VW] = sum_k data[k] * xf[koff[k] + j : +4VW] (4 vectors x 2 chains)."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        o = koff[k + 1] + j
+        w = vbcast(data[k + 1])
+        b0 = vfma(w, vload(xf, o), b0)
+        b1 = vfma(w, vload(xf, o + VW), b1)
+        b2 = vfma(w, vload(xf, o + 2 * VW), b2)
+        b3 = vfma(w, vload(xf, o + 3 * VW), b3)
+        k += 2
+    if k < k1:
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+    vstore(yr, j, vadd(a0, b0))
+    vstore(yr, j + VW, vadd(a1, b1))
+    vstore(yr, j + 2 * VW, vadd(a2, b2))
+    vstore(yr, j + 3 * VW, vadd(a3, b3))
+
+
+@jit(inline="always")
+def _mkoff1(koff, data, k0, k1, xf, yr, j):
+    """yr[j:j+VW] = sum_k data[k] * xf[koff[k] + j : +VW] (4 chains)."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    k = k0
+    while k + 4 <= k1:
+        a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+        a1 = vfma(vbcast(data[k + 1]), vload(xf, koff[k + 1] + j), a1)
+        a2 = vfma(vbcast(data[k + 2]), vload(xf, koff[k + 2] + j), a2)
+        a3 = vfma(vbcast(data[k + 3]), vload(xf, koff[k + 3] + j), a3)
+        k += 4
+    while k < k1:
+        a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+        k += 1
+    vstore(yr, j, vadd(vadd(a0, a1), vadd(a2, a3)))
+
+
+@pjit
+def csr_conv_koff(indptr, koff, data, xf, yw, nc):
+    """yw[i, j] = sum_k data[k] * xf[koff[k] + j] for k in row i's range (koff = roff[indices], int32);
+    yw [O, Npad] with Npad a multiple of VW (no scalar tail). (N chunk of ``nc`` columns, row) pairs in
+    parallel, rows fastest, so a chunk of the input stays in L1 / L2 while every row reads it; within a
+    chunk 8-vector tiles (weights and offsets read once per 8 vectors), then 4, then single vectors."""
+    nout = yw.shape[0]
+    n = yw.shape[1]
+    nch = (n + nc - 1) // nc
+    for t in prange(nch * nout):
+        ch = t // nout
+        i = t - ch * nout
+        jlo = ch * nc
+        jhi = min(n, jlo + nc)
+        k0 = indptr[i]
+        k1 = indptr[i + 1]
+        yr = yw[i]
+        j = jlo
+        while j + 8 * VW <= jhi:
+            _mkoff8(koff, data, k0, k1, xf, yr, j)
+            j += 8 * VW
+        while j + 4 * VW <= jhi:
+            _mkoff4(koff, data, k0, k1, xf, yr, j)
+            j += 4 * VW
+        while j + VW <= jhi:
+            _mkoff1(koff, data, k0, k1, xf, yr, j)
+            j += VW
+
+
 @pjit
 def crop_batch(yw, IS, RS, y, bias, res, act, lo, hi):
     """y[b, o, oy, ox] = act(yw[o, b*IS + oy*RS + ox] + bias[o] + res[b, o, oy, ox]);
@@ -835,35 +941,48 @@ def batch_pack(x, geo, kh, kw, stride, padding, dilation, xf):
         pack_phase(x, int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), IS // RS, RS, L, xf)
 
 
+def batch_tile(kind):
+    """Position round-up of the batched layout for a kernel kind: csr VW, bsr 2*VW."""
+    return VW if kind == "csr" else 2 * VW
+
+
+def batch_chunk(Npad):
+    """csr_conv_koff's N chunk: one 4-vector tile on wide grids (the chunk's input rows stay in L1 while
+    every output row reads them), the whole row on small ones (8-vector tiles read each weight once)."""
+    return 4 * VW if Npad >= 512 else Npad
+
+
 def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=None,
-                      act=0, lo=0.0, hi=0.0, residual=None, work=None, roff=None):
+                      act=0, lo=0.0, hi=0.0, residual=None, work=None, roff=None, koff=None):
     """Whole batch: y [B, O, Ho, Wo] = act(conv(x [B, C, H, W]) + bias + residual), any stride /
     padding / dilation, groups 1, without im2col. kind "csr": packed = (indptr, indices, data)
     (csr row's prepare); "bsr": the bsr row's prepare output with r x 1 blocks, r % 8 == 0.
-    ``work``: optional (xf float32 [size], yw float32 [O, Npad]) from ``batch_geometry``;
-    ``roff``: optional precomputed ``batch_roff``."""
+    ``work``: optional (xf float32 [size], yw float32 [O, Npad]) from ``batch_geometry(...,
+    tile=batch_tile(kind))``; ``roff``: optional precomputed ``batch_roff``; ``koff`` (csr): optional
+    precomputed ``roff[indices]`` int32."""
     B, C, H, W = x.shape
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
     O = y.shape[1]
-    geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, batch_tile(kind))
     shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
     if work is None:
         work = (np.empty(size, np.float32), np.empty((O, Npad), np.float32))
     xf, yw = work
-    if roff is None:
+    if roff is None and (kind != "csr" or koff is None):
         roff = batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L)
     batch_pack(x, geo, kh, kw, stride, padding, dilation, xf)
     if kind == "csr":
-        csr_conv_s1(packed[0], packed[1], packed[2], xf, roff, yw)
+        if koff is None:
+            koff = roff[packed[1]].astype(np.int32)
+        csr_conv_koff(packed[0], koff, packed[2], xf, yw, batch_chunk(Npad))
     elif kind == "bsr" and packed[4] == 1 and packed[3] % 8 == 0:
         bsr_conv_s1(packed[0], packed[1], packed[2], packed[3], xf, roff, yw)
     else:
         raise ValueError(f"sparse_conv_batch: needs csr or bsr r x 1 with r % 8 == 0, got {kind}")
     crop_batch(yw, IS, RS, y, EMPTY1 if bias is None else bias, EMPTY4 if residual is None else residual,
                int(act), float(lo), float(hi))
-
 
 # ---------------------------------------------------------------------------------------
 # numpy references

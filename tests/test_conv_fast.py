@@ -52,7 +52,7 @@ def test_sparse_conv_batch(case, kind, threads, rng):
         conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, bias=bias, act=table.ACT_RELU)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
         # preallocated work buffers filled with garbage first: the pack must rewrite every pad position
-        geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d)
+        geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d, conv.batch_tile(kind[:3]))
         work = (np.full(geo[6], np.nan, np.float32), np.full((O, geo[5]), np.nan, np.float32))
         y = np.full(ref.shape, np.nan, np.float32)
         conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, act=table.ACT_SILU, residual=res, work=work)

@@ -160,11 +160,11 @@ def test_grouped_sparse_conv_not_direct(tmp_path):
 
 @pytest.mark.parametrize("what", ["small_grid", "few_weights_per_row", "stem"])
 def test_direct_gate_keeps_im2col(tmp_path, what):
-    """Layers where the direct conv measured slower stay on im2col: a wide grid below one 4-vector
-    tile (3x3 outputs), a grid with a large scalar tail (Nw = 8*10 for BSR: 16 of 80 columns),
+    """Layers where the direct conv measured slower stay on im2col: 2x2 outputs (the batched layout
+    computes 32 positions for 8 real ones, > 2x; the per-image grid is below one 4-vector tile),
     < 8 weights per output row, and a reduction depth C*kh*kw < 64 (3-channel stem)."""
     rng = np.random.default_rng(11)
-    kw = {"small_grid": dict(kind="csr", C=32, hw=(3, 3)),
+    kw = {"small_grid": dict(kind="csr", C=32, hw=(2, 2)),
           "few_weights_per_row": dict(kind="csr", C=8, hw=(7, 30), sparsity=0.95), "stem": dict(kind=(8, 1), C=3, hw=(7, 30))}[what]
     kind = kw.pop("kind")
     path, osh = build(str(tmp_path / "m.sparsedge"), kind, pad=1, rng=rng, **kw)

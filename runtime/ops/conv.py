@@ -114,14 +114,15 @@ class Conv2d(Op):
             # sparse_conv_batch): packed input [size] and wide output [O, Npad] in the arena scratch
             k = self.k
             (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-            geo = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw)
+            geo = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind))
             shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
             if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(choice, kind, O, Npad, Nb * npix):
                 if self.DIRECT_NOTE not in choice.why:
                     choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
                 roff = k.batch_roff(C, self.kh, self.kw, sh, sw, dh, dw, shared, RS, L)
+                koff = roff[choice.packed[1]].astype(np.int32) if kind == "csr" else None
                 return NodePlan(scratch=[((size,), "float32"), ((O, Npad), "float32")],
-                                data=("bdirect", choice, Ho, Wo, kind, geo, roff),
+                                data=("bdirect", choice, Ho, Wo, kind, geo, (roff, koff)),
                                 kernel=f"{choice.name}+{self.DIRECT_NOTE}")
         if kind is not None and self.stride == (1, 1):
             # per image (sparse_conv_s1) where the batched layout computes too many padding positions
@@ -201,7 +202,8 @@ class Conv2d(Op):
         if res is not None and not res.flags.c_contiguous:
             res = np.ascontiguousarray(res)
         k.sparse_conv_batch(kind, choice.packed, x, y, self.kh, self.kw, self.stride, self.padding, self.dilation,
-                            bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[1]), roff=roff)
+                            bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[1]), roff=roff[0],
+                            koff=roff[1])
 
     def _run_direct(self, x, y, res, choice, kind, scratch):
         """Per image: sparse_conv_s1 with the fused epilogue; work buffers from the plan's scratch."""
