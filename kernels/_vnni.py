@@ -503,3 +503,129 @@ def minmax_f32(typingctx, x):
         return context.make_tuple(builder, ret, (tlo, thi))
 
     return sig, codegen
+
+
+@intrinsic
+def vnni_pairs(typingctx, NC, acc, aoff, xq, xrs, xoff, gidx, gw2, g0, g1):
+    """One output row from groups of 4 features taken as 2 pairs (a, b), (c, d): per pair and chunk
+    of 64 columns, 2 byte interleaves (punpcklbw / punpckhbw: dwords [x_a[j], x_b[j], x_a[j+1],
+    x_b[j+1]]) and 4 vpdpbusd with the "even" weight dword (w_a, w_b, 0, 0) and the "odd" one
+    (0, 0, w_a, w_b) -- 2 shuffles + 4 dot products per 2 non-zeros x 64 columns instead of 4 + 2:
+    vpdpbusd issues on 2 ports, shuffles on 1, so this balances the ports.
+    gidx int32 [ng, 4] (features), gw2 int8 [ng, 4, 4] = (even ab, odd ab, even cd, odd cd);
+    xq uint8 rows ``xq[k*xrs + xoff + 64c + p]`` with position ``16L + 8h + 2m + e`` holding column
+    ``16(2h+e) + 4L + m`` of the chunk. Writes int32 ``acc[aoff + 64c + l]`` (natural order)."""
+    nc_ = _literal_int(NC)
+    if nc_ is None:
+        return None
+    if not all(isinstance(v, types.Integer) for v in (aoff, xrs, xoff, g0, g1)):
+        return None
+    sig = types.void(NC, acc, aoff, xq, xrs, xoff, gidx, gw2, g0, g1)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+
+        def ptr(i, t):
+            return builder.bitcast(context.make_array(st[i])(context, builder, args[i]).data, t.as_pointer())
+
+        def i64(i):
+            return context.cast(builder, args[i], st[i], types.int64)
+
+        accp, xp, ip, wp = ptr(1, _I32), ptr(3, _I8), ptr(6, _I32), ptr(7, _I32)
+        aoff_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (2, 4, 5, 8, 9))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
+        v64 = ir.VectorType(_I8, 64)
+        zero = ir.Constant(_V16, None)
+        bmask = ir.Constant(_V16, [0] * 16)
+        pre = builder.basic_block
+        hdr = builder.append_basic_block("pr.hdr")
+        body = builder.append_basic_block("pr.body")
+        done = builder.append_basic_block("pr.done")
+        builder.branch(hdr)
+        builder.position_at_end(hdr)
+        g = builder.phi(_I64, "g")
+        g.add_incoming(g0_, pre)
+        keys = [(c, a) for c in range(nc_) for a in range(4)]
+        accs = {}
+        for key in keys:
+            p = builder.phi(_V16)
+            p.add_incoming(zero, pre)
+            accs[key] = p
+        builder.cbranch(builder.icmp_signed("<", g, g1_), body, done)
+        builder.position_at_end(body)
+        g4 = builder.mul(g, ir.Constant(_I64, 4))
+        rows, wb = [], []
+        for j in range(4):
+            k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
+            rows.append(builder.add(builder.mul(k, xrs_), xoff_))
+            wv = builder.load(builder.gep(wp, [builder.add(g4, ir.Constant(_I64, j))]), align=4)
+            wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
+                                                                    ir.Constant(_I32, 0)),
+                                             ir.Constant(_V16, ir.Undefined), bmask))
+        cur = dict(accs)
+        for pr in range(2):
+            for c in range(nc_):
+                xa, xb = (builder.load(builder.bitcast(builder.gep(xp, [builder.add(rows[2 * pr + j],
+                                                                                     ir.Constant(_I64, 64 * c))]),
+                                                       v64.as_pointer()), align=1) for j in range(2))
+                for h in range(2):
+                    u = builder.bitcast(_unpack(builder, xa, xb, 8, h), _V16)
+                    for e in range(2):
+                        key = (c, 2 * h + e)
+                        cur[key] = builder.call(fn, [cur[key], u, wb[2 * pr + e]])
+        end = builder.basic_block
+        g.add_incoming(builder.add(g, ir.Constant(_I64, 1)), end)
+        for key in keys:
+            accs[key].add_incoming(cur[key], end)
+        builder.branch(hdr)
+        builder.position_at_end(done)
+        for (c, a) in keys:
+            off = builder.add(aoff_, ir.Constant(_I64, 64 * c + 16 * a))
+            builder.store(accs[(c, a)], builder.bitcast(builder.gep(accp, [off]), _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _perm64(pairs):
+    """Byte permutation of a 64-column chunk (destination position -> source column) that the
+    in-register interleaves of ``vnni_pairs`` (pairs) / ``vnni_gather4`` undo."""
+    m = [0] * 64
+    for L in range(4):
+        if pairs:
+            for h in range(2):
+                for mm in range(4):
+                    for e in range(2):
+                        m[16 * L + 8 * h + 2 * mm + e] = 16 * (2 * h + e) + 4 * L + mm
+        else:
+            for q in range(4):
+                for i in range(4):
+                    m[16 * L + 4 * q + i] = 16 * q + 4 * L + i
+    return m
+
+
+@intrinsic
+def permute_chunks(typingctx, PAIRS, dst, doff, src, soff, nchunk):
+    """dst[doff + 64c + p] = src[soff + 64c + perm(p)] for c < nchunk (uint8 arrays; perm = ``_perm64``):
+    one constant <64 x i8> shufflevector per chunk (vpermb where the CPU has VBMI)."""
+    pr = _literal_int(PAIRS)
+    if pr is None or not all(isinstance(v, types.Integer) for v in (doff, soff, nchunk)):
+        return None
+    sig = types.void(PAIRS, dst, doff, src, soff, nchunk)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        dp = builder.bitcast(context.make_array(st[1])(context, builder, args[1]).data, _I8.as_pointer())
+        sp = builder.bitcast(context.make_array(st[3])(context, builder, args[3]).data, _I8.as_pointer())
+        doff_, soff_, nc = (context.cast(builder, args[i], st[i], types.int64) for i in (2, 4, 5))
+        v64 = ir.VectorType(_I8, 64)
+        mask = ir.Constant(ir.VectorType(_I32, 64), _perm64(bool(pr)))
+        with cgutils.for_range(builder, nc) as loop:
+            o = builder.mul(loop.index, ir.Constant(_I64, 64))
+            v = builder.load(builder.bitcast(builder.gep(sp, [builder.add(soff_, o)]), v64.as_pointer()), align=1)
+            v = builder.shuffle_vector(v, ir.Constant(v64, ir.Undefined), mask)
+            builder.store(v, builder.bitcast(builder.gep(dp, [builder.add(doff_, o)]), v64.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen

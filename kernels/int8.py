@@ -61,7 +61,8 @@ from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
-from ._vnni import amx_block, amx_config, minmax_f32, vnni_dot4, vnni_gather4, vnni_tile
+from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4, vnni_pairs,
+                    vnni_tile)
 from .epilogue import act_ref, act_scalar, epilogue_tile
 from .table import ACT_NONE, KernelSpec
 
@@ -75,6 +76,7 @@ _EMPTY_F32_2D = np.empty((0, 0), np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)
 _EMPTY_F64 = np.empty(0, np.float64)
 _TILE_R = 8  # dense VNNI tile rows
+_K_I32 = (2 ** 31 - 1) // (2 * 255 * 127)  # up to this many input features corrections fit int32
 _TILE_C = 48  # dense VNNI column tile (3 zmm of 16 int32): 24 accumulators, measured best of 8x4/8x3/6x4/4x4/8x2
 
 
@@ -323,6 +325,37 @@ def _deq_row(a, yo, o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act,
     epilogue_tile(yo, b, ro, act, lo, hi)
 
 
+@jit(inline="always")
+def _deq_rows_i32(acc, r0, nr, o0, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y):
+    """y[o0 + r, :] for r < nr from int32 sums acc[r0 + r, :], symmetric weights, when every
+    correction fits int32 (K * 255 * 127 * 2 < 2**31): corr = acc + czx32[n] * rowsum[o] exactly,
+    one rounding to float32 (the value of the int64 reference), then the epilogue with the
+    reference's float32 order ((v + bias) + residual, then act). 2-D indexing, no row views and
+    no calls: per-row views / calls increment shared reference counts (atomics that two threads
+    fight over, measured ~40 us per 3072 rows)."""
+    N = y.shape[1]
+    hb = bias.shape[0] > 0
+    hr = residual.shape[0] > 0
+    for r in range(nr):
+        o = o0 + r
+        ra = r0 + r
+        rs = rowsum[o]
+        swo = sw[o]
+        b = bias[o] if hb else _F32(0.0)
+        if hr:
+            for n in range(N):
+                y[o, n] = _F32(np.int32(acc[ra, n] + czx32[n] * rs)) * (sx[n] * swo) + b + residual[o, n]
+        elif hb:
+            for n in range(N):
+                y[o, n] = _F32(np.int32(acc[ra, n] + czx32[n] * rs)) * (sx[n] * swo) + b
+        else:
+            for n in range(N):
+                y[o, n] = _F32(np.int32(acc[ra, n] + czx32[n] * rs)) * (sx[n] * swo)
+        if act != ACT_NONE:
+            for n in range(N):
+                y[o, n] = act_scalar(y[o, n], act, lo, hi)
+
+
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
 def _dense_vnni(w, K4, out, x4, npad, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
     """y [out, N] = dequant(w x x4) + epilogue. w int8 flat [out, K4] (K4 % 4 == 0), x4 uint8 flat
@@ -425,36 +458,37 @@ def _quads_vnni(R, qptr, qidx, qw, out, x4, npad, rowsum, czx, cz, sx, sw, bias,
 
 
 @pjit
-def _quant_perm(x, inv, zpf, xq):
+def _quant_perm(x, inv, zpf, xq, pairs):
     """x float32 [K, N] -> xq uint8 [K, npad] (npad % 64 == 0, zeros past N), columns permuted
-    inside every chunk of 64: position 16L + 4q + i holds column 16q + 4L + i (a 4x4 transpose of
-    dwords, undone by the in-lane byte interleave of ``vnni_gather4``)."""
+    inside every chunk of 64 so that the in-register byte interleaves give natural column order:
+    ``vnni_gather4`` (pairs False): position 16L + 4q + i holds column 16q + 4L + i (a 4x4
+    transpose of dwords); ``vnni_pairs`` (pairs True): position 16L + 8h + 2m + e holds column
+    16(2h+e) + 4L + m."""
     K, N = x.shape
     npad = xq.shape[1]
     nb = (K + 31) // 32
+    xf = xq.reshape(-1)
     for b in prange(nb):
         tmp = np.empty(npad, np.uint8)
-        t32 = tmp.view(np.uint32)
         for k in range(b * 32, min(b * 32 + 32, K)):
             r = x[k]
             for n in range(N):
                 tmp[n] = np.uint8(_q(r[n], inv[n], zpf[n]))
             for n in range(N, npad):
                 tmp[n] = 0
-            d32 = xq[k].view(np.uint32)
-            for c in range(npad // 64):
-                s = t32[16 * c:16 * c + 16]
-                d = d32[16 * c:16 * c + 16]
-                for L in range(4):
-                    for q in range(4):
-                        d[4 * L + q] = s[4 * q + L]
+            if pairs:
+                permute_chunks(True, xf, k * npad, tmp, 0, npad // 64)
+            else:
+                permute_chunks(False, xf, k * npad, tmp, 0, npad // 64)
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
-def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sx, sw, bias, residual, act, lo, hi, y):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
     groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] with int8 weights
-    gw flat [ng, R, 4]; xq uint8 [K, npad] column-permuted (``_quant_perm``). R in (1, 4, 8).
+    gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
+    (``_quant_perm``). R in (1, 4, 8). czx32 int32 [N] (= -zx) selects the int32 dequantize (when
+    it is exact), empty: the float64 one.
     Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
@@ -471,13 +505,13 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, sx, sw, bias, resi
             g0 = gptr[b]
             g1 = gptr[b + 1]
             ao = (b - b0) * R * npad
-            if R == 1:
+            if R == 1:  # gw holds the pair weights [ng, 4, 4] (vnni_pairs)
                 c0 = 0
                 while c0 + 128 <= npad:
-                    vnni_gather4(1, 2, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                    vnni_pairs(2, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
                     c0 += 128
                 if c0 < npad:
-                    vnni_gather4(1, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                    vnni_pairs(1, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
             elif R == 4:
                 for c0 in range(0, npad, 64):
                     vnni_gather4(4, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
@@ -485,10 +519,13 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, sx, sw, bias, resi
                 for c0 in range(0, npad, 64):
                     vnni_gather4(8, 1, 0, 2, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
                     vnni_gather4(8, 1, 2, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
-        N = y.shape[1]
-        for rr in range(min((b1 - b0) * R, out - b0 * R)):
-            o = b0 * R + rr
-            _deq_row(acc[rr, :N], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
+        nr = min((b1 - b0) * R, out - b0 * R)
+        if czx32.shape[0] > 0:
+            _deq_rows_i32(acc, 0, nr, b0 * R, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
+        else:
+            for rr in range(nr):
+                o = b0 * R + rr
+                _deq_row(acc[rr], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
@@ -779,6 +816,13 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
             # unstructured / r x 1 blocks: groups of 4 arbitrary non-zero columns per row group
             R = 1 if kind == "csr_i8" else (8 if p["block"][0] % 8 == 0 else 4)
             gptr, gidx, gw = _groups(rows, cols, vals, out, K, R)
+            if R == 1:  # pair weights for vnni_pairs: (w_a, w_b, 0, 0), (0, 0, w_a, w_b), (w_c, w_d, 0, 0), ...
+                g2 = np.zeros((gw.shape[0], 4, 4), np.int8)
+                g2[:, 0, 0:2] = gw[:, 0, 0:2]
+                g2[:, 1, 2:4] = gw[:, 0, 0:2]
+                g2[:, 2, 0:2] = gw[:, 0, 2:4]
+                g2[:, 3, 2:4] = gw[:, 0, 2:4]
+                gw = g2
             p.update(layout="groups", R=R, gptr=gptr, gidx=gidx.reshape(-1), gw=gw.reshape(-1))
             p["repack_bytes"] = gptr.nbytes + gidx.nbytes + gw.nbytes
         elif path == "vnni":
@@ -797,6 +841,14 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
         raise ValueError(f"int8 kernels take dense_i8 / csr_i8 / bsr_i8 weights, got {kind!r}")
     p["repack_s"] = time.perf_counter() - t0
     return p
+
+
+def _aligned_u8(rows, cols):
+    """uint8 [rows, cols] whose data starts on a 64-byte boundary (cols % 64 == 0: every 64-byte
+    row chunk is one cache line; numpy only guarantees 16 bytes, and split loads cost ~2x)."""
+    buf = np.empty(rows * cols + 64, np.uint8)
+    o = (-buf.ctypes.data) % 64
+    return buf[o:o + rows * cols].reshape(rows, cols)
 
 
 def _opt(bias, residual):
@@ -824,11 +876,12 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
     bias, residual = _opt(bias, residual)
     sx, zx, inv, zpf = _params(p, x)
     if p.get("layout") == "groups":
-        xq = np.empty((K, (N + 63) // 64 * 64), np.uint8)
-        _quant_perm(x, inv, zpf, xq)
+        xq = _aligned_u8(K, (N + 63) // 64 * 64)
+        _quant_perm(x, inv, zpf, xq, p["R"] == 1)
         czx = -zx.astype(np.float64)
+        czx32 = (-zx).astype(np.int32) if K <= _K_I32 else _EMPTY_I32
         _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
-                     sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
+                     czx32, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
         return
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)
