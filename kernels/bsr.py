@@ -2,36 +2,46 @@
 
 W: ``indptr`` int32 [R+1] (R = ceil(out/r)), ``indices`` int32 [nblk] (block column),
 ``data`` float32 [nblk, r, c] (edge blocks zero-padded). ``prepare`` only reshapes ``data`` to a
-[nblk, r*c] view (no copy). One generic kernel serves every block shape (r, c are run-time
-ints, so a single compiled specialization covers 1x4, 4x1, 8x1, 16x1, 1x16, 4x4, ...):
+[nblk, r*c] view (no copy, no repack: the packed tuple ``(indptr, indices, d2, r, c)`` is also what
+``conv.sparse_conv_s1`` consumes). r and c are run-time ints, so two compiled GEMM
+specializations serve every block shape:
 
-* ``bsr_spmm``: (N chunk, block row) pairs in parallel, chunk-major, with N chunks sized so the
-  chunk of X (in rows) stays in L2 (``L2_FLOATS``). Within a block row, register-blocked
-  micro-kernels (``simd.f32vec``) compute 8 or 4 rows x 2 vectors (``JT`` = 2*VW columns) with
-  all accumulators in registers: per block one X load per vector and r broadcast-FMAs, the X
-  row is reused across the r rows from registers, which is where r x 1 blocks beat CSR. c > 1
-  blocks feed their c X rows through the same micro-kernels; r not a multiple of 4 uses a
-  1-row kernel with 4 chains. Columns beyond a multiple of JT are accumulated in memory. The
-  fused epilogue runs once per row and N chunk, right after its tiles (still in L1/L2).
-  Edge blocks: rows >= out are computed on the zero padding but never stored; X rows >= in
-  are never read.
+* ``bsr_spmm_r1`` (r x 1 blocks with r % 8 == 0 or r == 4: the 4x1 / 8x1 / 16x1 rows). The work
+  is split into (N chunk, block-row group) tasks, chunk-major: block-row groups hold equal shares
+  of the non-zero blocks (one group per thread), and N is cut into chunks only when X is larger
+  than ``X_CHUNK_FLOATS`` (4 MB), in a multiple of the thread count, so each thread owns whole
+  chunks. Per block row, register tiles run left to right over the chunk: 8 rows x 3 vectors
+  (24 zmm accumulators; r % 8 == 0, 16x1 as two 8-row halves) or 4 rows x 4 vectors (r == 4),
+  then narrower tiles for the last vectors. Per stored block: one X load per vector and r
+  broadcast-FMAs; the loop runs over 0-based slices of indices / data and addresses X and Y
+  as flat arrays (no negative-index fix-ups in the hot loop). When X exceeds L2
+  (``L2_FLOATS``: 1 MB, e.g. the 1x1 conv 256x3136), each X row load also prefetches the same
+  row two tiles ahead (software prefetch), which hides the L3 latency of the next tile. The
+  fused epilogue runs per block row right after its tiles (the rows are still in L1/L2);
+  columns beyond a multiple of VW are accumulated in memory.
+* ``bsr_spmm`` (any other r x c: 1x4, 1x16, 4x4, ...): (N chunk, block row) pairs in parallel,
+  chunk-major, N chunks of equal width sized so a chunk of X stays in L2; register-blocked
+  8 / 4 / 1-row x 2-vector micro-kernels that feed a block's c X rows through the same
+  accumulators. Edge blocks: rows >= out are computed on the zero padding but never stored;
+  X rows >= in are never read.
 * ``bsr_spmv`` (N = 1): per block row an r-vector accumulator; bytes per weight are
   (4 + 4*r*c) / (r*c) per stored block entry, i.e. close to 4 B for tall blocks.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit
 from .csr import reference
 from .epilogue import act_scalar, epilogue_tile, none1, none2
-from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
+from .simd import VW, vadd, vbcast, vfma, vload, vprefetch, vstore, vzero
 from .table import KernelSpec
 
-JT = 2 * VW  # register tile: 2 vectors of output columns per row
-L2_FLOATS = 1 << 18  # X chunk budget: 1 MB of floats kept L2-resident
-
+JT = 2 * VW  # generic kernel's register tile: 2 vectors of output columns per row
+L2_FLOATS = 1 << 18  # 1 MB of floats: X chunk budget of the generic kernel; X above this gets prefetch
+X_CHUNK_FLOATS = 1 << 20  # 4 MB of floats: r x 1 kernel splits N into chunks above this X size
 
 @jit
 def _tile_c1(indices, d2, k0, k1, ii, x, yr, j0, m):
@@ -208,258 +218,605 @@ def _mk4(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
         vstore(yr, j + VW, b3)
 
 
+
 @jit(inline="always")
-def _mk8x3c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
-    """c == 1: 8 rows x 3 vectors at column j; stores rows < rows."""
+def _mk8x3(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+    """8 rows (rows base..base+7 of the block) x 3 vectors at column j of the flat X / Y;
+    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
     a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero(); a2_4 = vzero(); a2_5 = vzero(); a2_6 = vzero(); a2_7 = vzero()
-    for k in range(k0, k1):
-        xr = x[indices[k]]
-        x0 = vload(xr, j + 0 * VW)
-        x1 = vload(xr, j + 1 * VW)
-        x2 = vload(xr, j + 2 * VW)
-        dk = d2[k, base:base + 8]
-        w = vbcast(dk[0])
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        x1 = vload(xf, xo + 1 * VW)
+        x2 = vload(xf, xo + 2 * VW)
+        w = vbcast(dd[kk, base + 0])
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
         a2_0 = vfma(w, x2, a2_0)
-        w = vbcast(dk[1])
+        w = vbcast(dd[kk, base + 1])
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
         a2_1 = vfma(w, x2, a2_1)
-        w = vbcast(dk[2])
+        w = vbcast(dd[kk, base + 2])
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
         a2_2 = vfma(w, x2, a2_2)
-        w = vbcast(dk[3])
+        w = vbcast(dd[kk, base + 3])
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
         a2_3 = vfma(w, x2, a2_3)
-        w = vbcast(dk[4])
+        w = vbcast(dd[kk, base + 4])
         a0_4 = vfma(w, x0, a0_4)
         a1_4 = vfma(w, x1, a1_4)
         a2_4 = vfma(w, x2, a2_4)
-        w = vbcast(dk[5])
+        w = vbcast(dd[kk, base + 5])
         a0_5 = vfma(w, x0, a0_5)
         a1_5 = vfma(w, x1, a1_5)
         a2_5 = vfma(w, x2, a2_5)
-        w = vbcast(dk[6])
+        w = vbcast(dd[kk, base + 6])
         a0_6 = vfma(w, x0, a0_6)
         a1_6 = vfma(w, x1, a1_6)
         a2_6 = vfma(w, x2, a2_6)
-        w = vbcast(dk[7])
+        w = vbcast(dd[kk, base + 7])
         a0_7 = vfma(w, x0, a0_7)
         a1_7 = vfma(w, x1, a1_7)
         a2_7 = vfma(w, x2, a2_7)
     if 0 < rows:
-        yr = y[i0 + 0]
-        vstore(yr, j + 0 * VW, a0_0)
-        vstore(yr, j + 1 * VW, a1_0)
-        vstore(yr, j + 2 * VW, a2_0)
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+        vstore(yf, yo + 1 * VW, a1_0)
+        vstore(yf, yo + 2 * VW, a2_0)
     if 1 < rows:
-        yr = y[i0 + 1]
-        vstore(yr, j + 0 * VW, a0_1)
-        vstore(yr, j + 1 * VW, a1_1)
-        vstore(yr, j + 2 * VW, a2_1)
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+        vstore(yf, yo + 1 * VW, a1_1)
+        vstore(yf, yo + 2 * VW, a2_1)
     if 2 < rows:
-        yr = y[i0 + 2]
-        vstore(yr, j + 0 * VW, a0_2)
-        vstore(yr, j + 1 * VW, a1_2)
-        vstore(yr, j + 2 * VW, a2_2)
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+        vstore(yf, yo + 1 * VW, a1_2)
+        vstore(yf, yo + 2 * VW, a2_2)
     if 3 < rows:
-        yr = y[i0 + 3]
-        vstore(yr, j + 0 * VW, a0_3)
-        vstore(yr, j + 1 * VW, a1_3)
-        vstore(yr, j + 2 * VW, a2_3)
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+        vstore(yf, yo + 1 * VW, a1_3)
+        vstore(yf, yo + 2 * VW, a2_3)
     if 4 < rows:
-        yr = y[i0 + 4]
-        vstore(yr, j + 0 * VW, a0_4)
-        vstore(yr, j + 1 * VW, a1_4)
-        vstore(yr, j + 2 * VW, a2_4)
+        yo = (i0 + 4) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_4)
+        vstore(yf, yo + 1 * VW, a1_4)
+        vstore(yf, yo + 2 * VW, a2_4)
     if 5 < rows:
-        yr = y[i0 + 5]
-        vstore(yr, j + 0 * VW, a0_5)
-        vstore(yr, j + 1 * VW, a1_5)
-        vstore(yr, j + 2 * VW, a2_5)
+        yo = (i0 + 5) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_5)
+        vstore(yf, yo + 1 * VW, a1_5)
+        vstore(yf, yo + 2 * VW, a2_5)
     if 6 < rows:
-        yr = y[i0 + 6]
-        vstore(yr, j + 0 * VW, a0_6)
-        vstore(yr, j + 1 * VW, a1_6)
-        vstore(yr, j + 2 * VW, a2_6)
+        yo = (i0 + 6) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_6)
+        vstore(yf, yo + 1 * VW, a1_6)
+        vstore(yf, yo + 2 * VW, a2_6)
     if 7 < rows:
-        yr = y[i0 + 7]
-        vstore(yr, j + 0 * VW, a0_7)
-        vstore(yr, j + 1 * VW, a1_7)
-        vstore(yr, j + 2 * VW, a2_7)
+        yo = (i0 + 7) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_7)
+        vstore(yf, yo + 1 * VW, a1_7)
+        vstore(yf, yo + 2 * VW, a2_7)
 
 
 @jit(inline="always")
-def _mk4x4c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
-    """c == 1: 4 rows x 4 vectors at column j; stores rows < rows."""
+def _mk8x3p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
+    """As _mk8x3, plus a prefetch of each X row pd floats ahead (a later tile of the same row)."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
+    a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero(); a2_4 = vzero(); a2_5 = vzero(); a2_6 = vzero(); a2_7 = vzero()
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        x1 = vload(xf, xo + 1 * VW)
+        x2 = vload(xf, xo + 2 * VW)
+        vprefetch(xf, xo + pd + 0 * VW)
+        vprefetch(xf, xo + pd + 1 * VW)
+        vprefetch(xf, xo + pd + 2 * VW)
+        w = vbcast(dd[kk, base + 0])
+        a0_0 = vfma(w, x0, a0_0)
+        a1_0 = vfma(w, x1, a1_0)
+        a2_0 = vfma(w, x2, a2_0)
+        w = vbcast(dd[kk, base + 1])
+        a0_1 = vfma(w, x0, a0_1)
+        a1_1 = vfma(w, x1, a1_1)
+        a2_1 = vfma(w, x2, a2_1)
+        w = vbcast(dd[kk, base + 2])
+        a0_2 = vfma(w, x0, a0_2)
+        a1_2 = vfma(w, x1, a1_2)
+        a2_2 = vfma(w, x2, a2_2)
+        w = vbcast(dd[kk, base + 3])
+        a0_3 = vfma(w, x0, a0_3)
+        a1_3 = vfma(w, x1, a1_3)
+        a2_3 = vfma(w, x2, a2_3)
+        w = vbcast(dd[kk, base + 4])
+        a0_4 = vfma(w, x0, a0_4)
+        a1_4 = vfma(w, x1, a1_4)
+        a2_4 = vfma(w, x2, a2_4)
+        w = vbcast(dd[kk, base + 5])
+        a0_5 = vfma(w, x0, a0_5)
+        a1_5 = vfma(w, x1, a1_5)
+        a2_5 = vfma(w, x2, a2_5)
+        w = vbcast(dd[kk, base + 6])
+        a0_6 = vfma(w, x0, a0_6)
+        a1_6 = vfma(w, x1, a1_6)
+        a2_6 = vfma(w, x2, a2_6)
+        w = vbcast(dd[kk, base + 7])
+        a0_7 = vfma(w, x0, a0_7)
+        a1_7 = vfma(w, x1, a1_7)
+        a2_7 = vfma(w, x2, a2_7)
+    if 0 < rows:
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+        vstore(yf, yo + 1 * VW, a1_0)
+        vstore(yf, yo + 2 * VW, a2_0)
+    if 1 < rows:
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+        vstore(yf, yo + 1 * VW, a1_1)
+        vstore(yf, yo + 2 * VW, a2_1)
+    if 2 < rows:
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+        vstore(yf, yo + 1 * VW, a1_2)
+        vstore(yf, yo + 2 * VW, a2_2)
+    if 3 < rows:
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+        vstore(yf, yo + 1 * VW, a1_3)
+        vstore(yf, yo + 2 * VW, a2_3)
+    if 4 < rows:
+        yo = (i0 + 4) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_4)
+        vstore(yf, yo + 1 * VW, a1_4)
+        vstore(yf, yo + 2 * VW, a2_4)
+    if 5 < rows:
+        yo = (i0 + 5) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_5)
+        vstore(yf, yo + 1 * VW, a1_5)
+        vstore(yf, yo + 2 * VW, a2_5)
+    if 6 < rows:
+        yo = (i0 + 6) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_6)
+        vstore(yf, yo + 1 * VW, a1_6)
+        vstore(yf, yo + 2 * VW, a2_6)
+    if 7 < rows:
+        yo = (i0 + 7) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_7)
+        vstore(yf, yo + 1 * VW, a1_7)
+        vstore(yf, yo + 2 * VW, a2_7)
+
+
+@jit(inline="always")
+def _mk8x2(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+    """8 rows (rows base..base+7 of the block) x 2 vectors at column j of the flat X / Y;
+    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        x1 = vload(xf, xo + 1 * VW)
+        w = vbcast(dd[kk, base + 0])
+        a0_0 = vfma(w, x0, a0_0)
+        a1_0 = vfma(w, x1, a1_0)
+        w = vbcast(dd[kk, base + 1])
+        a0_1 = vfma(w, x0, a0_1)
+        a1_1 = vfma(w, x1, a1_1)
+        w = vbcast(dd[kk, base + 2])
+        a0_2 = vfma(w, x0, a0_2)
+        a1_2 = vfma(w, x1, a1_2)
+        w = vbcast(dd[kk, base + 3])
+        a0_3 = vfma(w, x0, a0_3)
+        a1_3 = vfma(w, x1, a1_3)
+        w = vbcast(dd[kk, base + 4])
+        a0_4 = vfma(w, x0, a0_4)
+        a1_4 = vfma(w, x1, a1_4)
+        w = vbcast(dd[kk, base + 5])
+        a0_5 = vfma(w, x0, a0_5)
+        a1_5 = vfma(w, x1, a1_5)
+        w = vbcast(dd[kk, base + 6])
+        a0_6 = vfma(w, x0, a0_6)
+        a1_6 = vfma(w, x1, a1_6)
+        w = vbcast(dd[kk, base + 7])
+        a0_7 = vfma(w, x0, a0_7)
+        a1_7 = vfma(w, x1, a1_7)
+    if 0 < rows:
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+        vstore(yf, yo + 1 * VW, a1_0)
+    if 1 < rows:
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+        vstore(yf, yo + 1 * VW, a1_1)
+    if 2 < rows:
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+        vstore(yf, yo + 1 * VW, a1_2)
+    if 3 < rows:
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+        vstore(yf, yo + 1 * VW, a1_3)
+    if 4 < rows:
+        yo = (i0 + 4) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_4)
+        vstore(yf, yo + 1 * VW, a1_4)
+    if 5 < rows:
+        yo = (i0 + 5) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_5)
+        vstore(yf, yo + 1 * VW, a1_5)
+    if 6 < rows:
+        yo = (i0 + 6) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_6)
+        vstore(yf, yo + 1 * VW, a1_6)
+    if 7 < rows:
+        yo = (i0 + 7) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_7)
+        vstore(yf, yo + 1 * VW, a1_7)
+
+
+@jit(inline="always")
+def _mk8x1(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+    """8 rows (rows base..base+7 of the block) x 1 vectors at column j of the flat X / Y;
+    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        w = vbcast(dd[kk, base + 0])
+        a0_0 = vfma(w, x0, a0_0)
+        w = vbcast(dd[kk, base + 1])
+        a0_1 = vfma(w, x0, a0_1)
+        w = vbcast(dd[kk, base + 2])
+        a0_2 = vfma(w, x0, a0_2)
+        w = vbcast(dd[kk, base + 3])
+        a0_3 = vfma(w, x0, a0_3)
+        w = vbcast(dd[kk, base + 4])
+        a0_4 = vfma(w, x0, a0_4)
+        w = vbcast(dd[kk, base + 5])
+        a0_5 = vfma(w, x0, a0_5)
+        w = vbcast(dd[kk, base + 6])
+        a0_6 = vfma(w, x0, a0_6)
+        w = vbcast(dd[kk, base + 7])
+        a0_7 = vfma(w, x0, a0_7)
+    if 0 < rows:
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+    if 1 < rows:
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+    if 2 < rows:
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+    if 3 < rows:
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+    if 4 < rows:
+        yo = (i0 + 4) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_4)
+    if 5 < rows:
+        yo = (i0 + 5) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_5)
+    if 6 < rows:
+        yo = (i0 + 6) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_6)
+    if 7 < rows:
+        yo = (i0 + 7) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_7)
+
+
+@jit(inline="always")
+def _mk4x4(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+    """4 rows (rows base..base+3 of the block) x 4 vectors at column j of the flat X / Y;
+    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
     a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero()
     a3_0 = vzero(); a3_1 = vzero(); a3_2 = vzero(); a3_3 = vzero()
-    for k in range(k0, k1):
-        xr = x[indices[k]]
-        x0 = vload(xr, j + 0 * VW)
-        x1 = vload(xr, j + 1 * VW)
-        x2 = vload(xr, j + 2 * VW)
-        x3 = vload(xr, j + 3 * VW)
-        dk = d2[k, base:base + 4]
-        w = vbcast(dk[0])
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        x1 = vload(xf, xo + 1 * VW)
+        x2 = vload(xf, xo + 2 * VW)
+        x3 = vload(xf, xo + 3 * VW)
+        w = vbcast(dd[kk, base + 0])
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
         a2_0 = vfma(w, x2, a2_0)
         a3_0 = vfma(w, x3, a3_0)
-        w = vbcast(dk[1])
+        w = vbcast(dd[kk, base + 1])
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
         a2_1 = vfma(w, x2, a2_1)
         a3_1 = vfma(w, x3, a3_1)
-        w = vbcast(dk[2])
+        w = vbcast(dd[kk, base + 2])
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
         a2_2 = vfma(w, x2, a2_2)
         a3_2 = vfma(w, x3, a3_2)
-        w = vbcast(dk[3])
+        w = vbcast(dd[kk, base + 3])
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
         a2_3 = vfma(w, x2, a2_3)
         a3_3 = vfma(w, x3, a3_3)
     if 0 < rows:
-        yr = y[i0 + 0]
-        vstore(yr, j + 0 * VW, a0_0)
-        vstore(yr, j + 1 * VW, a1_0)
-        vstore(yr, j + 2 * VW, a2_0)
-        vstore(yr, j + 3 * VW, a3_0)
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+        vstore(yf, yo + 1 * VW, a1_0)
+        vstore(yf, yo + 2 * VW, a2_0)
+        vstore(yf, yo + 3 * VW, a3_0)
     if 1 < rows:
-        yr = y[i0 + 1]
-        vstore(yr, j + 0 * VW, a0_1)
-        vstore(yr, j + 1 * VW, a1_1)
-        vstore(yr, j + 2 * VW, a2_1)
-        vstore(yr, j + 3 * VW, a3_1)
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+        vstore(yf, yo + 1 * VW, a1_1)
+        vstore(yf, yo + 2 * VW, a2_1)
+        vstore(yf, yo + 3 * VW, a3_1)
     if 2 < rows:
-        yr = y[i0 + 2]
-        vstore(yr, j + 0 * VW, a0_2)
-        vstore(yr, j + 1 * VW, a1_2)
-        vstore(yr, j + 2 * VW, a2_2)
-        vstore(yr, j + 3 * VW, a3_2)
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+        vstore(yf, yo + 1 * VW, a1_2)
+        vstore(yf, yo + 2 * VW, a2_2)
+        vstore(yf, yo + 3 * VW, a3_2)
     if 3 < rows:
-        yr = y[i0 + 3]
-        vstore(yr, j + 0 * VW, a0_3)
-        vstore(yr, j + 1 * VW, a1_3)
-        vstore(yr, j + 2 * VW, a2_3)
-        vstore(yr, j + 3 * VW, a3_3)
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+        vstore(yf, yo + 1 * VW, a1_3)
+        vstore(yf, yo + 2 * VW, a2_3)
+        vstore(yf, yo + 3 * VW, a3_3)
 
 
 @jit(inline="always")
-def _mk8c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
-    """c == 1: 8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
-    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero(); b4 = vzero(); b5 = vzero(); b6 = vzero(); b7 = vzero()
-    for k in range(k0, k1):
-        xr = x[indices[k]]
-        x0 = vload(xr, j)
-        x1 = vload(xr, j + VW)
-        dk = d2[k, base:base + 8]
-        w = vbcast(dk[0])
-        a0 = vfma(w, x0, a0)
-        b0 = vfma(w, x1, b0)
-        w = vbcast(dk[1])
-        a1 = vfma(w, x0, a1)
-        b1 = vfma(w, x1, b1)
-        w = vbcast(dk[2])
-        a2 = vfma(w, x0, a2)
-        b2 = vfma(w, x1, b2)
-        w = vbcast(dk[3])
-        a3 = vfma(w, x0, a3)
-        b3 = vfma(w, x1, b3)
-        w = vbcast(dk[4])
-        a4 = vfma(w, x0, a4)
-        b4 = vfma(w, x1, b4)
-        w = vbcast(dk[5])
-        a5 = vfma(w, x0, a5)
-        b5 = vfma(w, x1, b5)
-        w = vbcast(dk[6])
-        a6 = vfma(w, x0, a6)
-        b6 = vfma(w, x1, b6)
-        w = vbcast(dk[7])
-        a7 = vfma(w, x0, a7)
-        b7 = vfma(w, x1, b7)
+def _mk4x4p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
+    """As _mk4x4, plus a prefetch of each X row pd floats ahead (a later tile of the same row)."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
+    a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero()
+    a3_0 = vzero(); a3_1 = vzero(); a3_2 = vzero(); a3_3 = vzero()
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        x1 = vload(xf, xo + 1 * VW)
+        x2 = vload(xf, xo + 2 * VW)
+        x3 = vload(xf, xo + 3 * VW)
+        vprefetch(xf, xo + pd + 0 * VW)
+        vprefetch(xf, xo + pd + 1 * VW)
+        vprefetch(xf, xo + pd + 2 * VW)
+        vprefetch(xf, xo + pd + 3 * VW)
+        w = vbcast(dd[kk, base + 0])
+        a0_0 = vfma(w, x0, a0_0)
+        a1_0 = vfma(w, x1, a1_0)
+        a2_0 = vfma(w, x2, a2_0)
+        a3_0 = vfma(w, x3, a3_0)
+        w = vbcast(dd[kk, base + 1])
+        a0_1 = vfma(w, x0, a0_1)
+        a1_1 = vfma(w, x1, a1_1)
+        a2_1 = vfma(w, x2, a2_1)
+        a3_1 = vfma(w, x3, a3_1)
+        w = vbcast(dd[kk, base + 2])
+        a0_2 = vfma(w, x0, a0_2)
+        a1_2 = vfma(w, x1, a1_2)
+        a2_2 = vfma(w, x2, a2_2)
+        a3_2 = vfma(w, x3, a3_2)
+        w = vbcast(dd[kk, base + 3])
+        a0_3 = vfma(w, x0, a0_3)
+        a1_3 = vfma(w, x1, a1_3)
+        a2_3 = vfma(w, x2, a2_3)
+        a3_3 = vfma(w, x3, a3_3)
     if 0 < rows:
-        yr = y[i0 + 0]
-        vstore(yr, j, a0)
-        vstore(yr, j + VW, b0)
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+        vstore(yf, yo + 1 * VW, a1_0)
+        vstore(yf, yo + 2 * VW, a2_0)
+        vstore(yf, yo + 3 * VW, a3_0)
     if 1 < rows:
-        yr = y[i0 + 1]
-        vstore(yr, j, a1)
-        vstore(yr, j + VW, b1)
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+        vstore(yf, yo + 1 * VW, a1_1)
+        vstore(yf, yo + 2 * VW, a2_1)
+        vstore(yf, yo + 3 * VW, a3_1)
     if 2 < rows:
-        yr = y[i0 + 2]
-        vstore(yr, j, a2)
-        vstore(yr, j + VW, b2)
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+        vstore(yf, yo + 1 * VW, a1_2)
+        vstore(yf, yo + 2 * VW, a2_2)
+        vstore(yf, yo + 3 * VW, a3_2)
     if 3 < rows:
-        yr = y[i0 + 3]
-        vstore(yr, j, a3)
-        vstore(yr, j + VW, b3)
-    if 4 < rows:
-        yr = y[i0 + 4]
-        vstore(yr, j, a4)
-        vstore(yr, j + VW, b4)
-    if 5 < rows:
-        yr = y[i0 + 5]
-        vstore(yr, j, a5)
-        vstore(yr, j + VW, b5)
-    if 6 < rows:
-        yr = y[i0 + 6]
-        vstore(yr, j, a6)
-        vstore(yr, j + VW, b6)
-    if 7 < rows:
-        yr = y[i0 + 7]
-        vstore(yr, j, a7)
-        vstore(yr, j + VW, b7)
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+        vstore(yf, yo + 1 * VW, a1_3)
+        vstore(yf, yo + 2 * VW, a2_3)
+        vstore(yf, yo + 3 * VW, a3_3)
 
 
 @jit(inline="always")
-def _mk4c1(indices, d2, k0, k1, base, x, y, i0, rows, j):
-    """c == 1: 4 rows (block rows base..base+3) x 2 vectors at column j; stores rows < rows."""
-    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
-    for k in range(k0, k1):
-        xr = x[indices[k]]
-        x0 = vload(xr, j)
-        x1 = vload(xr, j + VW)
-        dk = d2[k, base:base + 4]
-        w = vbcast(dk[0])
-        a0 = vfma(w, x0, a0)
-        b0 = vfma(w, x1, b0)
-        w = vbcast(dk[1])
-        a1 = vfma(w, x0, a1)
-        b1 = vfma(w, x1, b1)
-        w = vbcast(dk[2])
-        a2 = vfma(w, x0, a2)
-        b2 = vfma(w, x1, b2)
-        w = vbcast(dk[3])
-        a3 = vfma(w, x0, a3)
-        b3 = vfma(w, x1, b3)
+def _mk4x2(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+    """4 rows (rows base..base+3 of the block) x 2 vectors at column j of the flat X / Y;
+    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        x1 = vload(xf, xo + 1 * VW)
+        w = vbcast(dd[kk, base + 0])
+        a0_0 = vfma(w, x0, a0_0)
+        a1_0 = vfma(w, x1, a1_0)
+        w = vbcast(dd[kk, base + 1])
+        a0_1 = vfma(w, x0, a0_1)
+        a1_1 = vfma(w, x1, a1_1)
+        w = vbcast(dd[kk, base + 2])
+        a0_2 = vfma(w, x0, a0_2)
+        a1_2 = vfma(w, x1, a1_2)
+        w = vbcast(dd[kk, base + 3])
+        a0_3 = vfma(w, x0, a0_3)
+        a1_3 = vfma(w, x1, a1_3)
     if 0 < rows:
-        yr = y[i0 + 0]
-        vstore(yr, j, a0)
-        vstore(yr, j + VW, b0)
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+        vstore(yf, yo + 1 * VW, a1_0)
     if 1 < rows:
-        yr = y[i0 + 1]
-        vstore(yr, j, a1)
-        vstore(yr, j + VW, b1)
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+        vstore(yf, yo + 1 * VW, a1_1)
     if 2 < rows:
-        yr = y[i0 + 2]
-        vstore(yr, j, a2)
-        vstore(yr, j + VW, b2)
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+        vstore(yf, yo + 1 * VW, a1_2)
     if 3 < rows:
-        yr = y[i0 + 3]
-        vstore(yr, j, a3)
-        vstore(yr, j + VW, b3)
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+        vstore(yf, yo + 1 * VW, a1_3)
+
+
+@jit(inline="always")
+def _mk4x1(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+    """4 rows (rows base..base+3 of the block) x 1 vectors at column j of the flat X / Y;
+    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    for kk in range(idx.shape[0]):
+        xo = idx[kk] * ldx + j
+        x0 = vload(xf, xo + 0 * VW)
+        w = vbcast(dd[kk, base + 0])
+        a0_0 = vfma(w, x0, a0_0)
+        w = vbcast(dd[kk, base + 1])
+        a0_1 = vfma(w, x0, a0_1)
+        w = vbcast(dd[kk, base + 2])
+        a0_2 = vfma(w, x0, a0_2)
+        w = vbcast(dd[kk, base + 3])
+        a0_3 = vfma(w, x0, a0_3)
+    if 0 < rows:
+        yo = (i0 + 0) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_0)
+    if 1 < rows:
+        yo = (i0 + 1) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_1)
+    if 2 < rows:
+        yo = (i0 + 2) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_2)
+    if 3 < rows:
+        yo = (i0 + 3) * ldy + j
+        vstore(yf, yo + 0 * VW, a0_3)
+
+
+@jit
+def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd):
+    """r x 1 blocks (r % 8 == 0 or r == 4): Y rows of block row br, columns j0..j1 (a multiple
+    of VW) = W @ X, widest register tile first; pd > 0: prefetch X pd floats ahead."""
+    k0 = indptr[br]
+    k1 = indptr[br + 1]
+    idx = indices[k0:k1]
+    dd = d2[k0:k1]
+    i0 = br * r
+    rows = min(r, nout - i0)
+    j = j0
+    if r == 4:
+        if pd > 0:
+            while j + 4 * VW <= j1:
+                _mk4x4p(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j, pd)
+                j += 4 * VW
+        while j + 4 * VW <= j1:
+            _mk4x4(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            j += 4 * VW
+        while j + 2 * VW <= j1:
+            _mk4x2(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            j += 2 * VW
+        while j + VW <= j1:
+            _mk4x1(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            j += VW
+    else:
+        if pd > 0:
+            while j + 3 * VW <= j1:
+                for g in range(0, rows, 8):
+                    _mk8x3p(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j, pd)
+                j += 3 * VW
+        while j + 3 * VW <= j1:
+            for g in range(0, rows, 8):
+                _mk8x3(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+            j += 3 * VW
+        while j + 2 * VW <= j1:
+            for g in range(0, rows, 8):
+                _mk8x2(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+            j += 2 * VW
+        while j + VW <= j1:
+            for g in range(0, rows, 8):
+                _mk8x1(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+            j += VW
+
+
+@jit
+def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, res, act, lo, hi):
+    """r x 1 blocks, block row br: epilogue over Y columns jlo..jhi (already W @ X); if tail, also
+    columns tail..N (fewer than VW) accumulated in memory, with their epilogue."""
+    n = y.shape[1]
+    nb = bias.shape[0]
+    nr = res.shape[0]
+    k0 = indptr[br]
+    k1 = indptr[br + 1]
+    i0 = br * r
+    rows = min(r, nout - i0)
+    for ii in range(rows):
+        i = i0 + ii
+        b = bias[i] if nb != 0 else np.float32(0.0)
+        if jhi > jlo:
+            yr = y[i, jlo:jhi]
+            if nr != 0:
+                epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
+            else:
+                epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+        if tail < n:
+            m = n - tail
+            yr = y[i, tail:n]
+            for j in range(m):
+                yr[j] = np.float32(0.0)
+            _tile_c1(indices, d2, k0, k1, ii, x, yr, tail, m)
+            if nr != 0:
+                epilogue_tile(yr, b, res[i, tail:n], act, lo, hi)
+            else:
+                epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+
+
+@pjit
+def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
+    """Y = act(W @ X + bias + res) for r x 1 blocks, r % 8 == 0 or r == 4; d2 = data.reshape(nblk, r).
+    bias [out] / res [out, N] or empty; nt: the caller's thread count (sizes the work split)."""
+    nout = y.shape[0]
+    nin = x.shape[0]
+    n = x.shape[1]
+    nbr = indptr.shape[0] - 1
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    nvc = (n // VW) * VW  # columns in whole vectors; the rest is the scalar tail
+    tw = 4 * VW if r == 4 else 3 * VW  # widest register tile
+    ntile = nvc // tw
+    # N chunks only when X is large, in a multiple of the thread count (each thread owns chunks)
+    nch = 1
+    if nin * n > X_CHUNK_FLOATS and ntile >= 2 * nt:
+        nch = min(ntile, (nin * n + X_CHUNK_FLOATS - 1) // X_CHUNK_FLOATS)
+        nch = min(ntile // nt, (nch + nt - 1) // nt) * nt
+    nrg = nt if nch == 1 else 1  # block-row groups of equal non-zero share
+    nrg = max(1, min(nrg, nbr))
+    pd = 2 * tw if nin * n > L2_FLOATS else 0
+    nnz = indptr[nbr]
+    for t in prange(nch * nrg):
+        ch = t // nrg
+        g = t - ch * nrg
+        jlo = ((ch * ntile) // nch) * tw
+        jhi = (((ch + 1) * ntile) // nch) * tw
+        tail = n
+        if ch == nch - 1:
+            jhi = nvc
+            tail = nvc
+        b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
+        b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
+        for br in range(b0, b1):
+            _rowtiles(indptr, indices, d2, r, br, xf, n, yf, n, nout, jlo, jhi, pd)
+            _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, res, act, lo, hi)
 
 
 @jit
@@ -502,9 +859,11 @@ def _mk1(indices, d2, k0, k1, base, c, nin, x, y, i0, j):
     vstore(yr, j + VW, vadd(vadd(b0, b1), vadd(b2, b3)))
 
 
+
+
 @pjit
 def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
-    """Y = act(W @ X + bias + res); d2 = data.reshape(nblk, r*c). bias [out] / res [out, N] or empty."""
+    """Y = act(W @ X + bias + res), any r x c; d2 = data.reshape(nblk, r*c). bias [out] / res [out, N] or empty."""
     nout = y.shape[0]
     nin = x.shape[0]
     n = x.shape[1]
@@ -512,9 +871,11 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
     nr = res.shape[0]
     nbr = indptr.shape[0] - 1
     nvec = (n // JT) * JT
-    # N chunks sized so a chunk of X (nin rows) stays in L2 while every block row uses it;
-    # the parallel loop runs chunk-major over (chunk, block row) pairs
-    nc = max(JT, (L2_FLOATS // max(nin, 1)) // JT * JT)
+    # N chunks of equal width (a multiple of JT) sized so a chunk of X (nin rows) stays in L2
+    # while every block row uses it; the parallel loop runs chunk-major over (chunk, block row)
+    ncmax = max(JT, (L2_FLOATS // max(nin, 1)) // JT * JT)
+    nch = max(1, (n + ncmax - 1) // ncmax)
+    nc = ((n + nch - 1) // nch + JT - 1) // JT * JT
     nch = max(1, (n + nc - 1) // nc)
     for t in prange(nch * nbr):
         ch = t // nbr
@@ -527,31 +888,10 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
         rows = min(r, nout - i0)
         # register-blocked part: JT columns at a time, groups of 8 / 4 / 1 rows
         je = min(jhi, nvec)
-        jv = jlo
-        if c == 1 and r % 8 == 0:
-            # widest tile first: 8 rows x 3 vectors (24 accumulators), in pairs so the rest
-            # stays a multiple of JT
-            n3 = 2 * ((je - jlo) // (6 * VW))
-            for t3 in range(n3):
-                for g in range(0, rows, 8):
-                    _mk8x3c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, jlo + t3 * 3 * VW)
-            jv = jlo + n3 * 3 * VW
-        elif c == 1 and r == 4:
-            # 4 rows x 4 vectors (16 accumulators), then 2-vector tiles for the rest
-            n4 = (je - jlo) // (4 * VW)
-            for t4 in range(n4):
-                _mk4x4c1(indices, d2, k0, k1, 0, x, y, i0, rows, jlo + t4 * 4 * VW)
-            jv = jlo + n4 * 4 * VW
-        for j in range(jv, je, JT):
+        for j in range(jlo, je, JT):
             g = 0
             while g < rows:
-                if c == 1 and r - g >= 8:
-                    _mk8c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, j)
-                    g += 8
-                elif c == 1 and r - g >= 4:
-                    _mk4c1(indices, d2, k0, k1, g, x, y, i0 + g, rows - g, j)
-                    g += 4
-                elif r - g >= 8:
+                if r - g >= 8:
                     _mk8(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, rows - g, j)
                     g += 8
                 elif r - g >= 4:
@@ -671,6 +1011,7 @@ def bsr_spmv(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
             y[i] = act_scalar(s, act, lo, hi)
 
 
+
 # ---------------------------------------------------------------------------------------
 # table glue
 
@@ -682,7 +1023,12 @@ def _prepare(fmt):
 
 
 def _run_gemm(p, x, y, bias, act, lo, hi, residual):
-    bsr_spmm(p[0], p[1], p[2], p[3], p[4], x, y, none1(bias), none2(residual), int(act), float(lo), float(hi))
+    r, c = p[3], p[4]
+    if c == 1 and (r % 8 == 0 or r == 4):
+        bsr_spmm_r1(p[0], p[1], p[2], r, x, y, none1(bias), none2(residual), int(act), float(lo), float(hi),
+                    numba.get_num_threads())
+    else:
+        bsr_spmm(p[0], p[1], p[2], r, c, x, y, none1(bias), none2(residual), int(act), float(lo), float(hi))
 
 
 def _run_gemv(p, x, y, bias, act, lo, hi, residual):
@@ -695,9 +1041,13 @@ BLOCKS = [(1, 4), (4, 1), (8, 1), (16, 1), (1, 16), (4, 4)]
 
 KERNELS = []
 for _r, _c in BLOCKS:
+    _fast = _c == 1 and (_r % 8 == 0 or _r == 4)
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmm", op="gemm", fmt="bsr", dtype="float32",
                               block=(_r, _c), prepare=_prepare, run=_run_gemm, reference=reference, min_n=1,
-                              notes="one kernel for every r x c; (N chunk, block row) in parallel; 8x3 / 8x2 / 4x2 / 1x2 register tiles (rows x vectors)"))
+                              notes=("bsr_spmm_r1: nnz-balanced block-row group per thread (N chunks only for X > 4 MB); "
+                                     + ("4x4" if _r == 4 else "8x3") + " register tiles (rows x vectors), X prefetch when X > L2")
+                              if _fast else
+                              "bsr_spmm: (N chunk, block row) in parallel; 8x2 / 4x2 / 1x2 register tiles (rows x vectors)"))
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmv", op="gemv", fmt="bsr", dtype="float32",
                               block=(_r, _c), prepare=_prepare, run=_run_gemv, reference=reference, min_n=1,
                               max_n=1, notes="batch 1; register accumulators for 4x1 / 8x1 / 16x1, generic loop otherwise"))
