@@ -1,0 +1,129 @@
+"""int8 VNNI "groups" layout (kernels/int8.py ``_groups`` / ``_groups_vnni``, kernels/_vnni.py
+``vnni_pairs`` / ``vnni_gather4``): bit-exact against the integer reference where the generic
+row tests do not reach -- column counts past one 128-column tile (remainder chunks of 64),
+rows whose non-zero count is not a multiple of 4, empty row groups, the float64 dequantize taken
+when K is too large for int32 corrections, the permuted activation layouts and the vectorized
+per-tensor parameters."""
+import numba
+import numpy as np
+import pytest
+
+from sparsedge.formats.quant import BSRI8, CSRI8
+from sparsedge.kernels import int8 as K8
+from sparsedge.kernels._vnni import _perm64
+
+needs_vnni = pytest.mark.skipif(not K8.vnni_available(), reason="CPU lacks avx512_vnni")
+
+
+def _sparse(rng, out, k, density, block=None):
+    w = rng.standard_normal((out, k)).astype(np.float32)
+    if block is None:
+        w[rng.random((out, k)) >= density] = 0
+        w[: min(out, 3)] = 0  # empty leading rows
+        if out > 5:
+            w[5, :] = 0
+            w[5, : min(k, 7)] = 1.5  # 7 non-zeros: a padded group
+        return CSRI8.from_dense(w)
+    r, c = block
+    m = rng.random(((out + r - 1) // r, (k + c - 1) // c)) < density
+    m[0] = False  # an empty block row
+    w *= np.kron(m, np.ones((r, c)))[:out, :k]
+    return BSRI8.from_dense(w.astype(np.float32), block=block)
+
+
+def _check(wf, x, threads, **kw):
+    numba.set_num_threads(threads)
+    try:
+        p = K8.prepare(wf, path="vnni")
+        assert p["layout"] == "groups"
+        y = np.full((wf.shape[0], x.shape[1]), np.nan, np.float32)
+        K8.run_vnni(p, x, y, kw.get("bias"), kw.get("act", 0), 0.0, 0.0, kw.get("residual"))
+        ref = K8.gemm_ref(wf, x, kw.get("bias"), kw.get("act", 0), 0.0, 0.0, kw.get("residual"))
+        assert np.array_equal(y, ref)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [None, (4, 1), (8, 1), (16, 1)])
+def test_groups_column_tiles(rng, threads, block):
+    """N across 64/128-column chunk boundaries (1 + 2-chunk tiles and a 1-chunk remainder)."""
+    for out, k, n in [(37, 50, 130), (20, 9, 64), (16, 200, 193), (9, 33, 2)]:
+        wf = _sparse(rng, out, k, 0.3, block)
+        x = (rng.standard_normal((k, n)) * 2).astype(np.float32)
+        _check(wf, x, threads)
+
+
+@needs_vnni
+def test_groups_epilogue_wide(rng):
+    out, k, n = 21, 40, 150
+    wf = _sparse(rng, out, k, 0.4)
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(out).astype(np.float32)
+    res = rng.standard_normal((out, n)).astype(np.float32)
+    _check(wf, x, 2, bias=bias, residual=res, act=1)
+    _check(wf, x, 2, bias=bias, act=2)
+
+
+@needs_vnni
+def test_groups_large_k_float64_dequantize(rng):
+    """K above the int32-exact bound uses the float64 correction path; still bit-exact."""
+    k = K8._K_I32 + 40
+    out, n = 3, 17
+    w = np.zeros((out, k), np.float32)
+    w[0, :: 97] = 1.0
+    w[2, 5:: 301] = -2.0
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    _check(CSRI8.from_dense(w), x, 2)
+
+
+def test_groups_layout_matches_entries(rng):
+    """_groups: every non-zero once, in its row group, padding slots weigh zero."""
+    for R in (1, 4, 8):
+        out, k = 19, 23
+        w = rng.standard_normal((out, k)).astype(np.float32)
+        w[rng.random((out, k)) > 0.3] = 0
+        rows, cols = np.nonzero(w)
+        vals = np.arange(1, rows.size + 1, dtype=np.int64) % 100 + 1
+        gptr, gidx, gw = K8._groups(rows, cols, vals.astype(np.int8), out, k, R)
+        dense = np.zeros((out, k), np.int64)
+        for b in range(gptr.shape[0] - 1):
+            for g in range(gptr[b], gptr[b + 1]):
+                for r in range(R):
+                    for j in range(4):
+                        if b * R + r < out:
+                            dense[b * R + r, gidx[g, j]] += gw[g, r, j]
+                        else:
+                            assert gw[g, r, j] == 0
+        want = np.zeros((out, k), np.int64)
+        want[rows, cols] = vals
+        assert np.array_equal(dense, want)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_quant_perm_layout(rng, pairs):
+    k, n = 5, 70
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    xq, sx, zx = K8.quantize_ref(x)
+    inv = (np.float32(1) / sx).astype(np.float32)
+    got = K8._aligned_u8(k, 128)
+    assert got.ctypes.data % 64 == 0
+    K8._quant_perm(x, inv, zx.astype(np.float32), got, pairs)
+    full = np.zeros((k, 128), np.uint8)
+    full[:, :n] = xq
+    perm = np.asarray(_perm64(pairs))
+    want = np.concatenate([full[:, c * 64 + perm] for c in range(2)], axis=1)
+    assert np.array_equal(got, want)
+    assert sorted(perm) == list(range(64))
+
+
+def test_tensor_params_match_act_params(rng):
+    for x in (rng.standard_normal((37, 19)).astype(np.float32) * 5, np.zeros((4, 3), np.float32),
+              np.abs(rng.standard_normal((70, 1))).astype(np.float32) + 1,
+              -np.abs(rng.standard_normal((1, 65))).astype(np.float32), np.zeros((0, 4), np.float32)):
+        sx, zx, inv, zpf = K8._tensor_params(x)
+        s2, z2 = K8.act_params(x)
+        assert np.array_equal(sx, s2) and np.array_equal(zx, z2)
+        assert np.array_equal(inv, (np.float32(1) / s2).astype(np.float32))
+        assert np.array_equal(zpf, z2.astype(np.float32))
