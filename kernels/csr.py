@@ -272,8 +272,13 @@ def csr_spmv(indptr, indices, data, x, y, bias, res, act, lo, hi):
 # table glue (plain Python)
 
 def _prepare(fmt):
+    """(indptr, indices, data); int32 indices are viewed (no copy) as uint32: they are
+    validated non-negative, and unsigned indices spare the hot loops negative-index fix-ups."""
     a = fmt.arrays()
-    return (a["indptr"], a["indices"], a["data"])
+    ix = a["indices"]
+    if ix.dtype == np.int32:
+        ix = ix.view(np.uint32)
+    return (a["indptr"], ix, a["data"])
 
 
 def _run_gemm(p, x, y, bias, act, lo, hi, residual):
