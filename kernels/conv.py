@@ -702,7 +702,8 @@ def sparse_conv_s1(kind, packed, x, y, kh, kw, padding=(0, 0), dilation=(1, 1), 
 #   positions per image (H+ph)*(W+pw): 1.06x the real outputs at 32x32, 1.56x at 4x4 (3x3, pad 1).
 # * "phase" (otherwise): each phase plane holds, per image, Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw)
 #   padded positions; tap (ky, kx) reads phase ((ky*dh) % sh, (kx*dw) % sw) shifted by
-#   ((ky*dh)//sh, (kx*dw)//sw). RS = Wq, IS = Hq*Wq.
+#   ((ky*dh)//sh, (kx*dw)//sw). RS = Wq, IS = Hq*Wq. Only phases some tap reads get a plane
+#   (``phase_map``: a 1x1 stride-2 conv packs one of four).
 
 def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW):
     """-> (shared, P, RS, IS, L, Npad, size, Ho, Wo): P planes per channel, row / image strides,
@@ -717,7 +718,7 @@ def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW):
         plane = (B * (H + ph) + ph + 1) * RS
         shift = (kh - 1) * dh * RS + (kw - 1) * dw
     else:
-        P, RS = sh * sw, -(-(W + 2 * pw) // sw)
+        P, RS = len(phase_map(kh, kw, sh, sw, dh, dw)[1]), -(-(W + 2 * pw) // sw)
         Hq = -(-(H + 2 * ph) // sh)
         IS = Hq * RS
         plane = B * IS
@@ -729,17 +730,29 @@ def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW):
     return shared, P, RS, IS, L, Npad, size, Ho, Wo
 
 
+def phase_map(kh, kw, sh, sw, dh, dw):
+    """-> (pidx int64 [sh*sw]: plane index of phase (ry, rx) at ry*sw + rx, or -1 when no tap reads it;
+    list of the used phases in plane order). A 1x1 stride-2 conv reads one phase of four."""
+    used = sorted({((ky * dh) % sh, (kx * dw) % sw) for ky in range(kh) for kx in range(kw)})
+    pidx = np.full(sh * sw, -1, dtype=np.int64)
+    for i, (ry, rx) in enumerate(used):
+        pidx[ry * sw + rx] = i
+    return pidx, used
+
+
 def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L):
     """roff[(c*kh+ky)*kw+kx] for the layout of ``batch_geometry`` (int64 [C*kh*kw])."""
     roff = np.empty(C * kh * kw, dtype=np.int64)
+    pidx, used = phase_map(kh, kw, sh, sw, dh, dw)
+    P = len(used)
     for c in range(C):
         for ky in range(kh):
             for kx in range(kw):
                 if shared:
                     v = c * L + ky * dh * RS + kx * dw
                 else:
-                    ry, rx = (ky * dh) % sh, (kx * dw) % sw
-                    v = ((c * sh + ry) * sw + rx) * L + (ky * dh // sh) * RS + (kx * dw) // sw
+                    pl = int(pidx[((ky * dh) % sh) * sw + (kx * dw) % sw])
+                    v = (c * P + pl) * L + (ky * dh // sh) * RS + (kx * dw) // sw
                 roff[(c * kh + ky) * kw + kx] = v
     return roff
 
@@ -778,9 +791,10 @@ def pack_shared(x, ph, pw, L, xf):
 
 
 @pjit
-def pack_phase(x, sh, sw, ph, pw, Hq, Wq, L, xf):
-    """Phase layout: xf[((c*sh+ry)*sw+rx)*L + b*Hq*Wq + u*Wq + v] = xpad[b, c, u*sh+ry, v*sw+rx]
-    (xpad: x zero-padded by ph / pw), zeros elsewhere. (image, channel) pairs in parallel."""
+def pack_phase(x, sh, sw, ph, pw, Hq, Wq, L, pidx, P, xf):
+    """Phase layout: xf[(c*P + pidx[ry*sw+rx])*L + b*Hq*Wq + u*Wq + v] = xpad[b, c, u*sh+ry, v*sw+rx]
+    (xpad: x zero-padded by ph / pw) for the used phases (pidx >= 0), zeros elsewhere in each plane.
+    (image, channel) pairs in parallel."""
     B = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
@@ -792,7 +806,10 @@ def pack_phase(x, sh, sw, ph, pw, Hq, Wq, L, xf):
         c = t - b * C
         for ry in range(sh):
             for rx in range(sw):
-                base = ((c * sh + ry) * sw + rx) * L + b * IS
+                pl = pidx[ry * sw + rx]
+                if pl < 0:
+                    continue
+                base = (c * P + pl) * L + b * IS
                 # columns v with 0 <= v*sw + rx - pw < W: [va, vb)
                 xo = rx - pw
                 va = 0 if xo >= 0 else (-xo + sw - 1) // sw
@@ -820,8 +837,7 @@ def pack_phase(x, sh, sw, ph, pw, Hq, Wq, L, xf):
                     for q in range(vb, Wq):
                         r[q] = np.float32(0.0)
                 if b == B - 1:
-                    last = (c == C - 1) and (ry == sh - 1) and (rx == sw - 1)
-                    e = n if last else base + IS + (L - B * IS)
+                    e = n if (c == C - 1 and pl == P - 1) else base + IS + (L - B * IS)
                     tail = xf[base + IS:e]
                     for q in range(tail.shape[0]):
                         tail[q] = np.float32(0.0)
@@ -933,6 +949,47 @@ def csr_conv_koff(indptr, koff, data, xf, yw, nc):
 
 
 @pjit
+def csr_conv_plane(indptr, koff, data, xf, IS, RS, y, bias, res, act, lo, hi):
+    """Fused per (image, output channel) plane: y[b, o, oy, ox] = act(sum_k data[k] * xf[koff[k] + b*IS +
+    oy*RS + ox] + bias[o] + res[b, o, oy, ox]), the plane's positions computed into an L1-sized buffer
+    and cropped from there (no [O, Npad] round trip through memory). For layers with few weights per
+    output row and large outputs (stems), where the separate crop pass cost as much as the kernel."""
+    B = y.shape[0]
+    O = y.shape[1]
+    Ho = y.shape[2]
+    Wo = y.shape[3]
+    nb = bias.shape[0]
+    nr = res.shape[0]
+    npos = (Ho - 1) * RS + Wo
+    nv = (npos + VW - 1) // VW * VW
+    for t in prange(B * O):
+        b = t // O
+        o = t - b * O
+        yl = np.empty(nv, dtype=np.float32)
+        k0 = indptr[o]
+        k1 = indptr[o + 1]
+        xb = xf[b * IS:]
+        j = 0
+        while j + 4 * VW <= nv:
+            _mkoff4(koff, data, k0, k1, xb, yl, j)
+            j += 4 * VW
+        while j < nv:
+            _mkoff1(koff, data, k0, k1, xb, yl, j)
+            j += VW
+        bv = bias[o] if nb != 0 else np.float32(0.0)
+        plane = y[b, o].reshape(Ho * Wo)
+        for oy in range(Ho):
+            src = yl[oy * RS:oy * RS + Wo]
+            dst = plane[oy * Wo:(oy + 1) * Wo]
+            for q in range(Wo):
+                dst[q] = src[q]
+        if nr != 0:
+            epilogue_tile(plane, bv, res[b, o].reshape(Ho * Wo), act, lo, hi)
+        else:
+            epilogue_tile(plane, bv, plane[0:0], act, lo, hi)
+
+
+@pjit
 def crop_batch(yw, IS, RS, y, bias, res, act, lo, hi):
     """y[b, o, oy, ox] = act(yw[o, b*IS + oy*RS + ox] + bias[o] + res[b, o, oy, ox]);
     y [B, O, Ho, Wo], res the same or shape (0,0,0,0), bias [O] or length 0."""
@@ -964,7 +1021,8 @@ def batch_pack(x, geo, kh, kw, stride, padding, dilation, xf):
     if shared:
         pack_shared(x, int(padding[0]), int(padding[1]), L, xf)
     else:
-        pack_phase(x, int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), IS // RS, RS, L, xf)
+        pidx = phase_map(kh, kw, int(stride[0]), int(stride[1]), int(dilation[0]), int(dilation[1]))[0]
+        pack_phase(x, int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), IS // RS, RS, L, pidx, P, xf)
 
 
 def batch_tile(kind):
@@ -979,13 +1037,14 @@ def batch_chunk(Npad):
 
 
 def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=None,
-                      act=0, lo=0.0, hi=0.0, residual=None, work=None, roff=None, koff=None):
+                      act=0, lo=0.0, hi=0.0, residual=None, work=None, roff=None, koff=None, plane=False):
     """Whole batch: y [B, O, Ho, Wo] = act(conv(x [B, C, H, W]) + bias + residual), any stride /
     padding / dilation, groups 1, without im2col. kind "csr": packed = (indptr, indices, data)
     (csr row's prepare); "bsr": the bsr row's prepare output with r x 1 blocks, r % 8 == 0.
     ``work``: optional (xf float32 [size], yw float32 [O, Npad]) from ``batch_geometry(...,
-    tile=batch_tile(kind))``; ``roff``: optional precomputed ``batch_roff``; ``koff`` (csr): optional
-    precomputed ``roff[indices]`` int32."""
+    tile=batch_tile(kind))`` (yw unused with ``plane``); ``roff``: optional precomputed ``batch_roff``;
+    ``koff`` (csr): optional precomputed ``roff[indices]`` int32; ``plane`` (csr): the fused per
+    (image, output channel) kernel ``csr_conv_plane`` instead of csr_conv_koff + crop_batch."""
     B, C, H, W = x.shape
     sh, sw = stride
     ph, pw = padding
@@ -994,7 +1053,7 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
     geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, batch_tile(kind))
     shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
     if work is None:
-        work = (np.empty(size, np.float32), np.empty((O, Npad), np.float32))
+        work = (np.empty(size, np.float32), np.empty((0, 0) if plane else (O, Npad), np.float32))
     xf, yw = work
     if roff is None and (kind != "csr" or koff is None):
         roff = batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L)
@@ -1002,6 +1061,10 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
     if kind == "csr":
         if koff is None:
             koff = roff[packed[1]].astype(np.int32)
+        if plane:
+            csr_conv_plane(packed[0], koff, packed[2], xf, IS, RS, y, EMPTY1 if bias is None else bias,
+                           EMPTY4 if residual is None else residual, int(act), float(lo), float(hi))
+            return
         csr_conv_koff(packed[0], koff, packed[2], xf, yw, batch_chunk(Npad))
     elif kind == "bsr" and packed[4] == 1 and packed[3] % 8 == 0:
         bsr_conv_s1(packed[0], packed[1], packed[2], packed[3], xf, roff, yw)

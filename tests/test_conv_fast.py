@@ -33,10 +33,12 @@ def _weight(kind, O, K, rng, density):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["csr", "bsr8x1", "bsr16x1"])
+@pytest.mark.parametrize("kind", ["csr", "csr_plane", "bsr8x1", "bsr16x1"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sparse_conv_batch(case, kind, threads, rng):
     B, C, H, W, O, kh, kw, s, p, d = case
+    plane = kind == "csr_plane"
+    kind = "csr" if plane else kind
     w, fmt, row = _weight(kind, O, C * kh * kw, rng, 0.5)
     x = rng.standard_normal((B, C, H, W)).astype(np.float32)
     bias = rng.standard_normal(O).astype(np.float32)
@@ -49,27 +51,29 @@ def test_sparse_conv_batch(case, kind, threads, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         y = np.full(ref.shape, np.nan, np.float32)
-        conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, bias=bias, act=table.ACT_RELU)
+        conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, bias=bias, act=table.ACT_RELU, plane=plane)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
         # preallocated work buffers filled with garbage first: the pack must rewrite every pad position
         geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d, conv.batch_tile(kind[:3]))
         work = (np.full(geo[6], np.nan, np.float32), np.full((O, geo[5]), np.nan, np.float32))
         y = np.full(ref.shape, np.nan, np.float32)
-        conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, act=table.ACT_SILU, residual=res, work=work)
+        conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, act=table.ACT_SILU, residual=res, work=work,
+                               plane=plane)
         np.testing.assert_allclose(y, ref_res, rtol=1e-4, atol=1e-4)
     finally:
         numba.set_num_threads(old)
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
-def test_sparse_conv_batch_all_zero_and_dense(density, rng):
+@pytest.mark.parametrize("plane", [False, True])
+def test_sparse_conv_batch_all_zero_and_dense(density, plane, rng):
     B, C, H, W, O = 2, 7, 6, 6, 5
     w, fmt, row = _weight("csr", O, C * 9, rng, density)
     x = rng.standard_normal((B, C, H, W)).astype(np.float32)
     bias = rng.standard_normal(O).astype(np.float32)
     ref = conv.conv2d_ref(x, w.reshape(O, C, 3, 3), bias, (1, 1), (1, 1))
     y = np.full(ref.shape, np.nan, np.float32)
-    conv.sparse_conv_batch("csr", row.prepare(fmt), x, y, 3, 3, (1, 1), (1, 1), (1, 1), bias=bias)
+    conv.sparse_conv_batch("csr", row.prepare(fmt), x, y, 3, 3, (1, 1), (1, 1), (1, 1), bias=bias, plane=plane)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -83,6 +87,8 @@ def test_batch_pack_matches_layout(case, rng):
     xf = np.full(size, np.nan, np.float32)
     conv.batch_pack(x, geo, kh, kw, s, p, d, xf)
     want = np.zeros(size, np.float32)
+    pidx = conv.phase_map(kh, kw, *s, *d)[0]
+    assert P == (1 if shared else int((pidx >= 0).sum()))
     for b in range(B):
         for c in range(C):
             for iy in range(H):
@@ -91,6 +97,9 @@ def test_batch_pack_matches_layout(case, rng):
                         pos = c * L + (b * (H + p[0]) + p[0] + iy) * RS + p[1] + ix
                     else:
                         Y, X = iy + p[0], ix + p[1]
-                        pos = ((c * s[0] + Y % s[0]) * s[1] + X % s[1]) * L + b * IS + (Y // s[0]) * RS + X // s[1]
+                        pl = pidx[(Y % s[0]) * s[1] + X % s[1]]
+                        if pl < 0:
+                            continue
+                        pos = (c * P + pl) * L + b * IS + (Y // s[0]) * RS + X // s[1]
                     want[pos] = x[b, c, iy, ix]
     np.testing.assert_array_equal(xf, want)

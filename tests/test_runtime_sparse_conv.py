@@ -127,7 +127,6 @@ def test_default_selection_takes_direct_path(tmp_path):
 @pytest.mark.parametrize("kind,override,k,stride,pad", [
     ((4, 1), "bsr4x1_f32_spmm", 3, 1, 1),         # r % 8 != 0
     ((1, 4), "bsr1x4_f32_spmm", 3, 1, 1),         # c != 1
-    ("csr", "csr_f32_spmm", 1, 1, 1),             # 1x1 (padded): im2col
     ("csr", "numpy_densified", 3, 1, 1),          # BLAS on densified weights
     ("csr", "scipy_csr", 3, 1, 1),                # builtin csr candidate
 ])
@@ -158,14 +157,14 @@ def test_grouped_sparse_conv_not_direct(tmp_path):
     assert all(NOTE not in r["why"] for r in rep), rep
 
 
-@pytest.mark.parametrize("what", ["small_grid", "few_weights_per_row", "stem"])
+@pytest.mark.parametrize("what", ["small_grid", "stem"])
 def test_direct_gate_keeps_im2col(tmp_path, what):
     """Layers where the direct conv measured slower stay on im2col: 2x2 outputs (the batched layout
-    computes 32 positions for 8 real ones, > 2x; the per-image grid is below one 4-vector tile),
-    < 8 weights per output row, and a reduction depth C*kh*kw < 64 (3-channel stem)."""
+    computes 32 positions for 8 real ones, > 2x; the per-image grid is below one 4-vector tile) and
+    a BSR weight with reduction depth C*kh*kw < 64 (3-channel stem; CSR stems run the per-plane kernel)."""
     rng = np.random.default_rng(11)
     kw = {"small_grid": dict(kind="csr", C=32, hw=(2, 2)),
-          "few_weights_per_row": dict(kind="csr", C=8, hw=(7, 30), sparsity=0.95), "stem": dict(kind=(8, 1), C=3, hw=(7, 30))}[what]
+          "stem": dict(kind=(8, 1), C=3, hw=(7, 30))}[what]
     kind = kw.pop("kind")
     path, osh = build(str(tmp_path / "m.sparsedge"), kind, pad=1, rng=rng, **kw)
     m, feeds = _feeds(path, 2, osh, rng)
@@ -175,21 +174,24 @@ def test_direct_gate_keeps_im2col(tmp_path, what):
     assert rep and all(NOTE not in r["why"] for r in rep), rep
 
 
-BATCHED = [  # kind, override, C, O, k, stride, pad, (H, W), residual
+BATCHED = [  # kind, override, C, O, k, stride, pad, (H, W), residual[, sparsity]
     ("csr", "csr_f32_spmm", 16, 24, 3, 2, 1, (11, 12), None),          # strided (phase layout)
     ((8, 1), "bsr8x1_f32_spmm", 16, 16, 3, 1, 1, (8, 8), "relu"),       # small grid (old scalar tail)
     ((16, 1), "bsr16x1_f32_spmm", 64, 32, 1, 2, 0, (9, 9), None),       # 1x1 stride-2 downsample
     ("csr", "csr_f32_spmm", 32, 16, 3, 1, 1, (4, 4), "add"),            # 4x4 grid, residual
+    ("csr", "csr_f32_spmm", 8, 16, 3, 1, 1, (7, 30), "relu", 0.95),     # < 16 weights per row: per-plane kernel
+    ("csr", "csr_f32_spmm", 3, 16, 3, 1, 1, (12, 12), None, 0.8),       # CSR stem (K = 27): per-plane kernel
+    ("csr", "csr_f32_spmm", 12, 16, 1, 1, 1, (7, 30), None),            # 1x1 padded: per-plane kernel
 ]
 
 
 @pytest.mark.parametrize("case", BATCHED, ids=lambda c: "-".join(map(str, c)))
 def test_batched_direct_path(tmp_path, case):
     """Batch 8: strided convs and small grids run the batched direct conv and match the reference."""
-    kind, override, C, O, k, stride, pad, hw, residual = case
+    kind, override, C, O, k, stride, pad, hw, residual = case[:9]
     rng = np.random.default_rng(13)
     path, osh = build(str(tmp_path / "m.sparsedge"), kind, C=C, O=O, k=k, pad=pad, stride=stride, act="relu",
-                      residual=residual, rng=rng, hw=hw)
+                      residual=residual, rng=rng, hw=hw, sparsity=case[9] if len(case) > 9 else 0.85)
     m, feeds = _feeds(path, 8, osh, rng)
     ref = list(run_reference(m, feeds).values())[0]
     for threads in (1, 2):

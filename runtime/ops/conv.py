@@ -116,13 +116,14 @@ class Conv2d(Op):
             (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
             geo = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind))
             shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
-            if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(choice, kind, O, Npad, Nb * npix):
+            plane = kind == "csr" and choice.packed[2].shape[0] < self.PLANE_MAX_NNZ_ROW * O
+            if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(kind, plane, Npad, Nb, (Ho - 1) * RS + Wo, npix):
                 if self.DIRECT_NOTE not in choice.why:
                     choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
                 roff = k.batch_roff(C, self.kh, self.kw, sh, sw, dh, dw, shared, RS, L)
                 koff = roff[choice.packed[1]].astype(np.int32) if kind == "csr" else None
-                return NodePlan(scratch=[((size,), "float32"), ((O, Npad), "float32")],
-                                data=("bdirect", choice, Ho, Wo, kind, geo, (roff, koff)),
+                scratch = [((size,), "float32")] if plane else [((size,), "float32"), ((O, Npad), "float32")]
+                return NodePlan(scratch=scratch, data=("bdirect", choice, Ho, Wo, kind, geo, (roff, koff, plane)),
                                 kernel=f"{choice.name}+{self.DIRECT_NOTE}")
         if kind is not None and self.stride == (1, 1):
             # per image (sparse_conv_s1) where the batched layout computes too many padding positions
@@ -163,21 +164,21 @@ class Conv2d(Op):
                 return "bsr"
         return None
 
-    DIRECT_MIN_NNZ_ROW = 8  # mean weights per output row below which im2col + GEMM stays
-    DIRECT_MIN_K = 64  # reduction depth C*kh*kw below which (stems) im2col + GEMM stays
-    DIRECT_MAX_WASTE = 2.0  # largest computed / real output positions (padding columns, rows, tile round-up)
+    DIRECT_MIN_NNZ_ROW = 8  # per-image sparse_conv_s1: mean weights per output row below which im2col stays
+    DIRECT_MIN_K = 64  # reduction depth C*kh*kw below which (stems) the [O, Npad] batched path loses
+    DIRECT_MAX_WASTE = 2.0  # largest computed / real output positions (padding columns, rows, round-up)
+    PLANE_MAX_NNZ_ROW = 16  # csr: mean weights per output row below which the fused per-plane kernel runs
 
-    def _direct_pays(self, choice, kind, O, Npad, nreal) -> bool:
-        """Measured (ResNet-style model at 90%, 2 threads, batch 8, this 2-core host): the batched direct
-        conv beats per-image im2col + the same GEMM from 32x32 (2.5x) down to 4x4 outputs (1.4x, computing
-        256 positions for 128 real ones), strided too; it lost on a 3-channel 3x3 stem (K = 27: the pack and
-        crop passes cost more than the small im2col they save) and with < 8 weights per output row."""
-        if Npad > self.DIRECT_MAX_WASTE * nreal or self.Cg * self.kh * self.kw < self.DIRECT_MIN_K:
-            return False
-        p = choice.packed
-        nnz = p[2].shape[0]  # csr: weights; bsr r x 1: blocks = weights per row of a block row
-        rows = O if kind == "csr" else max(1, p[0].shape[0] - 1)
-        return nnz >= self.DIRECT_MIN_NNZ_ROW * rows
+    def _direct_pays(self, kind, plane, Npad, Nb, nimg, npix) -> bool:
+        """Measured (2 threads, batch 8, this 2-core host; 3x3 convs at 90%): the batched direct conv
+        beats per-image im2col + the same GEMM from 32x32 (2.5-4x) down to 4x4 outputs (1.4x, 208
+        positions computed for 128 real), strided too, and 4-5x with 5-12 weights per output row. On a
+        3-channel stem (K = 27) the [O, Npad] form lost (pack + crop passes: 0.70 vs 0.56 ms) but the fused
+        per-plane form (``csr_conv_plane``, rows with < 16 weights) won (0.47 ms)."""
+        if plane:
+            vw = int(getattr(self.k, "VW", 8))
+            return Nb * (-(-nimg // vw) * vw) <= self.DIRECT_MAX_WASTE * Nb * npix
+        return Npad <= self.DIRECT_MAX_WASTE * Nb * npix and self.Cg * self.kh * self.kw >= self.DIRECT_MIN_K
 
     DIRECT_MAX_TAIL = 1 / 64  # largest share of the wide grid left to the kernels' scalar tail
 
@@ -202,8 +203,8 @@ class Conv2d(Op):
         if res is not None and not res.flags.c_contiguous:
             res = np.ascontiguousarray(res)
         k.sparse_conv_batch(kind, choice.packed, x, y, self.kh, self.kw, self.stride, self.padding, self.dilation,
-                            bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[1]), roff=roff[0],
-                            koff=roff[1])
+                            bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[-1]), roff=roff[0],
+                            koff=roff[1], plane=roff[2])
 
     def _run_direct(self, x, y, res, choice, kind, scratch):
         """Per image: sparse_conv_s1 with the fused epilogue; work buffers from the plan's scratch."""
