@@ -96,6 +96,30 @@ def bias_act_rows(y, bias, act, lo, hi):
         _act_inplace(row, act, lo, hi)
 
 
+@jit
+def bias_res_act_rows(y, bias, res, act, lo, hi):
+    """Serial (for one thread's share of rows): y [R, C] float32 (torch layout),
+    y = act(y + bias[None, :] + res). bias float32 [C] or empty; res float32 [R, C] or [0, 0]."""
+    R, C = y.shape
+    hb = bias.shape[0] > 0
+    hr = res.shape[0] > 0
+    for r in range(R):
+        row = y[r]
+        if hb and hr:
+            rr = res[r]
+            for j in range(C):
+                row[j] = row[j] + bias[j] + rr[j]
+        elif hb:
+            for j in range(C):
+                row[j] = row[j] + bias[j]
+        elif hr:
+            rr = res[r]
+            for j in range(C):
+                row[j] = row[j] + rr[j]
+        if act != 0:
+            _act_inplace(row, act, lo, hi)
+
+
 @pjit
 def bias_act_cols(y, bias, act, lo, hi):
     """y [C, N] float32 (feature-major: bias along the first dim); y = act(y + bias[:, None])."""
@@ -364,3 +388,214 @@ def softmax_rows(x, mask, rows_per_mask, scale, y):
         for j in range(L):
             q = yr[j] * inv
             yr[j] = q if q >= _FLT_MIN else np.float32(0.0)  # flush denormals (slow in the next GEMM)
+
+
+# --- attention: softmax(q k^T * scale + mask) v per (batch, head), no transposed copies ---------
+from .simd import VW as _VW  # noqa: E402
+from .simd import vbcast as _vbcast  # noqa: E402
+from .simd import vfma as _vfma  # noqa: E402
+from .simd import vload as _vload  # noqa: E402
+from .simd import vstore as _vstore  # noqa: E402
+from .simd import vzero as _vzero  # noqa: E402
+
+
+@jit(inline="always")
+def _softmax_inplace_row(yr, L, mask, mi, hm, scale):
+    """yr[:L] = softmax(yr[:L] * scale + mask[mi, :L]) (mask only when hm), the semantics of
+    ``softmax_rows`` (NaN row when the row holds a NaN / +inf or is all -inf; denormals flushed)."""
+    z = np.float32(0.0)
+    if hm:
+        for j in range(L):
+            v = yr[j] * scale + mask[mi, j]
+            yr[j] = v
+            z += v * np.float32(0.0)
+    else:
+        for j in range(L):
+            v = yr[j] * scale
+            yr[j] = v
+            z += v * np.float32(0.0)
+    if z != z:
+        m = np.float32(-np.inf)
+        bad = False
+        for j in range(L):
+            if yr[j] != yr[j] or yr[j] == np.inf:
+                bad = True
+            elif yr[j] > m:
+                m = yr[j]
+        if bad or not (m > -np.inf):
+            for j in range(L):
+                yr[j] = np.nan
+            return
+    else:
+        m = _rowmax_nonan(yr[:L])
+    s = np.float32(0.0)
+    for j in range(L):
+        e = exp_f32(yr[j] - m)
+        yr[j] = e
+        s += e
+    inv = np.float32(1.0) / s
+    for j in range(L):
+        q = yr[j] * inv
+        yr[j] = q if q >= _FLT_MIN else np.float32(0.0)
+
+
+@pjit
+def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D):
+    """Multi-head attention core, torch layouts, no transposed copies:
+    for every batch b and head h, ``out[b, :, h*D:(h+1)*D] = softmax(Q K^T * scale + mask[b % Bm]) V``
+    with ``Q = q[b, :, h*D:(h+1)*D]`` (K, V alike from k, v).
+    q, out: flat float32 of [B, Sq, H*D]; k, v: flat float32 of [B, Sk, H*D]; mask: float32
+    [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32.
+    Parallel over (b, h); per task K_h is transposed once into a [D, Sk] buffer (L1), scores are
+    computed 4 query rows x 2 vectors of keys at a time in registers (``simd``), softmaxed in
+    place, and multiplied by V_h (copied contiguous per task; D % VW == 0: 4 rows x 2 (or 1)
+    vector tiles, otherwise plain loops)."""
+    HD = H * D
+    W2 = 2 * _VW
+    Sp = max((Sk + W2 - 1) // W2 * W2, W2)
+    hm = mask.shape[0] > 0
+    Bm = max(mask.shape[0], 1)
+    fastd = D % _VW == 0
+    for t in prange(B * H):
+        b = t // H
+        c0 = (t - b * H) * D
+        Kt = np.empty(max(D, 1) * Sp, np.float32)
+        P = np.empty(4 * Sp, np.float32)
+        kb = b * Sk
+        for j in range(Sk):
+            src = (kb + j) * HD + c0
+            for d in range(D):
+                Kt[d * Sp + j] = k[src + d]
+        for d in range(D):
+            for j in range(Sk, Sp):
+                Kt[d * Sp + j] = np.float32(0.0)
+        # V_h copied contiguous: its rows in v are H*D floats apart, which maps them onto a few
+        # L1 sets (1536-byte stride: 8 of 64) and made the P V loop 3x slower than Q K^T
+        Vc = np.empty(max(Sk * D, 1), np.float32)
+        for j in range(Sk):
+            src = (kb + j) * HD + c0
+            for d in range(D):
+                Vc[j * D + d] = v[src + d]
+        mi = b % Bm
+        for i0 in range(0, Sq, 4):
+            nr = min(4, Sq - i0)
+            qb = b * Sq
+            r0 = (qb + i0) * HD + c0
+            r1 = (qb + min(i0 + 1, Sq - 1)) * HD + c0
+            r2 = (qb + min(i0 + 2, Sq - 1)) * HD + c0
+            r3 = (qb + min(i0 + 3, Sq - 1)) * HD + c0
+            for jb in range(0, Sp, W2):
+                a00 = _vzero()
+                a01 = _vzero()
+                a10 = _vzero()
+                a11 = _vzero()
+                a20 = _vzero()
+                a21 = _vzero()
+                a30 = _vzero()
+                a31 = _vzero()
+                for d in range(D):
+                    k0 = _vload(Kt, d * Sp + jb)
+                    k1 = _vload(Kt, d * Sp + jb + _VW)
+                    x = _vbcast(q[r0 + d])
+                    a00 = _vfma(x, k0, a00)
+                    a01 = _vfma(x, k1, a01)
+                    x = _vbcast(q[r1 + d])
+                    a10 = _vfma(x, k0, a10)
+                    a11 = _vfma(x, k1, a11)
+                    x = _vbcast(q[r2 + d])
+                    a20 = _vfma(x, k0, a20)
+                    a21 = _vfma(x, k1, a21)
+                    x = _vbcast(q[r3 + d])
+                    a30 = _vfma(x, k0, a30)
+                    a31 = _vfma(x, k1, a31)
+                _vstore(P, jb, a00)
+                _vstore(P, jb + _VW, a01)
+                _vstore(P, Sp + jb, a10)
+                _vstore(P, Sp + jb + _VW, a11)
+                _vstore(P, 2 * Sp + jb, a20)
+                _vstore(P, 2 * Sp + jb + _VW, a21)
+                _vstore(P, 3 * Sp + jb, a30)
+                _vstore(P, 3 * Sp + jb + _VW, a31)
+            for r in range(nr):
+                _softmax_inplace_row(P[r * Sp:(r + 1) * Sp], Sk, mask, mi, hm, scale)
+            if fastd:
+                D2 = D - D % W2
+                for db in range(0, D2, W2):
+                    o0 = _vzero()
+                    o1 = _vzero()
+                    o2 = _vzero()
+                    o3 = _vzero()
+                    e0 = _vzero()
+                    e1 = _vzero()
+                    e2 = _vzero()
+                    e3 = _vzero()
+                    for j in range(Sk):
+                        vr = j * D + db
+                        vv = _vload(Vc, vr)
+                        vw = _vload(Vc, vr + _VW)
+                        x = _vbcast(P[j])
+                        o0 = _vfma(x, vv, o0)
+                        e0 = _vfma(x, vw, e0)
+                        x = _vbcast(P[Sp + j])
+                        o1 = _vfma(x, vv, o1)
+                        e1 = _vfma(x, vw, e1)
+                        x = _vbcast(P[2 * Sp + j])
+                        o2 = _vfma(x, vv, o2)
+                        e2 = _vfma(x, vw, e2)
+                        x = _vbcast(P[3 * Sp + j])
+                        o3 = _vfma(x, vv, o3)
+                        e3 = _vfma(x, vw, e3)
+                    _vstore(out, r0 + db, o0)
+                    _vstore(out, r0 + db + _VW, e0)
+                    if nr > 1:
+                        _vstore(out, r1 + db, o1)
+                        _vstore(out, r1 + db + _VW, e1)
+                    if nr > 2:
+                        _vstore(out, r2 + db, o2)
+                        _vstore(out, r2 + db + _VW, e2)
+                    if nr > 3:
+                        _vstore(out, r3 + db, o3)
+                        _vstore(out, r3 + db + _VW, e3)
+                for db in range(D2, D, _VW):
+                    o0 = _vzero()
+                    o1 = _vzero()
+                    o2 = _vzero()
+                    o3 = _vzero()
+                    for j in range(Sk):
+                        vv = _vload(Vc, j * D + db)
+                        o0 = _vfma(_vbcast(P[j]), vv, o0)
+                        o1 = _vfma(_vbcast(P[Sp + j]), vv, o1)
+                        o2 = _vfma(_vbcast(P[2 * Sp + j]), vv, o2)
+                        o3 = _vfma(_vbcast(P[3 * Sp + j]), vv, o3)
+                    _vstore(out, r0 + db, o0)
+                    if nr > 1:
+                        _vstore(out, r1 + db, o1)
+                    if nr > 2:
+                        _vstore(out, r2 + db, o2)
+                    if nr > 3:
+                        _vstore(out, r3 + db, o3)
+            else:
+                for r in range(nr):
+                    orow = (qb + i0 + r) * HD + c0
+                    for d in range(D):
+                        out[orow + d] = np.float32(0.0)
+                    for j in range(Sk):
+                        p = P[r * Sp + j]
+                        vr = j * D
+                        for d in range(D):
+                            out[orow + d] += p * Vc[vr + d]
+
+
+def attention_ref(q, k, v, mask, scale, H):
+    """numpy reference of ``attention_heads``: q [B, Sq, H*D], k, v [B, Sk, H*D], mask None or
+    broadcastable to [B, 1, 1, Sk]; returns [B, Sq, H*D] float32."""
+    from ..runtime.reference import softmax
+
+    B, Sq, HD = q.shape
+    Sk, D = k.shape[1], HD // H
+    qh = q.reshape(B, Sq, H, D).transpose(0, 2, 1, 3).astype(np.float32)
+    kh = k.reshape(B, Sk, H, D).transpose(0, 2, 3, 1).astype(np.float32)
+    vh = v.reshape(B, Sk, H, D).transpose(0, 2, 1, 3).astype(np.float32)
+    s = (qh @ kh) * np.float32(scale)
+    p = softmax(s, None if mask is None else np.asarray(mask, np.float32), -1)
+    return (p @ vh).transpose(0, 2, 1, 3).reshape(B, Sq, HD).astype(np.float32)

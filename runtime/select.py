@@ -123,30 +123,42 @@ def _dense_run(W, x, y, bias, act, lo, hi, residual):
         _epi(y, bias, act, residual)
 
 
-def _dense_run_tl(W, x2d, y2d, bias, act):
-    """y2d[N, out] = act(x2d @ W.T + bias); token rows (or, for few tokens, output features)
-    split over the call's threads (par)."""
+def _dense_run_tl(W, x2d, y2d, bias, act, residual=None):
+    """y2d[N, out] = act(x2d @ W.T + bias + residual); token rows (or, for few tokens, output
+    features) split over the call's threads (par), each thread applying the epilogue to its own
+    rows while they are in cache (one serial numba pass for gelu etc. or with a residual).
+    residual: float32 [N, out] (torch layout) or None."""
     from . import par
-    from .ops._common import epilogue_rows
+    from .ops._common import EMPTY_F32, epilogue_rows
 
-    npy = act in (0, 1, 2)
+    npy = act in (0, 1, 2) and residual is None
     n, work = x2d.shape[0], float(x2d.shape[0]) * W.shape[0] * W.shape[1]
+    if npy:
+        def epi(yp, b, rp):
+            epilogue_rows(yp, b, act)
+    else:
+        from ..kernels.nn import bias_res_act_rows
+
+        def epi(yp, b, rp):
+            bias_res_act_rows(yp, EMPTY_F32 if b is None else b, _NO_RES if rp is None else rp, act, 0.0, 0.0)
     if n >= 32:
         def part(r0, r1):
             np.matmul(x2d[r0:r1], W.T, out=y2d[r0:r1])
-            if npy:
-                epilogue_rows(y2d[r0:r1], bias, act)
+            epi(y2d[r0:r1], bias, None if residual is None else residual[r0:r1])
 
         par.split(n, part, work)
     else:
         def part(o0, o1):
             np.matmul(x2d, W[o0:o1].T, out=y2d[:, o0:o1])
             if npy:
-                epilogue_rows(y2d[:, o0:o1], None if bias is None else bias[o0:o1], act)
+                epi(y2d[:, o0:o1], None if bias is None else bias[o0:o1], None)
 
         par.split(W.shape[0], part, work)
-    if not npy:
-        epilogue_rows(y2d, bias, act)
+        if not npy:
+            epi(y2d, bias, residual)
+
+
+_NO_RES = np.zeros((0, 0), dtype=np.float32)  # writable like arena residuals: one specialization
 
 
 def _scipy_prep(wf):

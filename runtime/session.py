@@ -98,6 +98,8 @@ def _feature_major_values(graph) -> set:
             continue
         v = node.outputs[0]
         cs = consumers.get(v, [])
+        if node.attrs.get("_residual"):  # its residual is in torch layout
+            continue
         if v not in outs and cs and all(n.op == "linear" and k == 0 for n, k in cs):
             fm.add(v)
     return fm
@@ -141,6 +143,127 @@ def _fuse_residuals(graph, sym) -> list:
         drop.update({id(c), id(a), id(last)})
         replace[id(last)] = fused
     return [replace.get(id(n), n) for n in graph.nodes if id(n) not in drop or id(n) in replace]
+
+
+def _fuse_linear_residual(nodes, outputs, sym, tensors) -> list:
+    """Node list with ``add(r, linear(x))`` (either order; the linear with activation none, its
+    output used only by the add; r a float32 activation of the same symbolic shape) rewritten into
+    one linear carrying r as a 4th input (runtime-internal attr ``_residual``): a transformer's
+    residual connection added while the linear's output rows are in cache, without a pass of its
+    own. The fused node takes the add's position (every input is defined by then)."""
+    from ..formats.graph import Node
+
+    consumers: dict = {}
+    producer: dict = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+        for name in node.outputs:
+            producer[name] = node
+    outs = set(outputs)
+    replace, drop = {}, set()
+    for a in nodes:
+        if a.op != "add" or len(a.inputs) != 2 or a.inputs[0] == a.inputs[1]:
+            continue
+        for k in (1, 0):
+            v, r = a.inputs[k], a.inputs[1 - k]
+            lin = producer.get(v)
+            if lin is None or lin.op != "linear" or id(lin) in drop or lin.attrs.get("_residual"):
+                continue
+            if lin.attrs.get("activation", "none") != "none" or v in outs or len(consumers.get(v, [])) != 1:
+                continue
+            if r in tensors or r not in sym.shapes or list(sym.shapes.get(r) or []) != list(sym.shapes.get(v) or [0]):
+                continue
+            if sym.dtypes.get(r) != "float32" or sym.dtypes.get(v) != "float32":
+                continue
+            ins = list(lin.inputs) + [""] * (3 - len(lin.inputs))
+            replace[id(a)] = Node("linear", lin.name, ins[:3] + [r], list(a.outputs), {**lin.attrs, "_residual": True})
+            drop.add(id(lin))
+            break
+    if not replace:
+        return nodes
+    return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
+
+
+def _fuse_attention(nodes, outputs, sym, tensors) -> list:
+    """Node list with the multi-head attention core (reshape / transpose of q, k, v, the two
+    matmuls, the softmax with its folded scale and optional additive mask, the transpose back; see
+    ``runtime/ops/attention.py``) rewritten into one runtime-internal ``_attention`` node at the
+    final transpose's position, when every intermediate value has that single use, q, k, v are
+    float32 ``[B, S, H*D]`` and the mask (if any) is float32 ``[B or 1, 1, 1, Sk]``."""
+    from ..formats.graph import Node
+
+    consumers: dict = {}
+    producer: dict = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+        for name in node.outputs:
+            producer[name] = node
+    outs = set(outputs)
+
+    def only(v, op):  # the producer of v when it is `op` and v's only use is the chain
+        n = producer.get(v)
+        if n is None or n.op != op or v in outs or len(consumers.get(v, [])) != 1:
+            return None
+        return n
+
+    def heads(t, perm):  # transpose(reshape(x, [B, S, H, D]), perm) -> (x, [B, S, H, D]) or None
+        if t is None or list(t.attrs.get("perm", [])) != perm:
+            return None
+        r = only(t.inputs[0], "reshape")
+        if r is None:
+            return None
+        x = r.inputs[0]
+        vs, xs = sym.shapes.get(r.outputs[0]), sym.shapes.get(x)
+        if vs is None or xs is None or len(vs) != 4 or len(xs) != 3 or sym.dtypes.get(x) != "float32":
+            return None
+        if not all(isinstance(d, int) for d in vs[2:]) or xs[:2] != vs[:2] or xs[2] != vs[2] * vs[3]:
+            return None
+        return x, vs, r
+
+    replace, drop = {}, set()
+    for m2 in nodes:
+        if m2.op != "matmul" or len(m2.inputs) != 2:
+            continue
+        sm = only(m2.inputs[0], "softmax")
+        if sm is None or int(sm.attrs.get("axis", -1)) % 4 != 3:
+            continue
+        m1 = only(sm.inputs[0], "matmul")
+        if m1 is None:
+            continue
+        tq = only(m1.inputs[0], "transpose")
+        tk = only(m1.inputs[1], "transpose")
+        tv = only(m2.inputs[1], "transpose")
+        cs = consumers.get(m2.outputs[0], [])
+        if m2.outputs[0] in outs or len(cs) != 1 or cs[0].op != "transpose" or \
+                list(cs[0].attrs.get("perm", [])) != [0, 2, 1, 3]:
+            continue
+        to = cs[0]
+        hq, hk, hv = heads(tq, [0, 2, 1, 3]), heads(tk, [0, 2, 3, 1]), heads(tv, [0, 2, 1, 3])
+        if hq is None or hk is None or hv is None:
+            continue
+        (q, qs, rq), (k, ks, rk), (v, vs, rv) = hq, hk, hv
+        if not (qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and qs[2:] == ks[2:] == vs[2:]):
+            continue
+        mask = sm.inputs[1] if len(sm.inputs) > 1 else ""
+        if mask:
+            ms = sym.shapes.get(mask)
+            if ms is None and mask in tensors:
+                ms = list(getattr(tensors[mask], "shape", []))
+            mdt = sym.dtypes.get(mask, "float32" if mask in tensors else None)
+            if ms is None or len(ms) != 4 or mdt != "float32" or ms[1] != 1 or ms[2] != 1 or \
+                    ms[3] != ks[1] or ms[0] not in (1, qs[0]):
+                continue
+        chain = [rq, rk, rv, tq, tk, tv, m1, sm, m2, to]
+        if any(id(n) in drop for n in chain):
+            continue
+        attrs = {"heads": int(qs[2]), "head_dim": int(qs[3]), "scale": float(sm.attrs.get("_scale", 1.0))}
+        replace[id(to)] = Node("_attention", m2.name, [q, k, v, mask], list(to.outputs), attrs)
+        drop.update(id(n) for n in chain)
+    if not replace:
+        return nodes
+    return [replace.get(id(n), n) for n in nodes if id(n) not in drop or id(n) in replace]
 
 
 def _fuse_softmax_scale(nodes, outputs, tensors) -> list:
@@ -248,8 +371,11 @@ class Session:
         self._sym = infer(g, self._model.tensors, None, file=self.path)
         from ..formats.graph import Graph
 
-        nodes = _fuse_softmax_scale(_fuse_residuals(g, self._sym), [v.name for v in g.outputs],
-                                    self._model.tensors)
+        out_names = [v.name for v in g.outputs]
+        nodes = _fuse_softmax_scale(_fuse_residuals(g, self._sym), out_names, self._model.tensors)
+        nodes = _fuse_linear_residual(nodes, out_names, self._sym, self._model.tensors)
+        if os.environ.get("SPARSEDGE_NO_ATTENTION_FUSION", "") in ("", "0"):
+            nodes = _fuse_attention(nodes, out_names, self._sym, self._model.tensors)
         self._exec = Graph(g.inputs, g.outputs, nodes, g.act_quant)
         self._fm = _feature_major_values(self._exec)
         self._ctx = LoadContext(self._model, self._selector, self._fm, self.path)
@@ -257,7 +383,7 @@ class Session:
         self._const_names = set(self._model.tensors)
         self._const_inputs = {}
         for node, op in zip(self._exec.nodes, self._ops):
-            skip = optable.spec(node.op).weight_input
+            skip = optable.spec(node.op).weight_input if node.op in optable.OPS else None
             widx = optable.spec(node.op).inputs.index(skip) if skip else -1
             for k, name in enumerate(node.inputs):
                 if name and name in self._const_names and k != widx:

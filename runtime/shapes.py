@@ -105,6 +105,9 @@ def infer(graph, tensors, input_shapes: dict | None = None, file=None) -> Shapes
         shapes[vi.name] = list(input_shapes[vi.name]) if concrete else list(vi.shape)
         dtypes[vi.name] = vi.dtype
     for node in graph.nodes:
+        if node.op in INTERNAL:
+            _infer_internal(node, shapes, dtypes, concrete, file)
+            continue
         if node.op not in optable.OPS:
             raise UnsupportedOpError(f"op {node.op!r} is not in the op table", node=node.name, file=file)
         spec = optable.spec(node.op)
@@ -140,3 +143,25 @@ def infer(graph, tensors, input_shapes: dict | None = None, file=None) -> Shapes
             shapes[name] = [int(d) for d in outs[k]] if concrete else list(outs[k])
             dtypes[name] = ods[min(k, len(ods) - 1)]
     return Shapes(shapes, dtypes, env)
+
+
+# --- runtime-internal ops (created by the Session's load-time fusions, never in a model file) ---
+def _attention_shape(ins, attrs):
+    """_attention(q [B, Sq, H*D], k, v [B, Sk, H*D], mask?) -> [B, Sq, H, D] (the heads-last
+    layout the fused transpose produced)."""
+    q = ins[0]
+    return [list(q[:2]) + [int(attrs["heads"]), int(attrs["head_dim"])]]
+
+
+INTERNAL = {"_attention": (_attention_shape, "float32")}
+
+
+def _infer_internal(node, shapes, dtypes, concrete, file):
+    rule, dt = INTERNAL[node.op]
+    ins = [shapes.get(n) if n else None for n in node.inputs]
+    if any(n and n not in shapes for n in node.inputs[:1]):
+        raise ModelFileError(f"input {node.inputs[0]!r} is not defined before use", node=node.name, file=file)
+    outs = rule(ins, node.attrs)
+    for k, name in enumerate(node.outputs):
+        shapes[name] = [int(d) for d in outs[k]] if concrete else list(outs[k])
+        dtypes[name] = dt

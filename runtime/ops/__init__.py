@@ -59,7 +59,7 @@ class Op:
     def __init__(self, node, ctx):
         self.node = node
         self.name = node.name
-        self.attrs = optable.with_defaults(node.op, node.attrs)
+        self.attrs = optable.with_defaults(node.op, node.attrs) if node.op in optable.OPS else dict(node.attrs)
         self.ctx = ctx
 
     def plan(self, ins, outs, env) -> NodePlan:
@@ -109,6 +109,18 @@ class RefOp(Op):
         res = eval_node(self.node, ins, data)
         for o, r in zip(outs, res):
             np.copyto(o, r, casting="unsafe")
+
+
+def register_internal(*names):
+    """Class decorator for runtime-internal ops (names start with "_"): nodes the Session's
+    load-time fusions create (never stored in a model file, not in the op table)."""
+    def deco(cls):
+        for n in names:
+            if not n.startswith("_"):
+                raise KeyError(f"internal op {n!r} must start with '_'")
+            IMPLS[n] = cls
+        return cls
+    return deco
 
 
 _loaded = False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import NodePlan, Op, register
-from ._common import act_code, prod
+from ._common import act_code, prod, split0
 
 
 @register("linear")
@@ -29,6 +29,9 @@ class Linear(Op):
         self.out_f, self.in_f = self.wf.shape[0], int(np.prod(self.wf.shape[1:]))
         self.fm_in = node.inputs[0] in ctx.fm_values
         self.fm_out = node.outputs[0] in ctx.fm_values
+        # runtime-internal: a following add(r, y) folded in by the Session (4th input r, torch
+        # layout, y's shape; only with activation none, never on a feature-major output)
+        self.res = bool(self.attrs.get("_residual")) and len(node.inputs) > 3
 
     def plan(self, ins, outs, env):
         N = prod(ins[0][0][:-1])
@@ -51,16 +54,28 @@ class Linear(Op):
         x, y = ins[0], outs[0]
         if x.dtype != np.float32:
             x = x.astype(np.float32)
+        res = ins[3].reshape(N, self.out_f) if self.res else None
+        if res is not None and res.dtype != np.float32:
+            res = res.astype(np.float32)
         if data["tl"]:
-            choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias, self.act)
+            if res is None:
+                choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias,
+                                   self.act)
+            else:
+                choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias,
+                                   self.act, res)
             return
         if self.fm_in:
             xf = x.reshape(self.in_f, N)
         else:
             xf = scratch[-1]
             if data["key"] in data.get("_first_shared", ()):
-                np.copyto(xf, x.reshape(N, self.in_f).T)
+                split0(xf, [x.reshape(N, self.in_f).T], lambda xp, p: np.copyto(xp, p[0]))
         yf = y.reshape(self.out_f, N) if self.fm_out else scratch[0]
         choice.cand.run(choice.packed, xf, yf, self.bias, self.act, 0.0, 0.0, None)
         if not self.fm_out:
-            np.copyto(y.reshape(N, self.out_f), yf.T)
+            y2, yt = y.reshape(N, self.out_f), yf.T
+            if res is None:
+                split0(y2, [yt], lambda yp, p: np.copyto(yp, p[0]))
+            else:
+                split0(y2, [yt, res], lambda yp, p: np.add(p[0], p[1], out=yp))
