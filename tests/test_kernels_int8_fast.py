@@ -127,3 +127,22 @@ def test_tensor_params_match_act_params(rng):
         assert np.array_equal(sx, s2) and np.array_equal(zx, z2)
         assert np.array_equal(inv, (np.float32(1) / s2).astype(np.float32))
         assert np.array_equal(zpf, z2.astype(np.float32))
+
+
+@needs_vnni
+@pytest.mark.parametrize("block", [(1, 4), (2, 2), (4, 4), (1, 16)])
+def test_quads_column_tiles(rng, block):
+    """Quad layout (blocks that are not r x 1): 128-column passes with 16-column remainders."""
+    for out, k, n in [(19, 37, 200), (33, 64, 130), (8, 20, 97)]:
+        wf = _sparse(rng, out, k, 0.3, block)
+        x = rng.standard_normal((k, n)).astype(np.float32)
+        p = K8.prepare(wf, path="vnni")
+        assert p["layout"] == "quads"
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            try:
+                y = np.full((out, n), np.nan, np.float32)
+                K8.run_vnni(p, x, y, None, 0, 0.0, 0.0, None)
+            finally:
+                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+            assert np.array_equal(y, K8.gemm_ref(wf, x)), (block, out, k, n, threads)
