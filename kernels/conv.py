@@ -1033,7 +1033,7 @@ def batch_tile(kind):
 def batch_chunk(Npad):
     """csr_conv_koff's N chunk: one 4-vector tile on wide grids (the chunk's input rows stay in L1 while
     every output row reads them), the whole row on small ones (8-vector tiles read each weight once)."""
-    return 4 * VW if Npad >= 512 else Npad
+    return 4 * VW if Npad >= 1024 else Npad
 
 
 def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=None,

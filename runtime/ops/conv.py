@@ -153,8 +153,10 @@ class Conv2d(Op):
         p = choice.packed
         if not isinstance(p, tuple) or not all(isinstance(a, np.ndarray) for a in p[:3]):
             return None
-        if spec.fmt == "csr" and choice.name == "csr_f32_spmm" and len(p) == 3:
-            if p[2].dtype == np.float32 and p[2].ndim == 1:
+        if spec.fmt == "csr" and choice.name == "csr_f32_spmm" and len(p) >= 3:
+            # (indptr, indices, data[, extra the GEMM kernel precomputes]): the direct convs use the first three
+            if (p[2].dtype == np.float32 and p[2].ndim == 1 and p[1].ndim == 1 and p[1].shape == p[2].shape
+                    and p[1].dtype.kind in "iu"):
                 return "csr"
             return None
         if spec.fmt == "bsr" and len(p) == 5:
