@@ -509,6 +509,33 @@ def _quant_perm(x, inv, zpf, xq, pairs):
                 permute_chunks(False, xf, k * npad, tmp, 0, npad // 64)
 
 
+@pjit
+def _quant_perm_dyn(x, xq, pairs):
+    """Dynamic per-tensor quantization in one call: the parameters of ``_tensor_params`` (serial
+    vectorized min / max) then ``_quant_perm`` with scalar 1/scale and zero point.
+    Returns (sx f32 [N], zx i32 [N])."""
+    K, N = x.shape
+    npad = xq.shape[1]
+    sx, zx, inv, zpf = _tensor_params(x)
+    iv = inv[0] if N > 0 else _F32(1.0)
+    zf = zpf[0] if N > 0 else _F32(0.0)
+    nb = (K + 31) // 32
+    xf = xq.reshape(-1)
+    for b in prange(nb):
+        tmp = np.empty(npad, np.uint8)
+        for k in range(b * 32, min(b * 32 + 32, K)):
+            r = x[k]
+            for n in range(N):
+                tmp[n] = np.uint8(_q(r[n], iv, zf))
+            for n in range(N, npad):
+                tmp[n] = 0
+            if pairs:
+                permute_chunks(True, xf, k * npad, tmp, 0, npad // 64)
+            else:
+                permute_chunks(False, xf, k * npad, tmp, 0, npad // 64)
+    return sx, zx
+
+
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
 def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sx, sw, bias, residual, act, lo, hi, y):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
@@ -901,15 +928,19 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
     if out == 0 or N == 0:
         return
     bias, residual = _opt(bias, residual)
-    sx, zx, inv, zpf = _params(p, x)
     if p.get("layout") == "groups":
         xq = _aligned_u8(K, (N + 63) // 64 * 64)
-        _quant_perm(x, inv, zpf, xq, p["R"] == 1)
+        if p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous:
+            sx, zx = _quant_perm_dyn(x, xq, p["R"] == 1)
+        else:
+            sx, zx, inv, zpf = _params(p, x)
+            _quant_perm(x, inv, zpf, xq, p["R"] == 1)
         czx = -zx.astype(np.float64)
         czx32 = (-zx).astype(np.int32) if K <= _K_I32 else _EMPTY_I32
         _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
                      czx32, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
         return
+    sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)
     x4 = _aligned_u8(G, npad * 4).reshape(-1)
