@@ -135,6 +135,36 @@ def bias_act_cols(y, bias, act, lo, hi):
 
 
 @pjit
+def transpose2d(x, y, add):
+    """y [C, R] = x [R, C].T (+ add [C, R] when add is not [0, 0]), float32, in 32 x 32 tiles in
+    parallel (both sides stay in L1).
+    numpy's strided copy took 0.45 ms for 1024 x 384 and 13 ms for 1024 x 1536 (the 6 KB row
+    stride maps a column walk onto a few cache sets); this 0.13 / 0.54 ms at 2 threads."""
+    R, C = x.shape
+    TB = 32
+    nrb = (R + TB - 1) // TB
+    ncb = (C + TB - 1) // TB
+    for t in prange(nrb * ncb):
+        rb = t // ncb
+        cb = t - rb * ncb
+        r0 = rb * TB
+        r1 = min(R, r0 + TB)
+        c0 = cb * TB
+        c1 = min(C, c0 + TB)
+        if add.shape[0] > 0:
+            for c in range(c0, c1):
+                yr = y[c]
+                ar = add[c]
+                for r in range(r0, r1):
+                    yr[r] = x[r, c] + ar[r]
+        else:
+            for c in range(c0, c1):
+                yr = y[c]
+                for r in range(r0, r1):
+                    yr[r] = x[r, c]
+
+
+@pjit
 def layernorm_rows(x, w, b, eps, out):
     """x, out [R, H] float32; w, b float32 [H] or empty; normalise each row (two-pass, float64 stats)."""
     R, H = x.shape

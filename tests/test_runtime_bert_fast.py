@@ -11,7 +11,7 @@ import pytest
 from sparsedge.formats.dense import Dense
 from sparsedge.formats.graph import Graph, Node, ValueInfo
 from sparsedge.formats.modelfile import read_model, write_model
-from sparsedge.kernels.nn import attention_heads, attention_ref, bias_res_act_rows
+from sparsedge.kernels.nn import attention_heads, attention_ref, bias_res_act_rows, transpose2d
 from sparsedge.runtime import Session
 from sparsedge.runtime.reference import run_reference
 
@@ -90,6 +90,17 @@ def test_bias_res_act_rows(rng):
 
                 ref = gelu(ref.astype(F32))
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("R,C", [(1, 1), (1, 40), (33, 1), (31, 65), (64, 96), (100, 37)])
+def test_transpose2d(R, C, rng):
+    x = rng.standard_normal((R, C)).astype(F32)
+    a = rng.standard_normal((C, R)).astype(F32)
+    y = np.full((C, R), np.nan, F32)
+    transpose2d(x, y, NO_MASK)
+    np.testing.assert_array_equal(y, x.T)
+    transpose2d(x, y, a)
+    np.testing.assert_array_equal(y, x.T + a)
 
 
 # --- Session fusions on a small encoder layer ----------------------------------------------------
