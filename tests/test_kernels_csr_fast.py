@@ -37,13 +37,14 @@ def _check_gemm(fmt, w, x, rng, act=table.ACT_GELU):
     out, n = w.shape[0], x.shape[1]
     bias = rng.standard_normal(out).astype(np.float32)
     res = rng.standard_normal((out, n)).astype(np.float32)
-    packed = csr._prepare(fmt)
+    row = table.by_name("csr_f32_spmm")
+    packed = row.prepare(fmt)
     y = np.full((out, n), np.nan, np.float32)
-    csr._run_gemm(packed, x, y, bias, act, 0.0, 0.0, res)
+    row.run(packed, x, y, bias, act, 0.0, 0.0, res)
     ref = csr.reference(fmt, x, bias, act, 0.0, 0.0, res)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(w.shape[1])))
     y2 = np.full((out, n), np.nan, np.float32)
-    csr._run_gemm(packed, x, y2, None, table.ACT_NONE, 0.0, 0.0, None)
+    row.run(packed, x, y2, None, table.ACT_NONE, 0.0, 0.0, None)
     np.testing.assert_allclose(y2, w.astype(np.float64) @ x, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(w.shape[1])))
 
 
@@ -83,9 +84,10 @@ def test_spmv_rows(threads, rng):
             x = rng.standard_normal((inn, 1)).astype(np.float32)
             bias = rng.standard_normal(out).astype(np.float32)
             res = rng.standard_normal((out, 1)).astype(np.float32)
-            packed = csr._prepare(fmt)
+            row = table.by_name("csr_f32_spmv")
+            packed = row.prepare(fmt)
             y = np.full((out, 1), np.nan, np.float32)
-            csr._run_gemv(packed, x, y, bias, table.ACT_SILU, 0.0, 0.0, res)
+            row.run(packed, x, y, bias, table.ACT_SILU, 0.0, 0.0, res)
             ref = csr.reference(fmt, x, bias, table.ACT_SILU, 0.0, 0.0, res)
             np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
     finally:
