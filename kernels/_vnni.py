@@ -505,6 +505,59 @@ def minmax_f32(typingctx, x):
     return sig, codegen
 
 
+def _pairs_loop(builder, nc_, xp, ip, wp, xrs_, xoff_, g0_, g1_):
+    """The group loop of ``vnni_pairs``; returns {(chunk, a): <16 x i32> sums} after the loop
+    (the builder positioned in the exit block)."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
+    v64 = ir.VectorType(_I8, 64)
+    zero = ir.Constant(_V16, None)
+    bmask = ir.Constant(_V16, [0] * 16)
+    pre = builder.basic_block
+    hdr = builder.append_basic_block("pr.hdr")
+    body = builder.append_basic_block("pr.body")
+    done = builder.append_basic_block("pr.done")
+    builder.branch(hdr)
+    builder.position_at_end(hdr)
+    g = builder.phi(_I64, "g")
+    g.add_incoming(g0_, pre)
+    keys = [(c, a) for c in range(nc_) for a in range(4)]
+    accs = {}
+    for key in keys:
+        p = builder.phi(_V16)
+        p.add_incoming(zero, pre)
+        accs[key] = p
+    builder.cbranch(builder.icmp_signed("<", g, g1_), body, done)
+    builder.position_at_end(body)
+    g4 = builder.mul(g, ir.Constant(_I64, 4))
+    rows, wb = [], []
+    for j in range(4):
+        k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
+        rows.append(builder.add(builder.mul(k, xrs_), xoff_))
+        wv = builder.load(builder.gep(wp, [builder.add(g4, ir.Constant(_I64, j))]), align=4)
+        wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
+                                                                ir.Constant(_I32, 0)),
+                                         ir.Constant(_V16, ir.Undefined), bmask))
+    cur = dict(accs)
+    for pr in range(2):
+        for c in range(nc_):
+            xa, xb = (builder.load(builder.bitcast(builder.gep(xp, [builder.add(rows[2 * pr + j],
+                                                                                 ir.Constant(_I64, 64 * c))]),
+                                                   v64.as_pointer()), align=1) for j in range(2))
+            for h in range(2):
+                u = builder.bitcast(_unpack(builder, xa, xb, 8, h), _V16)
+                for e in range(2):
+                    key = (c, 2 * h + e)
+                    cur[key] = builder.call(fn, [cur[key], u, wb[2 * pr + e]])
+    end = builder.basic_block
+    g.add_incoming(builder.add(g, ir.Constant(_I64, 1)), end)
+    for key in keys:
+        accs[key].add_incoming(cur[key], end)
+    builder.branch(hdr)
+    builder.position_at_end(done)
+    return accs
+
+
 @intrinsic
 def vnni_pairs(typingctx, NC, acc, aoff, xq, xrs, xoff, gidx, gw2, g0, g1):
     """One output row from groups of 4 features taken as 2 pairs (a, b), (c, d): per pair and chunk
@@ -533,60 +586,80 @@ def vnni_pairs(typingctx, NC, acc, aoff, xq, xrs, xoff, gidx, gw2, g0, g1):
 
         accp, xp, ip, wp = ptr(1, _I32), ptr(3, _I8), ptr(6, _I32), ptr(7, _I32)
         aoff_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (2, 4, 5, 8, 9))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
-        v64 = ir.VectorType(_I8, 64)
-        zero = ir.Constant(_V16, None)
-        bmask = ir.Constant(_V16, [0] * 16)
-        pre = builder.basic_block
-        hdr = builder.append_basic_block("pr.hdr")
-        body = builder.append_basic_block("pr.body")
-        done = builder.append_basic_block("pr.done")
-        builder.branch(hdr)
-        builder.position_at_end(hdr)
-        g = builder.phi(_I64, "g")
-        g.add_incoming(g0_, pre)
-        keys = [(c, a) for c in range(nc_) for a in range(4)]
-        accs = {}
-        for key in keys:
-            p = builder.phi(_V16)
-            p.add_incoming(zero, pre)
-            accs[key] = p
-        builder.cbranch(builder.icmp_signed("<", g, g1_), body, done)
-        builder.position_at_end(body)
-        g4 = builder.mul(g, ir.Constant(_I64, 4))
-        rows, wb = [], []
-        for j in range(4):
-            k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
-            rows.append(builder.add(builder.mul(k, xrs_), xoff_))
-            wv = builder.load(builder.gep(wp, [builder.add(g4, ir.Constant(_I64, j))]), align=4)
-            wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
-                                                                    ir.Constant(_I32, 0)),
-                                             ir.Constant(_V16, ir.Undefined), bmask))
-        cur = dict(accs)
-        for pr in range(2):
-            for c in range(nc_):
-                xa, xb = (builder.load(builder.bitcast(builder.gep(xp, [builder.add(rows[2 * pr + j],
-                                                                                     ir.Constant(_I64, 64 * c))]),
-                                                       v64.as_pointer()), align=1) for j in range(2))
-                for h in range(2):
-                    u = builder.bitcast(_unpack(builder, xa, xb, 8, h), _V16)
-                    for e in range(2):
-                        key = (c, 2 * h + e)
-                        cur[key] = builder.call(fn, [cur[key], u, wb[2 * pr + e]])
-        end = builder.basic_block
-        g.add_incoming(builder.add(g, ir.Constant(_I64, 1)), end)
-        for key in keys:
-            accs[key].add_incoming(cur[key], end)
-        builder.branch(hdr)
-        builder.position_at_end(done)
-        for (c, a) in keys:
+        accs = _pairs_loop(builder, nc_, xp, ip, wp, xrs_, xoff_, g0_, g1_)
+        for (c, a), v in accs.items():
             off = builder.add(aoff_, ir.Constant(_I64, 64 * c + 16 * a))
-            builder.store(accs[(c, a)], builder.bitcast(builder.gep(accp, [off]), _V16.as_pointer()), align=4)
+            builder.store(v, builder.bitcast(builder.gep(accp, [off]), _V16.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
+
+@intrinsic
+def vnni_pairs_deq(typingctx, NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq, xrs, xoff, gidx, gw2, g0, g1):
+    """``vnni_pairs`` with the dequantize fused into the register epilogue (the y stores then
+    overlap the next row's dot products instead of a separate pass over int32 sums):
+    ``y[yoff + j] = float32(acc[j] + czv[coff + j] * rs) * (sxv[coff + j] * swo) + b`` for the
+    columns ``j = 64c + l < ncol`` (masked store on the last vector). int32 arithmetic (exact when
+    K * 255 * 127 * 2 < 2**31), float32 multiply then add, no contraction: bit-identical to
+    ``_deq_rows_i32`` without residual / activation. sxv float32, czv int32 must hold
+    ``coff + 64 * NC`` entries (padded)."""
+    nc_ = _literal_int(NC)
+    if nc_ is None:
+        return None
+    if not all(isinstance(v, types.Integer) for v in (yoff, ncol, coff, rs, xrs, xoff, g0, g1)):
+        return None
+    if not all(isinstance(v, types.Float) for v in (swo, b)):
+        return None
+    sig = types.void(NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq, xrs, xoff, gidx, gw2, g0, g1)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, 16)
+
+        def ptr(i, t):
+            return builder.bitcast(context.make_array(st[i])(context, builder, args[i]).data, t.as_pointer())
+
+        def i64(i):
+            return context.cast(builder, args[i], st[i], types.int64)
+
+        yp, sxp, czp, xp, ip, wp = ptr(1, f32), ptr(4, f32), ptr(5, _I32), ptr(10, _I8), ptr(13, _I32), ptr(14, _I32)
+        yoff_, ncol_, coff_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (2, 3, 6, 11, 12, 15, 16))
+        rs_ = builder.trunc(i64(7), _I32)
+        swo_ = context.cast(builder, args[8], st[8], types.float32)
+        b_ = context.cast(builder, args[9], st[9], types.float32)
+        accs = _pairs_loop(builder, nc_, xp, ip, wp, xrs_, xoff_, g0_, g1_)
+
+        def splat(v, vt):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), v,
+                                                                 ir.Constant(_I32, 0)),
+                                          ir.Constant(vt, ir.Undefined), ir.Constant(_V16, [0] * 16))
+
+        rsv, swv, bv = splat(rs_, _V16), splat(swo_, vf), splat(b_, vf)
+        iota = ir.Constant(_V16, list(range(16)))
+        mst = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [vf, vf.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)]),
+            "llvm.masked.store.v16f32.p0v16f32")
+        for (c, a), v in accs.items():
+            j0 = 64 * c + 16 * a
+            co = builder.add(coff_, ir.Constant(_I64, j0))
+            cz = builder.load(builder.bitcast(builder.gep(czp, [co]), _V16.as_pointer()), align=4)
+            sxl = builder.load(builder.bitcast(builder.gep(sxp, [co]), vf.as_pointer()), align=4)
+            corr = builder.add(v, builder.mul(cz, rsv))
+            out = builder.fadd(builder.fmul(builder.sitofp(corr, vf), builder.fmul(sxl, swv)), bv)
+            dst = builder.bitcast(builder.gep(yp, [builder.add(yoff_, ir.Constant(_I64, j0))]), vf.as_pointer())
+            left = builder.sub(ncol_, ir.Constant(_I64, j0))
+            with builder.if_else(builder.icmp_signed(">=", left, ir.Constant(_I64, 16))) as (full, part):
+                with full:
+                    builder.store(out, dst, align=4)
+                with part:
+                    with builder.if_then(builder.icmp_signed(">", left, ir.Constant(_I64, 0))):
+                        m = builder.icmp_signed("<", iota, splat(builder.trunc(left, _I32), _V16))
+                        builder.call(mst, [out, dst, ir.Constant(_I32, 4), m])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 def _perm64(pairs):
     """Byte permutation of a 64-column chunk (destination position -> source column) that the

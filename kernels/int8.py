@@ -72,7 +72,7 @@ from numba import prange
 from . import cpu as _cpu
 from ._jit import jit, pjit
 from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4, vnni_pairs,
-                    vnni_tile)
+                    vnni_pairs_deq, vnni_tile)
 from .epilogue import act_ref, act_scalar, epilogue_tile
 from .table import ACT_NONE, KernelSpec
 
@@ -537,12 +537,15 @@ def _quant_perm_dyn(x, xq, pairs):
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
-def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sx, sw, bias, residual, act, lo, hi, y):
+def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, sx, sw, bias, residual, act, lo, hi,
+                 y):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
     groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] with int8 weights
     gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
     (``_quant_perm``). R in (1, 4, 8). czx32 int32 [N] (= -zx) selects the int32 dequantize (when
-    it is exact), empty: the float64 one.
+    it is exact), empty: the float64 one. R = 1 with the int32 dequantize and no residual /
+    activation stores y straight from the registers (``vnni_pairs_deq``; sxp, czp: sx, czx32
+    zero-padded to npad), otherwise via int32 sums and ``_deq_rows_i32``.
     Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
@@ -550,6 +553,10 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sx, sw, bia
     zw = np.empty(0, np.int32)
     TB = 16 if R == 1 else 1  # row groups per task
     ntask = (nrb + TB - 1) // TB
+    N = y.shape[1]
+    yf = y.reshape(-1)
+    fuse = R == 1 and czx32.shape[0] > 0 and residual.shape[0] == 0 and act == ACT_NONE
+    hb = bias.shape[0] > 0
     for t in prange(ntask):
         acc = np.empty((R * TB, npad), np.int32)
         af = acc.reshape(-1)
@@ -559,7 +566,19 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sx, sw, bia
             g0 = gptr[b]
             g1 = gptr[b + 1]
             ao = (b - b0) * R * npad
-            if R == 1:  # gw holds the pair weights [ng, 4, 4] (vnni_pairs)
+            if fuse:  # x + (-0.0) == x for every x: no bias is an exact no-op add
+                rs = rowsum[b]
+                swo = sw[b]
+                bb = bias[b] if hb else _F32(-0.0)
+                c0 = 0
+                while c0 + 128 <= npad:
+                    vnni_pairs_deq(2, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
+                                   g0, g1)
+                    c0 += 128
+                if c0 < npad:
+                    vnni_pairs_deq(1, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
+                                   g0, g1)
+            elif R == 1:  # gw holds the pair weights [ng, 4, 4] (vnni_pairs)
                 c0 = 0
                 while c0 + 128 <= npad:
                     vnni_pairs(2, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
@@ -574,7 +593,9 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sx, sw, bia
                     vnni_gather4(8, 1, 0, 2, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
                     vnni_gather4(8, 1, 2, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
         nr = min((b1 - b0) * R, out - b0 * R)
-        if czx32.shape[0] > 0:
+        if fuse:
+            pass
+        elif czx32.shape[0] > 0:
             _deq_rows_i32(acc, 0, nr, b0 * R, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
         else:
             for rr in range(nr):
@@ -937,8 +958,13 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
             _quant_perm(x, inv, zpf, xq, p["R"] == 1)
         czx = -zx.astype(np.float64)
         czx32 = (-zx).astype(np.int32) if K <= _K_I32 else _EMPTY_I32
+        npad = xq.shape[1]
+        sxp = np.zeros(npad, _F32)
+        sxp[:N] = sx
+        czp = np.zeros(npad, np.int32)
+        czp[:N] = -zx
         _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
-                     czx32, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
+                     czx32, sxp, czp, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
         return
     sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16
