@@ -470,12 +470,14 @@ def _softmax_inplace_row(yr, L, mask, mi, hm, scale):
 
 
 @pjit
-def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D):
+def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv):
     """Multi-head attention core, torch layouts, no transposed copies:
     for every batch b and head h, ``out[b, :, h*D:(h+1)*D] = softmax(Q K^T * scale + mask[b % Bm]) V``
     with ``Q = q[b, :, h*D:(h+1)*D]`` (K, V alike from k, v).
     q, out: flat float32 of [B, Sq, H*D]; k, v: flat float32 of [B, Sk, H*D]; mask: float32
-    [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32.
+    [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32. Rows of q are ``ldq`` floats
+    apart, rows of k and v ``ldkv`` (H*D for separate arrays; 3*H*D when q, k, v are offset views
+    of one fused q|k|v linear output); out rows are H*D apart.
     Parallel over (b, h); per task K_h is transposed once into a [D, Sk] buffer (L1), scores are
     computed 4 query rows x 2 vectors of keys at a time in registers (``simd``), softmaxed in
     place, and multiplied by V_h (copied contiguous per task; D % VW == 0: 4 rows x 2 (or 1)
@@ -493,7 +495,7 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D):
         P = np.empty(4 * Sp, np.float32)
         kb = b * Sk
         for j in range(Sk):
-            src = (kb + j) * HD + c0
+            src = (kb + j) * ldkv + c0
             for d in range(D):
                 Kt[d * Sp + j] = k[src + d]
         for d in range(D):
@@ -503,17 +505,21 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D):
         # L1 sets (1536-byte stride: 8 of 64) and made the P V loop 3x slower than Q K^T
         Vc = np.empty(max(Sk * D, 1), np.float32)
         for j in range(Sk):
-            src = (kb + j) * HD + c0
+            src = (kb + j) * ldkv + c0
             for d in range(D):
                 Vc[j * D + d] = v[src + d]
         mi = b % Bm
         for i0 in range(0, Sq, 4):
             nr = min(4, Sq - i0)
             qb = b * Sq
-            r0 = (qb + i0) * HD + c0
-            r1 = (qb + min(i0 + 1, Sq - 1)) * HD + c0
-            r2 = (qb + min(i0 + 2, Sq - 1)) * HD + c0
-            r3 = (qb + min(i0 + 3, Sq - 1)) * HD + c0
+            r0 = (qb + i0) * ldq + c0
+            r1 = (qb + min(i0 + 1, Sq - 1)) * ldq + c0
+            r2 = (qb + min(i0 + 2, Sq - 1)) * ldq + c0
+            r3 = (qb + min(i0 + 3, Sq - 1)) * ldq + c0
+            w0 = (qb + i0) * HD + c0
+            w1 = (qb + min(i0 + 1, Sq - 1)) * HD + c0
+            w2 = (qb + min(i0 + 2, Sq - 1)) * HD + c0
+            w3 = (qb + min(i0 + 3, Sq - 1)) * HD + c0
             for jb in range(0, Sp, W2):
                 a00 = _vzero()
                 a01 = _vzero()
@@ -575,17 +581,17 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D):
                         x = _vbcast(P[3 * Sp + j])
                         o3 = _vfma(x, vv, o3)
                         e3 = _vfma(x, vw, e3)
-                    _vstore(out, r0 + db, o0)
-                    _vstore(out, r0 + db + _VW, e0)
+                    _vstore(out, w0 + db, o0)
+                    _vstore(out, w0 + db + _VW, e0)
                     if nr > 1:
-                        _vstore(out, r1 + db, o1)
-                        _vstore(out, r1 + db + _VW, e1)
+                        _vstore(out, w1 + db, o1)
+                        _vstore(out, w1 + db + _VW, e1)
                     if nr > 2:
-                        _vstore(out, r2 + db, o2)
-                        _vstore(out, r2 + db + _VW, e2)
+                        _vstore(out, w2 + db, o2)
+                        _vstore(out, w2 + db + _VW, e2)
                     if nr > 3:
-                        _vstore(out, r3 + db, o3)
-                        _vstore(out, r3 + db + _VW, e3)
+                        _vstore(out, w3 + db, o3)
+                        _vstore(out, w3 + db + _VW, e3)
                 for db in range(D2, D, _VW):
                     o0 = _vzero()
                     o1 = _vzero()
@@ -597,13 +603,13 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D):
                         o1 = _vfma(_vbcast(P[Sp + j]), vv, o1)
                         o2 = _vfma(_vbcast(P[2 * Sp + j]), vv, o2)
                         o3 = _vfma(_vbcast(P[3 * Sp + j]), vv, o3)
-                    _vstore(out, r0 + db, o0)
+                    _vstore(out, w0 + db, o0)
                     if nr > 1:
-                        _vstore(out, r1 + db, o1)
+                        _vstore(out, w1 + db, o1)
                     if nr > 2:
-                        _vstore(out, r2 + db, o2)
+                        _vstore(out, w2 + db, o2)
                     if nr > 3:
-                        _vstore(out, r3 + db, o3)
+                        _vstore(out, w3 + db, o3)
             else:
                 for r in range(nr):
                     orow = (qb + i0 + r) * HD + c0

@@ -55,9 +55,9 @@ class NodeArg:
 class LoadContext:
     """What op constructors see at load: tensors, selector, feature-major values."""
 
-    def __init__(self, model, selector, fm_values, file=None):
+    def __init__(self, model, selector, fm_values, file=None, tensors=None):
         self.model = model
-        self.tensors = model.tensors
+        self.tensors = model.tensors if tensors is None else tensors
         self.selector = selector
         self.fm_values = fm_values
         self.file = file
@@ -266,6 +266,111 @@ def _fuse_attention(nodes, outputs, sym, tensors) -> list:
     return [replace.get(id(n), n) for n in nodes if id(n) not in drop or id(n) in replace]
 
 
+def _concat_rows(wfs, name):
+    """One weight format object holding the rows of ``wfs`` (same kind, same in-dim) stacked, or
+    None when the kind / layout is not supported (dense float32, csr, csr_i8, per-channel dense_i8)."""
+    from ..formats.base import FORMATS
+
+    kinds = {"dense" if isinstance(w, np.ndarray) else w.kind for w in wfs}
+    if len(kinds) != 1 or len({int(np.prod(w.shape[1:])) for w in wfs}) != 1:
+        return None
+    kind = kinds.pop()
+    if any(len(w.shape) != 2 or getattr(w, "orig_shape", None) not in (None, tuple(w.shape)) for w in wfs):
+        return None
+    out = sum(int(w.shape[0]) for w in wfs)
+    shape = (out, int(wfs[0].shape[1]))
+    try:
+        if kind == "dense":
+            vals = [w if isinstance(w, np.ndarray) else w.values for w in wfs]
+            if any(v.dtype != np.float32 for v in vals):
+                return None
+            return FORMATS["dense"](np.ascontiguousarray(np.concatenate(vals, axis=0)), name=name)
+        if kind in ("csr", "csr_i8"):
+            arrs = [w.arrays() for w in wfs]
+            if len({a["indices"].dtype for a in arrs}) != 1:
+                return None
+            nnz = np.cumsum([0] + [int(a["indptr"][-1]) for a in arrs])
+            indptr = np.concatenate([arrs[0]["indptr"][:1]] + [a["indptr"][1:] + np.int32(o)
+                                                               for a, o in zip(arrs, nnz[:-1])]).astype(np.int32)
+            d = {"indptr": indptr, "indices": np.concatenate([a["indices"] for a in arrs])}
+            for f in arrs[0]:
+                if f not in d:
+                    d[f] = np.concatenate([a[f] for a in arrs])
+            return FORMATS[kind].from_arrays(shape, wfs[0].meta(), d, name=name)
+        if kind == "dense_i8":
+            metas = [w.meta() for w in wfs]
+            if any(m != metas[0] for m in metas) or metas[0].get("granularity") != "channel":
+                return None
+            arrs = [w.arrays() for w in wfs]
+            d = {f: np.concatenate([a[f] for a in arrs]) for f in arrs[0]}
+            return FORMATS[kind].from_arrays(shape, metas[0], d, name=name)
+    except Exception:  # anything unexpected: leave the layers unfused
+        return None
+    return None
+
+
+def _fuse_qkv(nodes, outputs, tensors) -> tuple:
+    """(node list, {name: tensor}) with the q, k, v linears feeding one ``_attention`` node (same
+    input, activation none, no residual, weights of one kind that ``_concat_rows`` stacks, biases
+    all present or all absent, each output used only by the attention) merged into one linear
+    (named as q's; weights and biases stacked at load: a copy) whose output ``[..., 3*H*D]`` the
+    attention reads with a row stride (attr ``qkv``): the input is read, and for int8 kernels
+    quantized, once; one kernel call and one output pass instead of three."""
+    from ..formats.graph import Node
+
+    consumers: dict = {}
+    producer: dict = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+        for name in node.outputs:
+            producer[name] = node
+    outs = set(outputs)
+    extra: dict = {}
+    replace, drop = {}, set()
+    for a in nodes:
+        if a.op != "_attention" or a.attrs.get("qkv") or len(set(a.inputs[:3])) != 3:
+            continue
+        lins = [producer.get(v) for v in a.inputs[:3]]
+        if any(n is None or n.op != "linear" or id(n) in drop or n.attrs.get("_residual") or
+               n.attrs.get("activation", "none") != "none" or n.outputs[0] in outs or
+               len(consumers.get(n.outputs[0], [])) != 1 for n in lins):
+            continue
+        if len({n.inputs[0] for n in lins}) != 1 or any(n.inputs[1] not in tensors for n in lins):
+            continue
+        bnames = [n.inputs[2] if len(n.inputs) > 2 else "" for n in lins]
+        if any(bnames) and not all(b in tensors for b in bnames):
+            continue
+        base = lins[0].name
+        w = _concat_rows([tensors[n.inputs[1]] for n in lins], f"{base}.__qkv_weight")
+        if w is None:
+            continue
+        wname, bname = f"{base}.__qkv_weight", ""
+        if all(bnames):
+            from ..formats.base import FORMATS
+
+            bs = []
+            for b in bnames:
+                t = tensors[b]
+                bs.append(np.asarray(t if isinstance(t, np.ndarray) else t.to_dense(), np.float32).reshape(-1))
+            if sum(b.shape[0] for b in bs) != w.shape[0]:
+                continue
+            bname = f"{base}.__qkv_bias"
+            extra[bname] = FORMATS["dense"](np.concatenate(bs), name=bname)
+        extra[wname] = w
+        qkv = f"{lins[0].outputs[0]}.__qkv"
+        first = min(nodes.index(n) for n in lins)
+        replace[id(nodes[first])] = Node("linear", base, [lins[0].inputs[0], wname] + ([bname] if bname else []),
+                                         [qkv], dict(lins[0].attrs))
+        replace[id(a)] = Node("_attention", a.name, [qkv, "", "", a.inputs[3] if len(a.inputs) > 3 else ""],
+                              list(a.outputs), {**a.attrs, "qkv": True})
+        drop.update(id(n) for n in lins)
+        drop.add(id(a))
+    if not replace:
+        return nodes, extra
+    return [replace.get(id(n), n) for n in nodes if id(n) not in drop or id(n) in replace], extra
+
+
 def _fuse_softmax_scale(nodes, outputs, tensors) -> list:
     """Node list with ``softmax(div(x, c))`` / ``softmax(mul(x, c))`` (c a stored scalar float
     constant, the div/mul output used only as the softmax's x) rewritten into one softmax with the
@@ -374,13 +479,16 @@ class Session:
         out_names = [v.name for v in g.outputs]
         nodes = _fuse_softmax_scale(_fuse_residuals(g, self._sym), out_names, self._model.tensors)
         nodes = _fuse_linear_residual(nodes, out_names, self._sym, self._model.tensors)
+        extra: dict = {}
         if os.environ.get("SPARSEDGE_NO_ATTENTION_FUSION", "") in ("", "0"):
             nodes = _fuse_attention(nodes, out_names, self._sym, self._model.tensors)
+            nodes, extra = _fuse_qkv(nodes, out_names, self._model.tensors)
+        self._tensors = {**self._model.tensors, **extra} if extra else self._model.tensors
         self._exec = Graph(g.inputs, g.outputs, nodes, g.act_quant)
         self._fm = _feature_major_values(self._exec)
-        self._ctx = LoadContext(self._model, self._selector, self._fm, self.path)
+        self._ctx = LoadContext(self._model, self._selector, self._fm, self.path, self._tensors)
         self._ops = [impl_for(n.op)(n, self._ctx) for n in self._exec.nodes]
-        self._const_names = set(self._model.tensors)
+        self._const_names = set(self._tensors)
         self._const_inputs = {}
         for node, op in zip(self._exec.nodes, self._ops):
             skip = optable.spec(node.op).weight_input if node.op in optable.OPS else None
@@ -450,15 +558,15 @@ class Session:
             if p is not None:
                 return p
             bind_symbols(self.graph, shapes)
-            shp = infer(self._exec, self._model.tensors, shapes, file=self.path)
+            shp = infer(self._exec, self._tensors, shapes, file=self.path)
             nps = []
             for node, op in zip(self._exec.nodes, self._ops):
                 ins = [None if not n else (tuple(shp.shapes[n]) if n in shp.shapes else None,
                                            shp.dtypes.get(n)) for n in node.inputs]
                 ins = [None if (i is None or i[0] is None) else i for i in ins]
                 for k, n in enumerate(node.inputs):
-                    if n and ins[k] is None and n in self._model.tensors:
-                        t = self._model.tensors[n]
+                    if n and ins[k] is None and n in self._tensors:
+                        t = self._tensors[n]
                         ins[k] = (tuple(getattr(t, "shape")), "float32")
                 outs = [(tuple(shp.shapes[n]), shp.dtypes[n]) for n in node.outputs]
                 nps.append(op.plan(ins, outs, shp.env))

@@ -44,11 +44,25 @@ def test_attention_heads_matches_reference(B, Sq, Sk, H, D, threads, rng):
             out = np.full((B, Sq, H * D), np.nan, F32)
             m2 = NO_MASK if mk is None else np.ascontiguousarray(mk).reshape(mk.shape[0], Sk)
             attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), m2, F32(0.3), out.reshape(-1),
-                            B, Sq, Sk, H, D)
+                            B, Sq, Sk, H, D, H * D, H * D)
             ref = attention_ref(q, k, v, mk, 0.3, H)
             np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
     finally:
         numba.set_num_threads(old)
+
+
+def test_attention_heads_row_strides(rng):
+    """q, k, v as offset views of one [B, S, 3*H*D] array (the fused q|k|v linear output)."""
+    B, S, H, D = 2, 11, 3, 16
+    HD = H * D
+    qkv = rng.standard_normal((B, S, 3 * HD)).astype(F32)
+    mask = np.zeros((B, S), F32)
+    mask[1, 7:] = -1e4
+    out = np.empty((B, S, HD), F32)
+    f = qkv.reshape(-1)
+    attention_heads(f, f[HD:], f[2 * HD:], mask, F32(0.25), out.reshape(-1), B, S, S, H, D, 3 * HD, 3 * HD)
+    q, k, v = (np.ascontiguousarray(qkv[..., i * HD:(i + 1) * HD]) for i in range(3))
+    np.testing.assert_allclose(out, attention_ref(q, k, v, mask[:, None, None, :], 0.25, H), rtol=1e-5, atol=2e-6)
 
 
 def test_attention_heads_special_rows(rng):
@@ -60,13 +74,15 @@ def test_attention_heads_special_rows(rng):
     mask[0, :] = -np.inf          # batch 0: every key masked -> NaN rows (as torch)
     mask[1, 2] = -np.inf          # batch 1: one key -inf -> weight 0, rows finite
     out = np.empty((B, S, H * D), F32)
-    attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D)
+    attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D,
+                    H * D, H * D)
     assert np.isnan(out[0]).all()
     ref = attention_ref(q, k, v, mask[:, None, None, :], 1.0, H)
     np.testing.assert_allclose(out[1], ref[1], rtol=1e-5, atol=2e-6)
     q2 = q.copy()
     q2[1, 3, :D] = np.nan           # a NaN query of head 0 gives a NaN row there only
-    attention_heads(q2.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D)
+    attention_heads(q2.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D,
+                    H * D, H * D)
     assert np.isnan(out[1, 3, :D]).all() and np.isfinite(out[1, 3, D:]).all()
     assert np.isfinite(np.delete(out[1], 3, axis=0)).all()
 
@@ -172,6 +188,9 @@ def test_session_fuses_attention_and_residuals(tmp_path, rng, monkeypatch, nh, d
     ops = [n.op for n in s._exec.nodes]
     assert ops.count("_attention") == 1 and "softmax" not in ops and "matmul" not in ops
     assert "add" not in ops  # both residual adds folded into the linears before them
+    assert ops.count("linear") == 4  # q, k, v as one linear over stacked weights
+    (att,) = [n for n in s._exec.nodes if n.op == "_attention"]
+    assert att.attrs["qkv"] and att.inputs[1:3] == ["", ""]
     monkeypatch.setenv("SPARSEDGE_NO_ATTENTION_FUSION", "1")
     s0 = Session(path, threads=2)
     assert "_attention" not in [n.op for n in s0._exec.nodes]
@@ -203,3 +222,30 @@ def test_session_attention_unfusable_mask_and_compressed(tmp_path, rng):
         f = _feeds(rng, B, S, 32)
         np.testing.assert_allclose(s.run(None, f)[0], run_reference(read_model(path), f)["y"], rtol=1e-4, atol=1e-4)
     assert "_attention" in s.profile_report()
+    assert not [n for n in s._exec.nodes if n.op == "_attention"][0].attrs.get("qkv")  # mixed kinds
+
+
+@pytest.mark.parametrize("kind", ["csr", "csr_i8", "dense_i8"])
+def test_session_qkv_fusion_compressed(tmp_path, rng, kind):
+    """q, k, v of one compressed kind: stacked into one kernel-path linear; the result equals the
+    unfused session's (same per-tensor activation quantization for int8: one input) and, for float
+    kinds, the reference interpreter."""
+    g, t = _layer(2, 16, rng=rng, kinds={"wq": kind, "wk": kind, "wv": kind})
+    path = str(tmp_path / "k.sparsedge")
+    write_model(path, g, t, {})
+    s = Session(path, threads=2)
+    (att,) = [n for n in s._exec.nodes if n.op == "_attention"]
+    assert att.attrs.get("qkv")
+    import os
+
+    os.environ["SPARSEDGE_NO_ATTENTION_FUSION"] = "1"
+    try:
+        s0 = Session(path, threads=2)
+    finally:
+        del os.environ["SPARSEDGE_NO_ATTENTION_FUSION"]
+    for B, S in ((2, 8), (1, 5)):
+        f = _feeds(rng, B, S, 32)
+        y, y0 = s.run(None, f)[0], s0.run(None, f)[0]
+        np.testing.assert_allclose(y, y0, rtol=1e-4, atol=1e-4)
+        if not kind.endswith("_i8"):
+            np.testing.assert_allclose(y, run_reference(read_model(path), f)["y"], rtol=1e-4, atol=1e-4)

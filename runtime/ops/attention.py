@@ -9,7 +9,9 @@
 ``[B or 1, 1, 1, Sk]``). Inputs q [B, Sq, H*D], k, v [B, Sk, H*D] in torch layout (the q / k /
 v linears' outputs), output y [B, Sq, H, D]. One parallel numba pass
 (``kernels.nn.attention_heads``) per call: no transposed copies, no [B, H, Sq, Sk] score buffer,
-each head's scores stay in L1.
+each head's scores stay in L1. With attr ``qkv`` (``Session._fuse_qkv``) the q, k, v linears are
+one linear whose output ``[B, S, 3*H*D]`` is the only data input (q, k, v at column offsets 0,
+H*D, 2*H*D).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Attention(Op):
         self.H = int(self.attrs["heads"])
         self.D = int(self.attrs["head_dim"])
         self.scale = np.float32(self.attrs.get("scale", 1.0))
+        self.qkv = bool(self.attrs.get("qkv", False))
 
     def plan(self, ins, outs, env):
         return NodePlan(kernel="nn.attention_heads")
@@ -34,14 +37,21 @@ class Attention(Op):
     def run(self, ins, outs, scratch, data):
         from ...kernels.nn import attention_heads
 
-        q, k, v = (a if a.dtype == np.float32 else a.astype(np.float32) for a in ins[:3])
+        HD = self.H * self.D
         mask = ins[3] if len(ins) > 3 else None
-        B, Sq = q.shape[0], q.shape[1]
-        Sk = k.shape[1]
+        if self.qkv:  # one fused q|k|v linear output [B, S, 3*H*D]: offset views, row stride 3*H*D
+            x = ins[0] if ins[0].dtype == np.float32 else ins[0].astype(np.float32)
+            B, Sq = x.shape[0], x.shape[1]
+            Sk = Sq
+            f = np.ascontiguousarray(x).reshape(-1)
+            q, k, v, ldq, ldkv = f, f[HD:], f[2 * HD:], 3 * HD, 3 * HD
+        else:
+            q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in ins[:3])
+            B, Sq = q.shape[0], q.shape[1]
+            Sk = k.shape[1]
+            q, k, v, ldq, ldkv = q.reshape(-1), k.reshape(-1), v.reshape(-1), HD, HD
         if mask is None:
             m2 = _NO_MASK
         else:
             m2 = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, Sk)
-        attention_heads(np.ascontiguousarray(q).reshape(-1), np.ascontiguousarray(k).reshape(-1),
-                        np.ascontiguousarray(v).reshape(-1), m2, self.scale, outs[0].reshape(-1),
-                        B, Sq, Sk, self.H, self.D)
+        attention_heads(q, k, v, m2, self.scale, outs[0].reshape(-1), B, Sq, Sk, self.H, self.D, ldq, ldkv)
