@@ -804,6 +804,7 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
     nrg = nt if nch == 1 else 1  # block-row groups of equal non-zero share
     nrg = max(1, min(nrg, nbr))
     pd = 2 * tw if nin * n > L2_FLOATS else 0
+    epi = act != 0 or bias.shape[0] != 0 or res.shape[0] != 0  # else no epilogue pass at all
     nnz = indptr[nbr]
     for t in prange(nch * nrg):
         ch = t // nrg
@@ -818,7 +819,9 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
         b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
         for br in range(b0, b1):
             _rowtiles(indptr, indices, d2, r, br, xf, n, yf, n, nout, jlo, jhi, pd)
-            _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, res, act, lo, hi)
+            if epi or tail < n:
+                _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi if epi else jlo, tail,
+                              bias, res, act, lo, hi)
 
 
 @jit
