@@ -558,7 +558,7 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, s
     fuse = R == 1 and czx32.shape[0] > 0 and residual.shape[0] == 0 and act == ACT_NONE
     hb = bias.shape[0] > 0
     for t in prange(ntask):
-        acc = np.empty((R * TB, npad), np.int32)
+        acc = np.empty((0 if fuse else R * TB, npad), np.int32)  # (an allocation per task costs)
         af = acc.reshape(-1)
         b0 = t * TB
         b1 = min(b0 + TB, nrb)
