@@ -18,6 +18,7 @@ CASES = [  # (B, C, H, W, O, kh, kw, stride, padding, dilation)
     (2, 3, 12, 9, 16, 3, 5, (3, 2), (1, 2), (2, 1)),   # mixed stride / dilation
     (2, 2, 5, 5, 3, 1, 1, (1, 1), (1, 1), (1, 1)),     # 1x1 padded
     (2, 8, 5, 70, 17, 3, 3, (1, 1), (1, 1), (1, 1)),   # rows above a vector tile, O not a multiple of 8
+    (2, 96, 6, 6, 12, 3, 3, (1, 1), (1, 1), (1, 1)),   # K = 864: several K panels in csr_conv_kpanel
 ]
 
 
@@ -103,3 +104,27 @@ def test_batch_pack_matches_layout(case, rng):
                         pos = (c * P + pl) * L + b * IS + (Y // s[0]) * RS + X // s[1]
                     want[pos] = x[b, c, iy, ix]
     np.testing.assert_array_equal(xf, want)
+
+
+@pytest.mark.parametrize("bcols", [1, 7, 27, 10_000])
+@pytest.mark.parametrize("ngroups,nc", [(1, 16), (3, 48), (2, 10_000)])
+def test_kpanel_any_panel_width(bcols, ngroups, nc, rng):
+    """csr_conv_kpanel vs a dense numpy product on the packed input, for panels of 1 column (many
+    empty), uneven widths, one panel; row groups not dividing O; chunks below / above a tile."""
+    B, C, H, W, O = 2, 6, 5, 7, 11
+    w, fmt, row = _weight("csr", O, C * 9, rng, 0.4)
+    w[3] = 0  # an empty row
+    packed = row.prepare(CSR.from_dense(w))
+    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    geo = conv.batch_geometry(B, C, H, W, 3, 3, 1, 1, 1, 1, 1, 1, conv.batch_tile("csr"))
+    shared, P, RS, IS, L, Npad, size = geo[:7]
+    xf = np.empty(size, np.float32)
+    conv.batch_pack(x, geo, 3, 3, (1, 1), (1, 1), (1, 1), xf)
+    roff = conv.batch_roff(C, 3, 3, 1, 1, 1, 1, shared, RS, L)
+    cols = np.stack([xf[r:r + Npad] for r in roff]).astype(np.float64)
+    ref = w.astype(np.float64) @ cols
+    sp = conv.kpanel_splits(packed[0], packed[1], bcols, C * 9)
+    assert sp.shape == (O, -(-C * 9 // bcols) + 1)
+    yw = np.full((O, Npad), np.nan, np.float32)
+    conv.csr_conv_kpanel(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, nc, ngroups)
+    np.testing.assert_allclose(yw, ref, rtol=1e-4, atol=1e-4)

@@ -122,8 +122,10 @@ class Conv2d(Op):
                     choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
                 roff = k.batch_roff(C, self.kh, self.kw, sh, sw, dh, dw, shared, RS, L)
                 koff = roff[choice.packed[1]].astype(np.int32) if kind == "csr" else None
+                kp = (k.kpanel_plan(choice.packed, geo, C, self.kh, self.kw, dh, dw, sh, sw)
+                      if kind == "csr" and not plane else None)
                 scratch = [((size,), "float32")] if plane else [((size,), "float32"), ((O, Npad), "float32")]
-                return NodePlan(scratch=scratch, data=("bdirect", choice, Ho, Wo, kind, geo, (roff, koff, plane)),
+                return NodePlan(scratch=scratch, data=("bdirect", choice, Ho, Wo, kind, geo, (roff, koff, plane, kp)),
                                 kernel=f"{choice.name}+{self.DIRECT_NOTE}")
         if kind is not None and self.stride == (1, 1):
             # per image (sparse_conv_s1) where the batched layout computes too many padding positions
@@ -206,7 +208,7 @@ class Conv2d(Op):
             res = np.ascontiguousarray(res)
         k.sparse_conv_batch(kind, choice.packed, x, y, self.kh, self.kw, self.stride, self.padding, self.dilation,
                             bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[-1]), roff=roff[0],
-                            koff=roff[1], plane=roff[2])
+                            koff=roff[1], plane=roff[2], kpanel=roff[3])
 
     def _run_direct(self, x, y, res, choice, kind, scratch):
         """Per image: sparse_conv_s1 with the fused epilogue; work buffers from the plan's scratch."""
