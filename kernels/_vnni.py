@@ -323,6 +323,102 @@ def _unpack(builder, a, b, width, hi):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, n), mask))
 
 
+def _gather4_loop(builder, r_, nc_, qs, xp, ip, wp, xrs_, xoff_, g0_, g1_):
+    """The group loop of ``vnni_gather4``; returns {(r, c, q): <16 x i32> sums} (builder in the
+    exit block)."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
+    v64 = ir.VectorType(_I8, 64)
+    zero = ir.Constant(_V16, None)
+    bmask = ir.Constant(_V16, [0] * 16)
+    need_lo = any(q < 2 for q in qs)
+    need_hi = any(q >= 2 for q in qs)
+    pre = builder.basic_block
+    hdr = builder.append_basic_block("g4.hdr")
+    body = builder.append_basic_block("g4.body")
+    done = builder.append_basic_block("g4.done")
+    builder.branch(hdr)
+    builder.position_at_end(hdr)
+    g = builder.phi(_I64, "g")
+    g.add_incoming(g0_, pre)
+    keys = [(r, c, q) for r in range(r_) for c in range(nc_) for q in qs]
+    accs = {}
+    for key in keys:
+        p = builder.phi(_V16)
+        p.add_incoming(zero, pre)
+        accs[key] = p
+    builder.cbranch(builder.icmp_signed("<", g, g1_), body, done)
+    builder.position_at_end(body)
+    g4 = builder.mul(g, ir.Constant(_I64, 4))
+    rows = []
+    for j in range(4):
+        k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
+        rows.append(builder.add(builder.mul(k, xrs_), xoff_))
+    wb = []
+    for r in range(r_):
+        off = builder.add(builder.mul(g, ir.Constant(_I64, 4 * r_)), ir.Constant(_I64, 4 * r))
+        wv = builder.load(builder.bitcast(builder.gep(wp, [off]), _I32.as_pointer()), align=1)
+        wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
+                                                                ir.Constant(_I32, 0)),
+                                         ir.Constant(_V16, ir.Undefined), bmask))
+    new = {}
+    for c in range(nc_):
+        xs = []
+        for j in range(4):
+            p = builder.gep(xp, [builder.add(rows[j], ir.Constant(_I64, 64 * c))])
+            xs.append(builder.load(builder.bitcast(p, v64.as_pointer()), align=1))
+        quarters = {}
+        for hi in ([0] if need_lo else []) + ([1] if need_hi else []):
+            ab = _unpack(builder, xs[0], xs[1], 8, hi)
+            cd = _unpack(builder, xs[2], xs[3], 8, hi)
+            for h2 in (0, 1):
+                q = 2 * hi + h2
+                if q in qs:
+                    quarters[q] = builder.bitcast(_unpack(builder, ab, cd, 16, h2), _V16)
+        for r in range(r_):
+            for q in qs:
+                new[(r, c, q)] = builder.call(fn, [accs[(r, c, q)], quarters[q], wb[r]])
+    end = builder.basic_block
+    g.add_incoming(builder.add(g, ir.Constant(_I64, 1)), end)
+    for key in keys:
+        accs[key].add_incoming(new[key], end)
+    builder.branch(hdr)
+    builder.position_at_end(done)
+    return accs
+
+
+def _splat(builder, v, vt):
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(_I32, 0)),
+                                  ir.Constant(vt, ir.Undefined), ir.Constant(_V16, [0] * 16))
+
+
+def _deq_store(builder, v, j0, yrow, ncol_, sxp, czp, coff_, rs_, swo_, b_):
+    """Register epilogue of one 16-column accumulator at column j0 of a row:
+    ``yrow[j0 + l] = float32(v + czp[coff + j0 + l] * rs) * (sxp[coff + j0 + l] * swo) + b`` for
+    ``j0 + l < ncol`` (int32 corrections, float32 multiply then add, no contraction)."""
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, 16)
+    co = builder.add(coff_, ir.Constant(_I64, j0))
+    cz = builder.load(builder.bitcast(builder.gep(czp, [co]), _V16.as_pointer()), align=4)
+    sxl = builder.load(builder.bitcast(builder.gep(sxp, [co]), vf.as_pointer()), align=4)
+    corr = builder.add(v, builder.mul(cz, _splat(builder, rs_, _V16)))
+    out = builder.fadd(builder.fmul(builder.sitofp(corr, vf), builder.fmul(sxl, _splat(builder, swo_, vf))),
+                       _splat(builder, b_, vf))
+    dst = builder.bitcast(builder.gep(yrow, [ir.Constant(_I64, j0)]), vf.as_pointer())
+    left = builder.sub(ncol_, ir.Constant(_I64, j0))
+    mst = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [vf, vf.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)]),
+        "llvm.masked.store.v16f32.p0v16f32")
+    with builder.if_else(builder.icmp_signed(">=", left, ir.Constant(_I64, 16))) as (full, part):
+        with full:
+            builder.store(out, dst, align=4)
+        with part:
+            with builder.if_then(builder.icmp_signed(">", left, ir.Constant(_I64, 0))):
+                m = builder.icmp_signed("<", ir.Constant(_V16, list(range(16))),
+                                        _splat(builder, builder.trunc(left, _I32), _V16))
+                builder.call(mst, [out, dst, ir.Constant(_I32, 4), m])
+
+
 @intrinsic
 def vnni_gather4(typingctx, R, NC, QLO, QHI, acc, aoff, ars, xq, xrs, xoff, gidx, gw, g0, g1):
     """Sparse groups of 4 arbitrary input features: for g in [g0, g1) the features
@@ -352,72 +448,59 @@ def vnni_gather4(typingctx, R, NC, QLO, QHI, acc, aoff, ars, xq, xrs, xoff, gidx
 
         accp, xp, ip, wp = ptr(4, _I32), ptr(7, _I8), ptr(10, _I32), ptr(11, _I8)
         aoff_, ars_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (5, 6, 8, 9, 12, 13))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512")
-        v64 = ir.VectorType(_I8, 64)
-        zero = ir.Constant(_V16, None)
-        bmask = ir.Constant(_V16, [0] * 16)
-        qs = list(range(qlo_, qhi_))
-        need_lo = any(q < 2 for q in qs)
-        need_hi = any(q >= 2 for q in qs)
-
-        pre = builder.basic_block
-        hdr = builder.append_basic_block("g4.hdr")
-        body = builder.append_basic_block("g4.body")
-        done = builder.append_basic_block("g4.done")
-        builder.branch(hdr)
-        builder.position_at_end(hdr)
-        g = builder.phi(_I64, "g")
-        g.add_incoming(g0_, pre)
-        keys = [(r, c, q) for r in range(r_) for c in range(nc_) for q in qs]
-        accs = {}
-        for key in keys:
-            p = builder.phi(_V16)
-            p.add_incoming(zero, pre)
-            accs[key] = p
-        builder.cbranch(builder.icmp_signed("<", g, g1_), body, done)
-
-        builder.position_at_end(body)
-        g4 = builder.mul(g, ir.Constant(_I64, 4))
-        rows = []
-        for j in range(4):
-            k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
-            rows.append(builder.add(builder.mul(k, xrs_), xoff_))
-        wb = []
-        for r in range(r_):
-            off = builder.add(builder.mul(g, ir.Constant(_I64, 4 * r_)), ir.Constant(_I64, 4 * r))
-            wv = builder.load(builder.bitcast(builder.gep(wp, [off]), _I32.as_pointer()), align=1)
-            wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
-                                                                    ir.Constant(_I32, 0)),
-                                             ir.Constant(_V16, ir.Undefined), bmask))
-        new = {}
-        for c in range(nc_):
-            xs = []
-            for j in range(4):
-                p = builder.gep(xp, [builder.add(rows[j], ir.Constant(_I64, 64 * c))])
-                xs.append(builder.load(builder.bitcast(p, v64.as_pointer()), align=1))
-            quarters = {}
-            for hi in ([0] if need_lo else []) + ([1] if need_hi else []):
-                ab = _unpack(builder, xs[0], xs[1], 8, hi)
-                cd = _unpack(builder, xs[2], xs[3], 8, hi)
-                for h2 in (0, 1):
-                    q = 2 * hi + h2
-                    if q in qs:
-                        quarters[q] = builder.bitcast(_unpack(builder, ab, cd, 16, h2), _V16)
-            for r in range(r_):
-                for q in qs:
-                    new[(r, c, q)] = builder.call(fn, [accs[(r, c, q)], quarters[q], wb[r]])
-        end = builder.basic_block
-        g.add_incoming(builder.add(g, ir.Constant(_I64, 1)), end)
-        for key in keys:
-            accs[key].add_incoming(new[key], end)
-        builder.branch(hdr)
-
-        builder.position_at_end(done)
-        for (r, c, q) in keys:
+        accs = _gather4_loop(builder, r_, nc_, list(range(qlo_, qhi_)), xp, ip, wp, xrs_, xoff_, g0_, g1_)
+        for (r, c, q), v in accs.items():
             off = builder.add(aoff_, builder.add(builder.mul(ars_, ir.Constant(_I64, r)),
                                                  ir.Constant(_I64, 64 * c + 16 * q)))
-            builder.store(accs[(r, c, q)], builder.bitcast(builder.gep(accp, [off]), _V16.as_pointer()), align=4)
+            builder.store(v, builder.bitcast(builder.gep(accp, [off]), _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vnni_gather4_deq(typingctx, R, NC, QLO, QHI, y, yoff, ystride, nrow, ncol, sxv, czv, coff, rowsum, sw, bpad, o0,
+                     xq, xrs, xoff, gidx, gw, g0, g1):
+    """``vnni_gather4`` with the dequantize fused into the register epilogue: for rows r < nrow
+    (o = o0 + r) and columns j = 64c + 16q + l < ncol,
+    ``y[yoff + r*ystride + j] = float32(acc + czv[coff + j] * rowsum[o]) * (sxv[coff + j] * sw[o]) + bpad[o]``
+    (bpad: the bias, or -0.0 -- an exact no-op add). sxv / czv padded to ``coff + 64 * NC``."""
+    r_, nc_, qlo_, qhi_ = (_literal_int(v) for v in (R, NC, QLO, QHI))
+    if None in (r_, nc_, qlo_, qhi_):
+        return None
+    ints = (yoff, ystride, nrow, ncol, coff, o0, xrs, xoff, g0, g1)
+    if not all(isinstance(v, types.Integer) for v in ints):
+        return None
+    sig = types.void(R, NC, QLO, QHI, y, yoff, ystride, nrow, ncol, sxv, czv, coff, rowsum, sw, bpad, o0,
+                     xq, xrs, xoff, gidx, gw, g0, g1)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        f32 = ir.FloatType()
+
+        def ptr(i, t):
+            return builder.bitcast(context.make_array(st[i])(context, builder, args[i]).data, t.as_pointer())
+
+        def i64(i):
+            return context.cast(builder, args[i], st[i], types.int64)
+
+        yp, sxp, czp, rsp, swp, bp = (ptr(4, f32), ptr(9, f32), ptr(10, _I32), ptr(12, _I32), ptr(13, f32),
+                                      ptr(14, f32))
+        xp, ip, wp = ptr(16, _I8), ptr(19, _I32), ptr(20, _I8)
+        yoff_, ystr_, nrow_, ncol_, coff_, o0_, xrs_, xoff_, g0_, g1_ = (
+            i64(i) for i in (5, 6, 7, 8, 11, 15, 17, 18, 21, 22))
+        accs = _gather4_loop(builder, r_, nc_, list(range(qlo_, qhi_)), xp, ip, wp, xrs_, xoff_, g0_, g1_)
+        for r in range(r_):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), nrow_)):
+                o = builder.add(o0_, ir.Constant(_I64, r))
+                rs_ = builder.load(builder.gep(rsp, [o]))
+                swo_ = builder.load(builder.gep(swp, [o]))
+                b_ = builder.load(builder.gep(bp, [o]))
+                yrow = builder.gep(yp, [builder.add(yoff_, builder.mul(ystr_, ir.Constant(_I64, r)))])
+                for c in range(nc_):
+                    for q in range(qlo_, qhi_):
+                        _deq_store(builder, accs[(r, c, q)], 64 * c + 16 * q, yrow, ncol_, sxp, czp, coff_, rs_,
+                                   swo_, b_)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -71,8 +71,8 @@ from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
-from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4, vnni_pairs,
-                    vnni_pairs_deq, vnni_tile)
+from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4, vnni_gather4_deq,
+                    vnni_pairs, vnni_pairs_deq, vnni_tile)
 from .epilogue import act_ref, act_scalar, epilogue_tile
 from .table import ACT_NONE, KernelSpec
 
@@ -537,15 +537,16 @@ def _quant_perm_dyn(x, xq, pairs):
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
-def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, sx, sw, bias, residual, act, lo, hi,
-                 y):
+def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, bpad, sx, sw, bias, residual, act,
+                 lo, hi, y):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
     groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] with int8 weights
     gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
     (``_quant_perm``). R in (1, 4, 8). czx32 int32 [N] (= -zx) selects the int32 dequantize (when
-    it is exact), empty: the float64 one. R = 1 with the int32 dequantize and no residual /
-    activation stores y straight from the registers (``vnni_pairs_deq``; sxp, czp: sx, czx32
-    zero-padded to npad), otherwise via int32 sums and ``_deq_rows_i32``.
+    it is exact), empty: the float64 one. With the int32 dequantize and no residual / activation
+    y is stored straight from the registers (``vnni_pairs_deq`` / ``vnni_gather4_deq``; sxp, czp:
+    sx, czx32 zero-padded to npad; bpad: bias or -0.0 [out]), otherwise via int32 sums and
+    ``_deq_rows_i32``.
     Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
@@ -555,7 +556,7 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, s
     ntask = (nrb + TB - 1) // TB
     N = y.shape[1]
     yf = y.reshape(-1)
-    fuse = R == 1 and czx32.shape[0] > 0 and residual.shape[0] == 0 and act == ACT_NONE
+    fuse = czx32.shape[0] > 0 and residual.shape[0] == 0 and act == ACT_NONE
     hb = bias.shape[0] > 0
     for t in prange(ntask):
         acc = np.empty((0 if fuse else R * TB, npad), np.int32)  # (an allocation per task costs)
@@ -566,7 +567,7 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, s
             g0 = gptr[b]
             g1 = gptr[b + 1]
             ao = (b - b0) * R * npad
-            if fuse:  # x + (-0.0) == x for every x: no bias is an exact no-op add
+            if fuse and R == 1:  # x + (-0.0) == x for every x: no bias is an exact no-op add
                 rs = rowsum[b]
                 swo = sw[b]
                 bb = bias[b] if hb else _F32(-0.0)
@@ -585,6 +586,18 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, s
                     c0 += 128
                 if c0 < npad:
                     vnni_pairs(1, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
+            elif fuse:
+                o0 = b * R
+                nrow = min(R, out - o0)
+                for c0 in range(0, npad, 64):
+                    if R == 4:
+                        vnni_gather4_deq(4, 1, 0, 4, yf, o0 * N + c0, N, nrow, N - c0, sxp, czp, c0, rowsum, sw, bpad,
+                                         o0, xf, npad, c0, gidx, gw, g0, g1)
+                    else:
+                        vnni_gather4_deq(8, 1, 0, 2, yf, o0 * N + c0, N, nrow, N - c0, sxp, czp, c0, rowsum, sw, bpad,
+                                         o0, xf, npad, c0, gidx, gw, g0, g1)
+                        vnni_gather4_deq(8, 1, 2, 4, yf, o0 * N + c0, N, nrow, N - c0, sxp, czp, c0, rowsum, sw, bpad,
+                                         o0, xf, npad, c0, gidx, gw, g0, g1)
             elif R == 4:
                 for c0 in range(0, npad, 64):
                     vnni_gather4(4, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
@@ -963,8 +976,9 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
         sxp[:N] = sx
         czp = np.zeros(npad, np.int32)
         czp[:N] = -zx
+        bpad = bias if bias.shape[0] > 0 else np.full(out, -0.0, _F32)
         _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
-                     czx32, sxp, czp, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
+                     czx32, sxp, czp, bpad, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y)
         return
     sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16

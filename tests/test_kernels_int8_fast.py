@@ -60,13 +60,14 @@ def test_groups_column_tiles(rng, threads, block):
 
 
 @needs_vnni
-def test_groups_epilogue_wide(rng):
+@pytest.mark.parametrize("block", [None, (4, 1), (8, 1)])
+def test_groups_epilogue_wide(rng, block):
     out, k, n = 21, 40, 150
-    wf = _sparse(rng, out, k, 0.4)
+    wf = _sparse(rng, out, k, 0.4, block)
     x = rng.standard_normal((k, n)).astype(np.float32)
     bias = rng.standard_normal(out).astype(np.float32)
     res = rng.standard_normal((out, n)).astype(np.float32)
-    _check(wf, x, 2, bias=bias)  # csr: dequantize + bias fused into the register epilogue
+    _check(wf, x, 2, bias=bias)  # dequantize + bias fused into the register epilogue
     _check(wf, x, 2, bias=bias, residual=res, act=1)
     _check(wf, x, 2, bias=bias, act=2)
 
