@@ -134,6 +134,79 @@ def bias_act_cols(y, bias, act, lo, hi):
         _act_inplace(row, act, lo, hi)
 
 
+@jit(inline="always")
+def _ln_row_inplace(row, w, b, eps):
+    """row (1-D float32) = layernorm(row) * w + b in place (two-pass, float64 stats as
+    ``layernorm_rows``); w, b float32 [H] or empty."""
+    H = row.shape[0]
+    hw = w.shape[0] > 0
+    hb = b.shape[0] > 0
+    s = 0.0
+    for j in range(H):
+        s += row[j]
+    mu = s / H
+    v = 0.0
+    for j in range(H):
+        d = row[j] - mu
+        v += d * d
+    inv = 1.0 / math.sqrt(v / H + eps)
+    for j in range(H):
+        t = (row[j] - mu) * inv
+        if hw:
+            t = t * w[j]
+        if hb:
+            t = t + b[j]
+        row[j] = t
+
+
+@jit
+def bias_res_ln_rows(y, bias, res, w, b, eps):
+    """Serial (one thread's share of rows): y [R, C] float32 (torch layout),
+    y = layernorm(y + bias[None, :] + res) * w + b per row (a linear's epilogue with the residual
+    add and the layernorm after it). bias, w, b float32 [C] or empty; res float32 [R, C] or [0, 0]."""
+    R, C = y.shape
+    hb = bias.shape[0] > 0
+    hr = res.shape[0] > 0
+    for r in range(R):
+        row = y[r]
+        if hb and hr:
+            rr = res[r]
+            for j in range(C):
+                row[j] = row[j] + bias[j] + rr[j]
+        elif hb:
+            for j in range(C):
+                row[j] = row[j] + bias[j]
+        elif hr:
+            rr = res[r]
+            for j in range(C):
+                row[j] = row[j] + rr[j]
+        _ln_row_inplace(row, w, b, eps)
+
+
+@pjit
+def transpose_res_ln(x, add, w, b, eps, y):
+    """y [N, C] = layernorm(x [C, N].T + add [N, C]) * w + b per row (a feature-major kernel
+    output brought back to torch layout with its residual and the layernorm after it, in blocks
+    of 16 rows in parallel). add [N, C] or [0, 0]; w, b float32 [C] or empty."""
+    C, N = x.shape
+    TB = 16
+    ha = add.shape[0] > 0
+    for t in prange((N + TB - 1) // TB):
+        r0 = t * TB
+        r1 = min(N, r0 + TB)
+        for c in range(C):
+            xr = x[c]
+            for r in range(r0, r1):
+                y[r, c] = xr[r]
+        for r in range(r0, r1):
+            row = y[r]
+            if ha:
+                ar = add[r]
+                for j in range(C):
+                    row[j] = row[j] + ar[j]
+            _ln_row_inplace(row, w, b, eps)
+
+
 @pjit
 def transpose2d(x, y, add):
     """y [C, R] = x [R, C].T (+ add [C, R] when add is not [0, 0]), float32, in 32 x 32 tiles in

@@ -123,19 +123,26 @@ def _dense_run(W, x, y, bias, act, lo, hi, residual):
         _epi(y, bias, act, residual)
 
 
-def _dense_run_tl(W, x2d, y2d, bias, act, residual=None):
+def _dense_run_tl(W, x2d, y2d, bias, act, residual=None, ln=None):
     """y2d[N, out] = act(x2d @ W.T + bias + residual); token rows (or, for few tokens, output
     features) split over the call's threads (par), each thread applying the epilogue to its own
     rows while they are in cache (one serial numba pass for gelu etc. or with a residual).
-    residual: float32 [N, out] (torch layout) or None."""
+    residual: float32 [N, out] (torch layout) or None. ln: None or (w, b, eps): then (act none)
+    y2d = layernorm(x2d @ W.T + bias + residual) * w + b per row (w, b float32 [out] or empty)."""
     from . import par
     from .ops._common import EMPTY_F32, epilogue_rows
 
-    npy = act in (0, 1, 2) and residual is None
+    npy = act in (0, 1, 2) and residual is None and ln is None
     n, work = x2d.shape[0], float(x2d.shape[0]) * W.shape[0] * W.shape[1]
     if npy:
         def epi(yp, b, rp):
             epilogue_rows(yp, b, act)
+    elif ln is not None:
+        from ..kernels.nn import bias_res_ln_rows
+
+        def epi(yp, b, rp):
+            bias_res_ln_rows(yp, EMPTY_F32 if b is None else b, _NO_RES if rp is None else rp, ln[0], ln[1],
+                             float(ln[2]))
     else:
         from ..kernels.nn import bias_res_act_rows
 

@@ -185,6 +185,50 @@ def _fuse_linear_residual(nodes, outputs, sym, tensors) -> list:
     return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
 
 
+def _fuse_residual_layernorm(nodes, outputs, sym, tensors) -> list:
+    """Node list with ``layernorm(linear_with_residual(...))`` (last axis; the linear's output used
+    only by the layernorm; layernorm weight / bias stored constants or absent) rewritten into the
+    linear carrying the layernorm's weight and bias as inputs 5 and 6 and attr ``_ln_eps``: the
+    post-residual layernorm of a transformer block computed per row while the linear's output is
+    in cache. The fused node takes the layernorm's position."""
+    from ..formats.graph import Node
+
+    consumers: dict = {}
+    producer: dict = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+        for name in node.outputs:
+            producer[name] = node
+    outs = set(outputs)
+    replace, drop = {}, set()
+    for ln in nodes:
+        if ln.op != "layernorm":
+            continue
+        v = ln.inputs[0]
+        lin = producer.get(v)
+        if lin is None or lin.op != "linear" or not lin.attrs.get("_residual") or "_ln_eps" in lin.attrs:
+            continue
+        if lin.attrs.get("activation", "none") != "none" or v in outs or len(consumers.get(v, [])) != 1:
+            continue
+        shp = sym.shapes.get(v)
+        ax = int(ln.attrs.get("axis", -1))
+        if not shp or ax not in (-1, len(shp) - 1):
+            continue
+        wb = (list(ln.inputs[1:3]) + ["", ""])[:2]
+        if any(n and n not in tensors for n in wb):
+            continue
+        from ..formats import optable
+
+        eps = float(optable.with_defaults("layernorm", ln.attrs)["eps"])
+        ins = list(lin.inputs[:4]) + wb
+        replace[id(ln)] = Node("linear", lin.name, ins, list(ln.outputs), {**lin.attrs, "_ln_eps": eps})
+        drop.add(id(lin))
+    if not replace:
+        return nodes
+    return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
+
+
 def _fuse_attention(nodes, outputs, sym, tensors) -> list:
     """Node list with the multi-head attention core (reshape / transpose of q, k, v, the two
     matmuls, the softmax with its folded scale and optional additive mask, the transpose back; see
@@ -479,6 +523,7 @@ class Session:
         out_names = [v.name for v in g.outputs]
         nodes = _fuse_softmax_scale(_fuse_residuals(g, self._sym), out_names, self._model.tensors)
         nodes = _fuse_linear_residual(nodes, out_names, self._sym, self._model.tensors)
+        nodes = _fuse_residual_layernorm(nodes, out_names, self._sym, self._model.tensors)
         extra: dict = {}
         if os.environ.get("SPARSEDGE_NO_ATTENTION_FUSION", "") in ("", "0"):
             nodes = _fuse_attention(nodes, out_names, self._sym, self._model.tensors)

@@ -11,7 +11,8 @@ import pytest
 from sparsedge.formats.dense import Dense
 from sparsedge.formats.graph import Graph, Node, ValueInfo
 from sparsedge.formats.modelfile import read_model, write_model
-from sparsedge.kernels.nn import attention_heads, attention_ref, bias_res_act_rows, transpose2d
+from sparsedge.kernels.nn import (attention_heads, attention_ref, bias_res_act_rows, bias_res_ln_rows,
+                                  transpose2d, transpose_res_ln)
 from sparsedge.runtime import Session
 from sparsedge.runtime.reference import run_reference
 
@@ -119,6 +120,30 @@ def test_transpose2d(R, C, rng):
     np.testing.assert_array_equal(y, x.T + a)
 
 
+def test_residual_layernorm_kernels(rng):
+    from sparsedge.runtime.reference import layernorm
+
+    for N, C in ((1, 1), (5, 7), (17, 48), (40, 33)):
+        x = rng.standard_normal((C, N)).astype(F32) * 3 + 1
+        a = rng.standard_normal((N, C)).astype(F32)
+        w = rng.standard_normal(C).astype(F32)
+        b = rng.standard_normal(C).astype(F32)
+        bias = rng.standard_normal(C).astype(F32)
+        e = np.zeros(0, F32)
+        for ww, bb in ((w, b), (e, e)):
+            ref = layernorm(x.T + a, ww if ww.size else None, bb if bb.size else None, 1e-5)
+            y = np.full((N, C), np.nan, F32)
+            transpose_res_ln(x, a, ww, bb, 1e-5, y)
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5)
+            y = np.ascontiguousarray(x.T)
+            bias_res_ln_rows(y, bias, a, ww, bb, 1e-5)
+            ref = layernorm(x.T + bias + a, ww if ww.size else None, bb if bb.size else None, 1e-5)
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5)
+        y = np.full((N, C), np.nan, F32)
+        transpose_res_ln(x, NO_MASK, w, b, 1e-5, y)
+        np.testing.assert_allclose(y, layernorm(x.T, w, b, 1e-5), rtol=1e-5, atol=2e-5)
+
+
 # --- Session fusions on a small encoder layer ----------------------------------------------------
 def _layer(nh, d, mask_shape="b11s", kinds=None, rng=None):
     """An encoder layer (q/k/v/o, masked softmax, FFN, residual adds) as (graph, tensors)."""
@@ -188,6 +213,7 @@ def test_session_fuses_attention_and_residuals(tmp_path, rng, monkeypatch, nh, d
     ops = [n.op for n in s._exec.nodes]
     assert ops.count("_attention") == 1 and "softmax" not in ops and "matmul" not in ops
     assert "add" not in ops  # both residual adds folded into the linears before them
+    assert "layernorm" not in ops  # ln1 folded into the o linear (after its residual)
     assert ops.count("linear") == 4  # q, k, v as one linear over stacked weights
     (att,) = [n for n in s._exec.nodes if n.op == "_attention"]
     assert att.attrs["qkv"] and att.inputs[1:3] == ["", ""]

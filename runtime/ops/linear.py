@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import NodePlan, Op, register
-from ._common import act_code, prod
+from ._common import EMPTY_F32, act_code, prod
 
 
 _NO_ADD = np.zeros((0, 0), dtype=np.float32)
@@ -36,6 +36,15 @@ class Linear(Op):
         # runtime-internal: a following add(r, y) folded in by the Session (4th input r, torch
         # layout, y's shape; only with activation none, never on a feature-major output)
         self.res = bool(self.attrs.get("_residual")) and len(node.inputs) > 3
+        # runtime-internal: the layernorm after that residual add folded in too (inputs 5, 6 its
+        # weight and bias, attr ``_ln_eps``; last-axis layernorm, activation none)
+        self.ln = None
+        if self.res and "_ln_eps" in self.attrs:
+            ln_w = ctx.constant(node.inputs[4]).astype(np.float32, copy=False).reshape(-1) \
+                if len(node.inputs) > 4 and node.inputs[4] else EMPTY_F32
+            ln_b = ctx.constant(node.inputs[5]).astype(np.float32, copy=False).reshape(-1) \
+                if len(node.inputs) > 5 and node.inputs[5] else EMPTY_F32
+            self.ln = (ln_w, ln_b, float(self.attrs["_ln_eps"]))
 
     def plan(self, ins, outs, env):
         N = prod(ins[0][0][:-1])
@@ -67,9 +76,12 @@ class Linear(Op):
             if res is None:
                 choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias,
                                    self.act)
-            else:
+            elif self.ln is None:
                 choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias,
                                    self.act, res)
+            else:
+                choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias,
+                                   self.act, res, self.ln)
             return
         if self.fm_in:
             xf = x.reshape(self.in_f, N)
@@ -87,4 +99,10 @@ class Linear(Op):
             choice.cand.run(choice.packed, xf, yf, self.bias, 0, 0.0, 0.0, None)
             act_inplace(yf.reshape(-1), self.act, 0.0, 0.0)
         if not self.fm_out:
-            transpose2d(yf, y.reshape(N, self.out_f), _NO_ADD if res is None else np.ascontiguousarray(res))
+            if self.ln is None:
+                transpose2d(yf, y.reshape(N, self.out_f), _NO_ADD if res is None else np.ascontiguousarray(res))
+            else:
+                from ...kernels.nn import transpose_res_ln
+
+                transpose_res_ln(yf, _NO_ADD if res is None else np.ascontiguousarray(res), self.ln[0], self.ln[1],
+                                 self.ln[2], y.reshape(N, self.out_f))
