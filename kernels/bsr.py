@@ -38,7 +38,7 @@ from ._jit import jit, pjit
 from .csr import reference
 from .epilogue import act_scalar, epilogue_tile, none1, none2
 from .simd import VW, vadd, vbcast, vfma, vload, vprefetch, vstore, vzero
-from .table import KernelSpec
+from .table import ACT_NONE, ACT_RELU, KernelSpec
 
 JT = 2 * VW  # generic kernel's register tile: 2 vectors of output columns per row
 L2_FLOATS = 1 << 18  # 1 MB of floats: X chunk budget of the generic kernel; X above this gets prefetch
@@ -762,21 +762,39 @@ def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, 
     k1 = indptr[br + 1]
     i0 = br * r
     rows = min(r, nout - i0)
+    m = jhi - jlo
     for ii in range(rows):
         i = i0 + ii
         b = bias[i] if nb != 0 else np.float32(0.0)
-        if jhi > jlo:
+        if m > 0 and (act == ACT_NONE or act == ACT_RELU):
+            # the common cases inline (one pass, no call per row)
+            yr = y[i, jlo:jhi]
+            if nr != 0:
+                rr = res[i, jlo:jhi]
+                if act == ACT_RELU:
+                    for j in range(m):
+                        yr[j] = max(yr[j] + b + rr[j], np.float32(0.0))
+                else:
+                    for j in range(m):
+                        yr[j] = yr[j] + b + rr[j]
+            elif act == ACT_RELU:
+                for j in range(m):
+                    yr[j] = max(yr[j] + b, np.float32(0.0))
+            elif nb != 0:
+                for j in range(m):
+                    yr[j] = yr[j] + b
+        elif m > 0:
             yr = y[i, jlo:jhi]
             if nr != 0:
                 epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
             else:
                 epilogue_tile(yr, b, yr[0:0], act, lo, hi)
         if tail < n:
-            m = n - tail
+            mt = n - tail
             yr = y[i, tail:n]
-            for j in range(m):
+            for j in range(mt):
                 yr[j] = np.float32(0.0)
-            _tile_c1(indices, d2, k0, k1, ii, x, yr, tail, m)
+            _tile_c1(indices, d2, k0, k1, ii, x, yr, tail, mt)
             if nr != 0:
                 epilogue_tile(yr, b, res[i, tail:n], act, lo, hi)
             else:
