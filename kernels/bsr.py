@@ -2,8 +2,8 @@
 
 W: ``indptr`` int32 [R+1] (R = ceil(out/r)), ``indices`` int32 [nblk] (block column),
 ``data`` float32 [nblk, r, c] (edge blocks zero-padded). ``prepare`` only reshapes ``data`` to a
-[nblk, r*c] view (no copy, no repack: the packed tuple ``(indptr, indices, d2, r, c)`` is also what
-``conv.sparse_conv_s1`` consumes). r and c are run-time ints, so two compiled GEMM
+[nblk, r*c] view (no repack; a copy only if the array is not contiguous): the packed tuple
+``(indptr, indices, d2, r, c)`` is also what ``conv.sparse_conv_s1`` consumes. r and c are run-time ints, so two compiled GEMM
 specializations serve every block shape:
 
 * ``bsr_spmm_r1`` (r x 1 blocks with r % 8 == 0 or r == 4: the 4x1 / 8x1 / 16x1 rows). The work
@@ -17,8 +17,10 @@ specializations serve every block shape:
   as flat arrays (no negative-index fix-ups in the hot loop). When X exceeds L2
   (``L2_FLOATS``: 1 MB, e.g. the 1x1 conv 256x3136), each X row load also prefetches the same
   row two tiles ahead (software prefetch), which hides the L3 latency of the next tile. The
-  fused epilogue runs per block row right after its tiles (the rows are still in L1/L2);
-  columns beyond a multiple of VW are accumulated in memory.
+  fused epilogue runs per block row right after its tiles (the rows are still in L1/L2): bias,
+  residual and relu inline in one pass, other activations through ``epilogue_tile``; with no
+  bias / residual / activation there is no epilogue pass. Columns beyond a multiple of VW are
+  accumulated in memory.
 * ``bsr_spmm`` (any other r x c: 1x4, 1x16, 4x4, ...): (N chunk, block row) pairs in parallel,
   chunk-major, N chunks of equal width sized so a chunk of X stays in L2; register-blocked
   8 / 4 / 1-row x 2-vector micro-kernels that feed a block's c X rows through the same
@@ -44,6 +46,7 @@ JT = 2 * VW  # generic kernel's register tile: 2 vectors of output columns per r
 L2_FLOATS = 1 << 18  # 1 MB of floats: X chunk budget of the generic kernel; X above this gets prefetch
 X_CHUNK_FLOATS = 1 << 20  # 4 MB of floats: r x 1 kernel splits N into chunks above this X size
 GEMV_PF = 64  # batch-1 r x 1 kernels prefetch W this many blocks ahead (DRAM-streamed: 16-18% faster)
+
 
 @jit
 def _tile_c1(indices, d2, k0, k1, ii, x, yr, j0, m):
@@ -1056,8 +1059,14 @@ def _prepare(fmt):
 def _run_gemm(p, x, y, bias, act, lo, hi, residual):
     r, c = p[3], p[4]
     if c == 1 and (r % 8 == 0 or r == 4):
-        bsr_spmm_r1(p[0], p[1], p[2], r, x, y, none1(bias), none2(residual), int(act), float(lo), float(hi),
+        # the r x 1 kernel views X / Y / residual as flat arrays: C-contiguous (no copy when they are)
+        x = np.ascontiguousarray(x)
+        residual = None if residual is None else np.ascontiguousarray(residual)
+        yc = y if y.flags.c_contiguous else np.empty(y.shape, np.float32)
+        bsr_spmm_r1(p[0], p[1], p[2], r, x, yc, none1(bias), none2(residual), int(act), float(lo), float(hi),
                     numba.get_num_threads())
+        if yc is not y:
+            y[...] = yc
     else:
         bsr_spmm(p[0], p[1], p[2], r, c, x, y, none1(bias), none2(residual), int(act), float(lo), float(hi))
 

@@ -49,9 +49,13 @@ def test_large_n_paths(row, threads, rng):
             res = rng.standard_normal((out, n)).astype(np.float32)
             packed = row.prepare(fmt)
             y = np.full((out, n), np.nan, np.float32)
-            row.run(packed, x, y, bias, table.ACT_RELU, 0.0, 0.0, res)
-            ref = row.reference(fmt, x, bias, table.ACT_RELU, 0.0, 0.0, res)
-            np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
+            # the inline epilogue cases (bias / residual / relu) and one that calls epilogue_tile
+            for b, act, rs in [(bias, table.ACT_RELU, res), (bias, 0, None), (None, 0, res),
+                               (bias, table.ACT_GELU, res)]:
+                y[:] = np.nan
+                row.run(packed, x, y, b, act, 0.0, 0.0, rs)
+                ref = row.reference(fmt, x, b, act, 0.0, 0.0, rs)
+                np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
             y[:] = np.nan
             row.run(packed, x, y, None, 0, 0.0, 0.0, None)
             np.testing.assert_allclose(y, w.astype(np.float64) @ x, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
@@ -68,3 +72,17 @@ def test_more_threads_than_block_rows(rng):
         y = np.full((20, 100), np.nan, np.float32)
         bsr.bsr_spmm_r1(p[0], p[1], p[2], 16, x, y, bsr.none1(None), bsr.none2(None), 0, 0.0, 0.0, nt)
         np.testing.assert_allclose(y, w.astype(np.float64) @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_non_contiguous_arrays(rng):
+    """The r x 1 rows view X / Y / residual flat: strided inputs and outputs still give the right result."""
+    row = next(r for r in ROWS if r.block == (8, 1))
+    w, fmt = _weight(rng, (8, 1), 30, 40, density=0.4)
+    xb = rng.standard_normal((40, 2 * 70)).astype(np.float32)
+    rb = rng.standard_normal((30, 2 * 70)).astype(np.float32)
+    x, res = xb[:, ::2], rb[:, ::2]
+    yb = np.full((30, 2 * 70), np.nan, np.float32)
+    y = yb[:, ::2]
+    row.run(row.prepare(fmt), x, y, None, 0, 0.0, 0.0, res)
+    np.testing.assert_allclose(y, w.astype(np.float64) @ x + res, rtol=1e-4, atol=1e-3)
+    assert np.isnan(yb[:, 1::2]).all()
