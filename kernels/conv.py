@@ -951,24 +951,29 @@ def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
 
 
 @pjit
-def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups):
+def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
     """yw[i, j] = sum_k data[k] * xf[koff[k] + j] over row i's weights (koff = roff[indices], int32),
     yw [O, Npad] with Npad a multiple of VW (no scalar tail), the reduction split into K panels
     (input-channel blocks small enough that a panel's chunk of the input stays in L1): sp [O, nb+1]
-    int64 holds, per row, the first weight of each panel (sp[i, nb] = row end). Row groups in
-    parallel (one per thread); per group: for each N chunk of ``nc``, for each panel, every row of the
-    group accumulates its weights of that panel into yw (the first panel stores). 8 / 4 / 1-vector
-    tiles. Measured against the unpanelled kernel (N chunks, rows in parallel), 2 threads, batch 8,
+    int64 holds, per row, the first weight of each panel (sp[i, nb] = row end). ``ngroups`` row groups
+    x ``cgroups`` groups of N chunks in parallel (one task per thread: chunk groups on wide grids, so
+    each thread reads only its part of the input); per task: for each N chunk of ``nc``, for each
+    panel, every row of the group accumulates its weights of that panel into yw (the first panel
+    stores). 8 / 4 / 1-vector tiles. Measured against the unpanelled kernel (N chunks, rows in parallel), 2 threads, batch 8,
     90%: 32x32x64 0.51 -> 0.48 ms, 16x16x128 0.65 -> 0.50, 8x8x256 0.88 -> 0.54, 4x4x512 1.06 -> 0.66
     (that one was L2-bound: every row streamed the whole 460 KB input)."""
     nout = yw.shape[0]
     n = yw.shape[1]
     nb = sp.shape[1] - 1
     gs = (nout + ngroups - 1) // ngroups
-    for g in prange(ngroups):
+    nch = (n + nc - 1) // nc
+    cs = (nch + cgroups - 1) // cgroups
+    for t in prange(ngroups * cgroups):
+        g = t // cgroups
+        cg = t - g * cgroups
         r0 = g * gs
         r1 = min(nout, r0 + gs)
-        for jlo in range(0, n, nc):
+        for jlo in range(cg * cs * nc, min(n, (cg + 1) * cs * nc), nc):
             jhi = min(n, jlo + nc)
             for cb in range(nb):
                 acc = cb > 0
@@ -1090,6 +1095,7 @@ def batch_tile(kind):
 
 KPANEL_NC = 128  # csr_conv_kpanel's N chunk (positions)
 KPANEL_FLOATS = 8192  # input floats of one K panel's chunk (32 KB: L1)
+KPANEL_CHUNK_SPLIT = 32  # N chunks per thread from which threads split chunks instead of rows
 
 
 def kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw):
@@ -1135,7 +1141,11 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
                            EMPTY4 if residual is None else residual, int(act), float(lo), float(hi))
             return
         sp, nc = kpanel if kpanel is not None else kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw)
-        csr_conv_kpanel(sp, koff, packed[2], xf, yw, nc, numba.get_num_threads())
+        nt = numba.get_num_threads()
+        if -(-Npad // nc) >= KPANEL_CHUNK_SPLIT * nt:  # wide grid: threads split the N chunks
+            csr_conv_kpanel(sp, koff, packed[2], xf, yw, nc, 1, nt)
+        else:
+            csr_conv_kpanel(sp, koff, packed[2], xf, yw, nc, nt, 1)
     elif kind == "bsr" and packed[4] == 1 and packed[3] % 8 == 0:
         bsr_conv_s1(packed[0], packed[1], packed[2], packed[3], xf, roff, yw)
     else:

@@ -107,8 +107,8 @@ def test_batch_pack_matches_layout(case, rng):
 
 
 @pytest.mark.parametrize("bcols", [1, 7, 27, 10_000])
-@pytest.mark.parametrize("ngroups,nc", [(1, 16), (3, 48), (2, 10_000)])
-def test_kpanel_any_panel_width(bcols, ngroups, nc, rng):
+@pytest.mark.parametrize("ngroups,cgroups,nc", [(1, 1, 16), (3, 1, 48), (2, 1, 10_000), (1, 3, 16), (2, 2, 32)])
+def test_kpanel_any_panel_width(bcols, ngroups, cgroups, nc, rng):
     """csr_conv_kpanel vs a dense numpy product on the packed input, for panels of 1 column (many
     empty), uneven widths, one panel; row groups not dividing O; chunks below / above a tile."""
     B, C, H, W, O = 2, 6, 5, 7, 11
@@ -126,5 +126,5 @@ def test_kpanel_any_panel_width(bcols, ngroups, nc, rng):
     sp = conv.kpanel_splits(packed[0], packed[1], bcols, C * 9)
     assert sp.shape == (O, -(-C * 9 // bcols) + 1)
     yw = np.full((O, Npad), np.nan, np.float32)
-    conv.csr_conv_kpanel(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, nc, ngroups)
+    conv.csr_conv_kpanel(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, nc, ngroups, cgroups)
     np.testing.assert_allclose(yw, ref, rtol=1e-4, atol=1e-4)
