@@ -443,7 +443,8 @@ def _dense_vnni(w, K4, out, x4, npad, rowsum, zw, affine, czx, cz, sx, sw, bias,
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
-def _dense_amx(cfg, w, nk, out, xw, npad, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+def _dense_amx(cfg, w, nk, out, xw, npad, rowsum, zw, affine, czx, cz, czx32, sx, sw, bias, residual, act, lo, hi,
+               y):
     """y [out, N] = dequant(w x xw) + epilogue. w int8 tiled [ceil(out/32)*2, nk, 16, 64] (16-row x
     64-feature AMX A tiles, contiguous), xw uint8 [npad/16, 16*nk, 16, 4] (contiguous B tiles),
     npad % 32 == 0. Task: 32 rows x all columns (the W block stays in L1 across the column tiles),
@@ -456,9 +457,13 @@ def _dense_amx(cfg, w, nk, out, xw, npad, rowsum, zw, affine, czx, cz, sx, sw, b
         for ct in range(nct):
             amx_block(cfg, acc, ct * 128, npad * 4, w, 2 * rb * nk * 1024, nk * 1024, 1024, 64,
                       xw, 2 * ct * G * 64, G * 64, 1024, 64, nk, 0)
-        for r in range(min(32, out - rb * 32)):
-            o = rb * 32 + r
-            _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
+        nr = min(32, out - rb * 32)
+        if czx32.shape[0] > 0:  # symmetric weights, int32-exact corrections
+            _deq_rows_i32(acc, 0, nr, rb * 32, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
+        else:
+            for r in range(nr):
+                o = rb * 32 + r
+                _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
@@ -1054,11 +1059,12 @@ def run_amx(p, x, y, bias, act, lo, hi, residual):
     npad = (N + 31) // 32 * 32
     nk = p["nk"]
     G = 16 * nk
-    xw = np.empty(npad * G * 4, np.uint8)
+    xw = _aligned_u8(1, npad * G * 4).reshape(-1)  # AMX B tiles: 64-byte rows on cache lines
     _quant_x4t(x, inv, zpf, xw.view(np.uint32), npad, G)
     czx, cz = _corr_terms(p, sx, zx, K, lambda: xw.reshape(npad // 16, G, 16, 4).sum(
         axis=(1, 3), dtype=np.int64).reshape(-1)[:N])
-    _dense_amx(p["cfg"], p["w64"], nk, out, xw, npad, p["rowsum"], p["zw"], p["affine"], czx, cz, sx, p["sw"],
+    czx32 = (-zx).astype(np.int32) if (K <= _K_I32 and not p["affine"]) else _EMPTY_I32
+    _dense_amx(p["cfg"], p["w64"], nk, out, xw, npad, p["rowsum"], p["zw"], p["affine"], czx, cz, czx32, sx, p["sw"],
                bias, residual, act, _F32(lo), _F32(hi), y)
 
 
