@@ -406,7 +406,7 @@ def _deq_rows_i32(acc, r0, nr, o0, rowsum, czx32, sx, sw, bias, residual, act, l
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
-def _dense_vnni(w, K4, out, x4, npad, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi, y):
+def _dense_vnni(w, K4, out, x4, npad, rowsum, zw, affine, czx, cz, czx32, sx, sw, bias, residual, act, lo, hi, y):
     """y [out, N] = dequant(w x x4) + epilogue. w int8 flat [out, K4] (K4 % 4 == 0), x4 uint8 flat
     [K4/4, npad, 4]. Task: 8 rows x all columns (register tiles of 8 x 48), then the 8 rows are
     dequantized while hot."""
@@ -437,9 +437,13 @@ def _dense_vnni(w, K4, out, x4, npad, rowsum, zw, affine, czx, cz, sx, sw, bias,
                         vnni_tile(1, 2, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
                     else:
                         vnni_tile(1, 1, False, acc, ao, npad, x4, c0 * 4, xgs, dummy, w, wo, K4, 4, 0, G)
-        for r in range(min(_TILE_R, out - r0)):
-            o = r0 + r
-            _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
+        nr = min(_TILE_R, out - r0)
+        if czx32.shape[0] > 0:  # symmetric weights, int32-exact corrections
+            _deq_rows_i32(acc, 0, nr, r0, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
+        else:
+            for r in range(nr):
+                o = r0 + r
+                _deq_row(acc[r], y[o], o, rowsum, zw, affine, czx, cz, sx, sw, bias, residual, act, lo, hi)
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
@@ -1037,7 +1041,8 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
     lo, hi = _F32(lo), _F32(hi)
     czx, cz = _corr_terms(p, sx, zx, K, lambda: x4.reshape(G, npad, 4)[:, :N].sum(axis=(0, 2), dtype=np.int64))
     if p["kind"] == "dense_i8":
-        _dense_vnni(p["w4"], p["K4"], out, x4, npad, p["rowsum"], p["zw"], p["affine"], czx, cz, sx, p["sw"],
+        czx32 = (-zx).astype(np.int32) if (K <= _K_I32 and not p["affine"]) else _EMPTY_I32
+        _dense_vnni(p["w4"], p["K4"], out, x4, npad, p["rowsum"], p["zw"], p["affine"], czx, cz, czx32, sx, p["sw"],
                     bias, residual, act, lo, hi, y)
     else:
         czx32 = (-zx).astype(np.int32) if K <= _K_I32 else _EMPTY_I32
