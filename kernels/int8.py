@@ -45,7 +45,9 @@ picks amx > vnni > portable, ``extra["priority"]`` says the same to the runtime)
   4 features per zmm, shared by the R rows; csr (``vnni_pairs``) as 2 pairs, punpck bw only and
   2 vpdpbusd per pair ("even"/"odd" weight dwords) -- vpdpbusd issues on ports 0 and 5, shuffles
   on 5 only, so this balances the ports (measured 5% faster than bw + wd for R = 1). The
-  dequantize is int32 when exact (K < 33156) with the epilogue inline. Other blocks (1 x c,
+  dequantize (+ bias) is fused into the register epilogue when int32 corrections are exact
+  (K < 33156; ``*_deq`` intrinsics, y stored from zmm, masked last vector), then residual and
+  activation run on the task's hot rows (one loop per activation code). Other blocks (1 x c,
   4 x 4, 2 x 2): "quads" -- the input groups of 4 aligned features holding a non-zero, with
   the R x 4 int8 weights (zeros filled). Tasks of R rows (16 for R = 1) x all columns, fused
   dequantize.
