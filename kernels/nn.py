@@ -543,14 +543,15 @@ def _softmax_inplace_row(yr, L, mask, mi, hm, scale):
 
 
 @pjit
-def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv):
+def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs):
     """Multi-head attention core, torch layouts, no transposed copies:
     for every batch b and head h, ``out[b, :, h*D:(h+1)*D] = softmax(Q K^T * scale + mask[b % Bm]) V``
     with ``Q = q[b, :, h*D:(h+1)*D]`` (K, V alike from k, v).
     q, out: flat float32 of [B, Sq, H*D]; k, v: flat float32 of [B, Sk, H*D]; mask: float32
     [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32. Rows of q are ``ldq`` floats
     apart, rows of k and v ``ldkv`` (H*D for separate arrays; 3*H*D when q, k, v are offset views
-    of one fused q|k|v linear output); out rows are H*D apart.
+    of one fused q|k|v linear output); out rows are H*D apart. cs: the stride between columns
+    of q, k, v (1 in torch layout; feature-major q|k|v [3*H*D, B*S]: cs = B*S with ldq = ldkv = 1).
     Parallel over (b, h); per task K_h is transposed once into a [D, Sk] buffer (L1), scores are
     computed 4 query rows x 2 vectors of keys at a time in registers (``simd``), softmaxed in
     place, and multiplied by V_h (copied contiguous per task; D % VW == 0: 4 rows x 2 (or 1)
@@ -566,33 +567,52 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv):
         c0 = (t - b * H) * D
         Kt = np.empty(max(D, 1) * Sp, np.float32)
         P = np.empty(4 * Sp, np.float32)
+        Qc = np.empty(4 * max(D, 1), np.float32)
         kb = b * Sk
-        for j in range(Sk):
-            src = (kb + j) * ldkv + c0
+        if cs == 1:
+            for j in range(Sk):
+                src = (kb + j) * ldkv + c0
+                for d in range(D):
+                    Kt[d * Sp + j] = k[src + d]
+        else:  # feature-major: a head's column d is contiguous over tokens
             for d in range(D):
-                Kt[d * Sp + j] = k[src + d]
+                src = kb * ldkv + (c0 + d) * cs
+                for j in range(Sk):
+                    Kt[d * Sp + j] = k[src + j * ldkv]
         for d in range(D):
             for j in range(Sk, Sp):
                 Kt[d * Sp + j] = np.float32(0.0)
         # V_h copied contiguous: its rows in v are H*D floats apart, which maps them onto a few
         # L1 sets (1536-byte stride: 8 of 64) and made the P V loop 3x slower than Q K^T
         Vc = np.empty(max(Sk * D, 1), np.float32)
-        for j in range(Sk):
-            src = (kb + j) * ldkv + c0
+        if cs == 1:
+            for j in range(Sk):
+                src = (kb + j) * ldkv + c0
+                for d in range(D):
+                    Vc[j * D + d] = v[src + d]
+        else:
             for d in range(D):
-                Vc[j * D + d] = v[src + d]
+                src = kb * ldkv + (c0 + d) * cs
+                for j in range(Sk):
+                    Vc[j * D + d] = v[src + j * ldkv]
         mi = b % Bm
         for i0 in range(0, Sq, 4):
             nr = min(4, Sq - i0)
             qb = b * Sq
-            r0 = (qb + i0) * ldq + c0
-            r1 = (qb + min(i0 + 1, Sq - 1)) * ldq + c0
-            r2 = (qb + min(i0 + 2, Sq - 1)) * ldq + c0
-            r3 = (qb + min(i0 + 3, Sq - 1)) * ldq + c0
+            r0 = (qb + i0) * ldq + c0 * cs
+            r1 = (qb + min(i0 + 1, Sq - 1)) * ldq + c0 * cs
+            r2 = (qb + min(i0 + 2, Sq - 1)) * ldq + c0 * cs
+            r3 = (qb + min(i0 + 3, Sq - 1)) * ldq + c0 * cs
             w0 = (qb + i0) * HD + c0
             w1 = (qb + min(i0 + 1, Sq - 1)) * HD + c0
             w2 = (qb + min(i0 + 2, Sq - 1)) * HD + c0
             w3 = (qb + min(i0 + 3, Sq - 1)) * HD + c0
+            for d in range(D):  # the 4 query rows' head slices, contiguous (L1) for the tile loop
+                dc = d * cs
+                Qc[4 * d] = q[r0 + dc]
+                Qc[4 * d + 1] = q[r1 + dc]
+                Qc[4 * d + 2] = q[r2 + dc]
+                Qc[4 * d + 3] = q[r3 + dc]
             for jb in range(0, Sp, W2):
                 a00 = _vzero()
                 a01 = _vzero()
@@ -605,16 +625,16 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv):
                 for d in range(D):
                     k0 = _vload(Kt, d * Sp + jb)
                     k1 = _vload(Kt, d * Sp + jb + _VW)
-                    x = _vbcast(q[r0 + d])
+                    x = _vbcast(Qc[4 * d + 0])
                     a00 = _vfma(x, k0, a00)
                     a01 = _vfma(x, k1, a01)
-                    x = _vbcast(q[r1 + d])
+                    x = _vbcast(Qc[4 * d + 1])
                     a10 = _vfma(x, k0, a10)
                     a11 = _vfma(x, k1, a11)
-                    x = _vbcast(q[r2 + d])
+                    x = _vbcast(Qc[4 * d + 2])
                     a20 = _vfma(x, k0, a20)
                     a21 = _vfma(x, k1, a21)
-                    x = _vbcast(q[r3 + d])
+                    x = _vbcast(Qc[4 * d + 3])
                     a30 = _vfma(x, k0, a30)
                     a31 = _vfma(x, k1, a31)
                 _vstore(P, jb, a00)

@@ -85,8 +85,10 @@ class LoadContext:
         return self._consts[name]
 
 
-def _feature_major_values(graph) -> set:
-    """Values produced by a linear and consumed only (as x) by linears, and not graph outputs."""
+def _feature_major_values(graph, tensors=None) -> set:
+    """Values produced by a linear and consumed only (as x) by linears, and not graph outputs;
+    also a fused q|k|v linear's output read only by its ``_attention`` when the weight is not dense
+    float32 (kernel path: the attention reads it feature-major, no transpose back)."""
     consumers: dict = {}
     for node in graph.nodes:
         for k, name in enumerate(node.inputs):
@@ -102,6 +104,11 @@ def _feature_major_values(graph) -> set:
             continue
         if v not in outs and cs and all(n.op == "linear" and k == 0 for n, k in cs):
             fm.add(v)
+        elif v not in outs and len(cs) == 1 and cs[0][0].op == "_attention" and cs[0][0].attrs.get("qkv") and \
+                cs[0][1] == 0 and tensors is not None and node.attrs.get("activation", "none") == "none":
+            w = tensors.get(node.inputs[1])
+            if w is not None and not isinstance(w, np.ndarray) and w.kind != "dense":
+                fm.add(v)
     return fm
 
 
@@ -530,7 +537,7 @@ class Session:
             nodes, extra = _fuse_qkv(nodes, out_names, self._model.tensors)
         self._tensors = {**self._model.tensors, **extra} if extra else self._model.tensors
         self._exec = Graph(g.inputs, g.outputs, nodes, g.act_quant)
-        self._fm = _feature_major_values(self._exec)
+        self._fm = _feature_major_values(self._exec, self._tensors)
         self._ctx = LoadContext(self._model, self._selector, self._fm, self.path, self._tensors)
         self._ops = [impl_for(n.op)(n, self._ctx) for n in self._exec.nodes]
         self._const_names = set(self._tensors)

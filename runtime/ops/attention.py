@@ -11,7 +11,8 @@ v linears' outputs), output y [B, Sq, H, D]. One parallel numba pass
 (``kernels.nn.attention_heads``) per call: no transposed copies, no [B, H, Sq, Sk] score buffer,
 each head's scores stay in L1. With attr ``qkv`` (``Session._fuse_qkv``) the q, k, v linears are
 one linear whose output ``[B, S, 3*H*D]`` is the only data input (q, k, v at column offsets 0,
-H*D, 2*H*D).
+H*D, 2*H*D); when that linear runs a kernel (not dense BLAS) it writes the output feature-major
+(``[3*H*D, B*S]``, no transpose back) and the attention reads it so.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Attention(Op):
         self.D = int(self.attrs["head_dim"])
         self.scale = np.float32(self.attrs.get("scale", 1.0))
         self.qkv = bool(self.attrs.get("qkv", False))
+        self.fm_in = self.qkv and node.inputs[0] in ctx.fm_values
 
     def plan(self, ins, outs, env):
         return NodePlan(kernel="nn.attention_heads")
@@ -39,12 +41,17 @@ class Attention(Op):
 
         HD = self.H * self.D
         mask = ins[3] if len(ins) > 3 else None
+        cs = 1
         if self.qkv:  # one fused q|k|v linear output [B, S, 3*H*D]: offset views, row stride 3*H*D
             x = ins[0] if ins[0].dtype == np.float32 else ins[0].astype(np.float32)
             B, Sq = x.shape[0], x.shape[1]
             Sk = Sq
             f = np.ascontiguousarray(x).reshape(-1)
-            q, k, v, ldq, ldkv = f, f[HD:], f[2 * HD:], 3 * HD, 3 * HD
+            if self.fm_in:  # the linear wrote it feature-major: [3*H*D, B*S]
+                n = B * Sq
+                q, k, v, ldq, ldkv, cs = f, f[HD * n:], f[2 * HD * n:], 1, 1, n
+            else:
+                q, k, v, ldq, ldkv = f, f[HD:], f[2 * HD:], 3 * HD, 3 * HD
         else:
             q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in ins[:3])
             B, Sq = q.shape[0], q.shape[1]
@@ -54,4 +61,4 @@ class Attention(Op):
             m2 = _NO_MASK
         else:
             m2 = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, Sk)
-        attention_heads(q, k, v, m2, self.scale, outs[0].reshape(-1), B, Sq, Sk, self.H, self.D, ldq, ldkv)
+        attention_heads(q, k, v, m2, self.scale, outs[0].reshape(-1), B, Sq, Sk, self.H, self.D, ldq, ldkv, cs)
