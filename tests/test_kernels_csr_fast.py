@@ -63,6 +63,22 @@ def test_spmm_misaligned_x(threads, rng):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
+def test_spmv_index_dtypes(rng):
+    """int32 indices are repacked to uint16 (in <= 65536) and kept 32-bit above that."""
+    row = table.by_name("csr_f32_spmv")
+    for inn, want in [(300, np.uint16), (70000, np.uint32)]:
+        w = np.zeros((4, inn), np.float32)
+        w[0, [0, 5, inn - 1]] = [1.0, -2.0, 3.0]
+        w[2, inn // 2:inn // 2 + 40] = rng.standard_normal(40).astype(np.float32)
+        fmt = CSR.from_dense(w, index_dtype="int32")
+        packed = row.prepare(fmt)
+        assert packed[1].dtype == want
+        x = rng.standard_normal((inn, 1)).astype(np.float32)
+        y = np.full((4, 1), np.nan, np.float32)
+        row.run(packed, x, y, None, table.ACT_NONE, 0.0, 0.0, None)
+        np.testing.assert_allclose(y, w.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+
+
 def test_spmm_n_chunks_and_row_blocks(rng):
     """in * N above the L2 chunk budget (several N chunks); rows not a multiple of ROW_BLOCKS."""
     inn = 130
