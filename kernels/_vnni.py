@@ -323,6 +323,16 @@ def _unpack(builder, a, b, width, hi):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, n), mask))
 
 
+def _idx_t(aty):
+    """LLVM element type of a feature-index array: uint16 (in <= 65536) or int32."""
+    return ir.IntType(16) if aty.dtype == types.uint16 else _I32
+
+
+def _load_idx(builder, ip, i):
+    v = builder.load(builder.gep(ip, [i]))
+    return builder.zext(v, _I64) if v.type.width == 16 else builder.sext(v, _I64)
+
+
 def _gather4_loop(builder, r_, nc_, qs, xp, ip, wp, xrs_, xoff_, g0_, g1_):
     """The group loop of ``vnni_gather4``; returns {(r, c, q): <16 x i32> sums} (builder in the
     exit block)."""
@@ -352,7 +362,7 @@ def _gather4_loop(builder, r_, nc_, qs, xp, ip, wp, xrs_, xoff_, g0_, g1_):
     g4 = builder.mul(g, ir.Constant(_I64, 4))
     rows = []
     for j in range(4):
-        k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
+        k = _load_idx(builder, ip, builder.add(g4, ir.Constant(_I64, j)))
         rows.append(builder.add(builder.mul(k, xrs_), xoff_))
     wb = []
     for r in range(r_):
@@ -446,7 +456,7 @@ def vnni_gather4(typingctx, R, NC, QLO, QHI, acc, aoff, ars, xq, xrs, xoff, gidx
         def i64(i):
             return context.cast(builder, args[i], st[i], types.int64)
 
-        accp, xp, ip, wp = ptr(4, _I32), ptr(7, _I8), ptr(10, _I32), ptr(11, _I8)
+        accp, xp, ip, wp = ptr(4, _I32), ptr(7, _I8), ptr(10, _idx_t(st[10])), ptr(11, _I8)
         aoff_, ars_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (5, 6, 8, 9, 12, 13))
         accs = _gather4_loop(builder, r_, nc_, list(range(qlo_, qhi_)), xp, ip, wp, xrs_, xoff_, g0_, g1_)
         for (r, c, q), v in accs.items():
@@ -486,7 +496,7 @@ def vnni_gather4_deq(typingctx, R, NC, QLO, QHI, y, yoff, ystride, nrow, ncol, s
 
         yp, sxp, czp, rsp, swp, bp = (ptr(4, f32), ptr(9, f32), ptr(10, _I32), ptr(12, _I32), ptr(13, f32),
                                       ptr(14, f32))
-        xp, ip, wp = ptr(16, _I8), ptr(19, _I32), ptr(20, _I8)
+        xp, ip, wp = ptr(16, _I8), ptr(19, _idx_t(st[19])), ptr(20, _I8)
         yoff_, ystr_, nrow_, ncol_, coff_, o0_, xrs_, xoff_, g0_, g1_ = (
             i64(i) for i in (5, 6, 7, 8, 11, 15, 17, 18, 21, 22))
         accs = _gather4_loop(builder, r_, nc_, list(range(qlo_, qhi_)), xp, ip, wp, xrs_, xoff_, g0_, g1_)
@@ -615,7 +625,7 @@ def _pairs_loop(builder, nc_, xp, ip, wp, xrs_, xoff_, g0_, g1_):
     g4 = builder.mul(g, ir.Constant(_I64, 4))
     rows, wb = [], []
     for j in range(4):
-        k = builder.sext(builder.load(builder.gep(ip, [builder.add(g4, ir.Constant(_I64, j))]), align=4), _I64)
+        k = _load_idx(builder, ip, builder.add(g4, ir.Constant(_I64, j)))
         rows.append(builder.add(builder.mul(k, xrs_), xoff_))
         wv = builder.load(builder.gep(wp, [builder.add(g4, ir.Constant(_I64, j))]), align=4)
         wb.append(builder.shuffle_vector(builder.insert_element(ir.Constant(_V16, ir.Undefined), wv,
@@ -667,7 +677,7 @@ def vnni_pairs(typingctx, NC, acc, aoff, xq, xrs, xoff, gidx, gw2, g0, g1):
         def i64(i):
             return context.cast(builder, args[i], st[i], types.int64)
 
-        accp, xp, ip, wp = ptr(1, _I32), ptr(3, _I8), ptr(6, _I32), ptr(7, _I32)
+        accp, xp, ip, wp = ptr(1, _I32), ptr(3, _I8), ptr(6, _idx_t(st[6])), ptr(7, _I32)
         aoff_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (2, 4, 5, 8, 9))
         accs = _pairs_loop(builder, nc_, xp, ip, wp, xrs_, xoff_, g0_, g1_)
         for (c, a), v in accs.items():
@@ -707,7 +717,8 @@ def vnni_pairs_deq(typingctx, NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq,
         def i64(i):
             return context.cast(builder, args[i], st[i], types.int64)
 
-        yp, sxp, czp, xp, ip, wp = ptr(1, f32), ptr(4, f32), ptr(5, _I32), ptr(10, _I8), ptr(13, _I32), ptr(14, _I32)
+        yp, sxp, czp, xp, ip, wp = (ptr(1, f32), ptr(4, f32), ptr(5, _I32), ptr(10, _I8), ptr(13, _idx_t(st[13])),
+                                    ptr(14, _I32))
         yoff_, ncol_, coff_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (2, 3, 6, 11, 12, 15, 16))
         rs_ = builder.trunc(i64(7), _I32)
         swo_ = context.cast(builder, args[8], st[8], types.float32)

@@ -590,7 +590,7 @@ def _quant_perm_dyn(x, xq, pairs):
 def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, bpad, sx, sw, bias, residual, act,
                  lo, hi, y):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
-    groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] with int8 weights
+    groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] (uint16 or int32) with int8 weights
     gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
     (``_quant_perm``). R in (1, 4, 8). czx32 int32 [N] (= -zx) selects the int32 dequantize (when
     it is exact), empty: the float64 one. With the int32 dequantize y = v + bias is stored
@@ -966,6 +966,8 @@ def prepare(wf, act_quant=None, granularity="tensor", path=None):
                 g2[:, 2, 0:2] = gw[:, 0, 2:4]
                 g2[:, 3, 2:4] = gw[:, 0, 2:4]
                 gw = g2
+            # feature indices as uint16 when they fit (half the index bytes; one dtype per K range)
+            gidx = gidx.astype(np.uint16) if K <= 65536 else gidx
             p.update(layout="groups", R=R, gptr=gptr, gidx=gidx.reshape(-1), gw=gw.reshape(-1))
             p["repack_bytes"] = gptr.nbytes + gidx.nbytes + gw.nbytes
         elif path == "vnni":

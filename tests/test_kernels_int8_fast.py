@@ -152,3 +152,19 @@ def test_quads_column_tiles(rng, block):
             finally:
                 numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
             assert np.array_equal(y, K8.gemm_ref(wf, x)), (block, out, k, n, threads)
+
+
+@needs_vnni
+def test_groups_int32_feature_indices(rng):
+    """in > 65536: group feature indices stay int32 (uint16 below)."""
+    k, out, n = 65600, 4, 3
+    w = np.zeros((out, k), np.float32)
+    w[0, [1, 70000 % k, 65599, 65537]] = [1.0, -2.0, 3.0, 0.5]
+    w[3, 65536:65541] = 1.25
+    wf = CSRI8.from_dense(w)
+    p = K8.prepare(wf, path="vnni")
+    assert p["gidx"].dtype == np.int32
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    _check(wf, x, 2)
+    small = CSRI8.from_dense(w[:, :60000])
+    assert K8.prepare(small, path="vnni")["gidx"].dtype == np.uint16
