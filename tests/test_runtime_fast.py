@@ -235,3 +235,17 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_arena_values_are_cache_line_aligned(tmp_path, rng):
+    """Every arena value starts on a 64-byte boundary (kernels copy misaligned activations)."""
+    x = rng.standard_normal((3, 5)).astype(F32)
+    nodes = [Node("relu", "r1", ["x"], ["a"], {}), Node("sigmoid", "s1", ["a"], ["b"], {}),
+             Node("add", "ad", ["a", "b"], ["y"], {})]
+    s, y, ref = _run(tmp_path, nodes, {"x": x}, {})
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    p = s._plan({"x": x.shape})
+    for _ in range(3):  # several fresh arenas (numpy's allocator is only 16-byte aligned)
+        arena, bufs, _scratch = s._get_arena(p)
+        assert arena.ctypes.data % 64 == 0
+        assert bufs and all(v.ctypes.data % 64 == 0 for v in bufs.values())
