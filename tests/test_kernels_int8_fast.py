@@ -135,6 +135,30 @@ def test_tensor_params_match_act_params(rng):
         assert np.array_equal(zpf, z2.astype(np.float32))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quant_perm_dyn_blocked_minmax(rng, threads):
+    """_quant_perm_dyn's min / max runs over row blocks in parallel (K*N >= 2 * 65536 gives several
+    blocks, uneven ones at K = 257): the extremes placed in the first, a middle and the last block
+    give the parameters of act_params and the same quantized bytes as _quant_perm with them."""
+    numba.set_num_threads(_threads(threads))
+    try:
+        for K, N, where in [(257, 1024, (0, 128, 256)), (300, 512, (299, 1, 150)), (2, 70000, (1, 0, 1))]:
+            x = rng.standard_normal((K, N)).astype(np.float32)
+            x[where[0], 3] = -40.0
+            x[where[1], N - 1] = 55.0
+            x[where[2], N // 2] = 7.0
+            npad = (N + 63) // 64 * 64
+            xq = K8._aligned_u8(K, npad)
+            sx, zx = K8._quant_perm_dyn(x, xq, True)
+            s2, z2 = K8.act_params(x)
+            assert np.array_equal(sx, s2) and np.array_equal(zx, z2)
+            xq2 = K8._aligned_u8(K, npad)
+            K8._quant_perm(x, (np.float32(1) / s2).astype(np.float32), z2.astype(np.float32), xq2, True)
+            assert np.array_equal(xq, xq2)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 @needs_vnni
 @pytest.mark.parametrize("block", [(1, 4), (2, 2), (4, 4), (1, 16)])
 def test_quads_column_tiles(rng, block):
