@@ -706,13 +706,21 @@ def sparse_conv_s1(kind, packed, x, y, kh, kw, padding=(0, 0), dilation=(1, 1), 
 #   ((ky*dh)//sh, (kx*dw)//sw). RS = Wq, IS = Hq*Wq. Only phases some tap reads get a plane
 #   (``phase_map``: a 1x1 stride-2 conv packs one of four).
 
-def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW):
+def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW, inner=False):
     """-> (shared, P, RS, IS, L, Npad, size, Ho, Wo): P planes per channel, row / image strides,
     plane stride L, padded position count Npad (multiple of ``tile``: VW for csr_conv_kpanel, 2*VW for
-    bsr_conv_s1), xf length ``size``."""
+    bsr_conv_s1), xf length ``size``. ``inner`` (where the shared layout applies): the batch-innermost
+    layout, shared == 2 (see ``inner_ok``)."""
     Ho = conv_out_size(H, kh, sh, ph, dh)
     Wo = conv_out_size(W, kw, sw, pw, dw)
     shared = sh == 1 and sw == 1 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1)
+    if shared and inner:
+        RSc = W + pw
+        Q = (H + 2 * ph + 1) * RSc + (kw - 1) * dw
+        L = -(-(Q * B) // 16) * 16
+        Npad = -(-(Ho * RSc * B) // tile) * tile
+        shift = ((kh - 1) * dh * RSc + (kw - 1) * dw) * B
+        return 2, 1, RSc * B, 1, L, Npad, C * L + shift + Npad + 16, Ho, Wo
     if shared:
         P, RS = 1, W + pw
         IS = (H + ph) * RS
@@ -741,8 +749,13 @@ def phase_map(kh, kw, sh, sw, dh, dw):
     return pidx, used
 
 
-def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L):
-    """roff[(c*kh+ky)*kw+kx] for the layout of ``batch_geometry`` (int64 [C*kh*kw])."""
+def geo_cs(geo, B):
+    """Column stride of the positions in a ``batch_geometry`` layout: B for the batch-innermost one, else 1."""
+    return B if geo[0] == 2 else 1
+
+
+def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L, cs=1):
+    """roff[(c*kh+ky)*kw+kx] for the layout of ``batch_geometry`` (int64 [C*kh*kw]); ``cs`` = ``geo_cs``."""
     roff = np.empty(C * kh * kw, dtype=np.int64)
     pidx, used = phase_map(kh, kw, sh, sw, dh, dw)
     P = len(used)
@@ -750,7 +763,7 @@ def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L):
         for ky in range(kh):
             for kx in range(kw):
                 if shared:
-                    v = c * L + ky * dh * RS + kx * dw
+                    v = c * L + ky * dh * RS + kx * dw * cs
                 else:
                     pl = int(pidx[((ky * dh) % sh) * sw + (kx * dw) % sw])
                     v = (c * P + pl) * L + (ky * dh // sh) * RS + (kx * dw) // sw
@@ -789,6 +802,29 @@ def pack_shared(x, ph, pw, L, xf):
             tail = xf[base + S * RS:e]
             for q in range(tail.shape[0]):
                 tail[q] = np.float32(0.0)
+
+
+@pjit
+def pack_inner(x, ph, pw, L, xf):
+    """Batch-innermost layout: xf[c*L + ((ph + iy)*(W+pw) + pw + ix)*B + b] = x[b, c, iy, ix], zeros
+    elsewhere (x [B, C, H, W]; xf as sized by batch_geometry(..., inner=True)). Channels in parallel."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    RS = W + pw
+    n = xf.shape[0]
+    for c in prange(C):
+        e = n if c == C - 1 else (c + 1) * L
+        z = xf[c * L:e]
+        for q in range(e - c * L):
+            z[q] = np.float32(0.0)
+        for iy in range(H):
+            r = z[((ph + iy) * RS + pw) * B:((ph + iy) * RS + pw + W) * B]
+            for b in range(B):
+                src = x[b, c, iy]
+                for ix in range(W):
+                    r[ix * B + b] = src[ix]
 
 
 @pjit
@@ -892,7 +928,7 @@ def _mkoff1(koff, data, k0, k1, xf, yr, j):
 
 @jit(inline="always")
 def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
-    """yr[j:j+nv*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...] for nv in 8 / 4 / 1 (accumulators
+    """yr[j:j+nv*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...] for nv in 8 / 4 / 2 / 1 (accumulators
     started from yr when acc)."""
     if nv == 8:
         if acc:
@@ -937,6 +973,30 @@ def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
         vstore(yr, j + VW, a1)
         vstore(yr, j + 2 * VW, a2)
         vstore(yr, j + 3 * VW, a3)
+    elif nv == 2:
+        if acc:
+            a0 = vload(yr, j); a1 = vload(yr, j + VW)
+        else:
+            a0 = vzero(); a1 = vzero()
+        b0 = vzero(); b1 = vzero()
+        k = k0
+        while k + 2 <= k1:
+            o = koff[k] + j
+            w = vbcast(data[k])
+            a0 = vfma(w, vload(xf, o), a0)
+            a1 = vfma(w, vload(xf, o + VW), a1)
+            o = koff[k + 1] + j
+            w = vbcast(data[k + 1])
+            b0 = vfma(w, vload(xf, o), b0)
+            b1 = vfma(w, vload(xf, o + VW), b1)
+            k += 2
+        if k < k1:
+            o = koff[k] + j
+            w = vbcast(data[k])
+            a0 = vfma(w, vload(xf, o), a0)
+            a1 = vfma(w, vload(xf, o + VW), a1)
+        vstore(yr, j, vadd(a0, b0))
+        vstore(yr, j + VW, vadd(a1, b1))
     else:
         a0 = vload(yr, j) if acc else vzero()
         a1 = vzero()
@@ -959,7 +1019,7 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
     x ``cgroups`` groups of N chunks in parallel (one task per thread: chunk groups on wide grids, so
     each thread reads only its part of the input); per task: for each N chunk of ``nc``, for each
     panel, every row of the group accumulates its weights of that panel into yw (the first panel
-    stores). 8 / 4 / 1-vector tiles. Measured against the unpanelled kernel (N chunks, rows in parallel), 2 threads, batch 8,
+    stores). 8 / 4 / 2 / 1-vector tiles. Measured against the unpanelled kernel (N chunks, rows in parallel), 2 threads, batch 8,
     90%: 32x32x64 0.51 -> 0.48 ms, 16x16x128 0.65 -> 0.50, 8x8x256 0.88 -> 0.54, 4x4x512 1.06 -> 0.66
     (that one was L2-bound: every row streamed the whole 460 KB input)."""
     nout = yw.shape[0]
@@ -990,6 +1050,9 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
                     while j + 4 * VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 4, acc)
                         j += 4 * VW
+                    if j + 2 * VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 2, acc)
+                        j += 2 * VW
                     while j + VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 1, acc)
                         j += VW
@@ -1053,8 +1116,8 @@ def csr_conv_plane(indptr, koff, data, xf, IS, RS, y, bias, res, act, lo, hi):
 
 
 @pjit
-def crop_batch(yw, IS, RS, y, bias, res, act, lo, hi):
-    """y[b, o, oy, ox] = act(yw[o, b*IS + oy*RS + ox] + bias[o] + res[b, o, oy, ox]);
+def crop_batch(yw, IS, RS, CS, y, bias, res, act, lo, hi):
+    """y[b, o, oy, ox] = act(yw[o, b*IS + oy*RS + ox*CS] + bias[o] + res[b, o, oy, ox]);
     y [B, O, Ho, Wo], res the same or shape (0,0,0,0), bias [O] or length 0."""
     B = y.shape[0]
     O = y.shape[1]
@@ -1068,10 +1131,15 @@ def crop_batch(yw, IS, RS, y, bias, res, act, lo, hi):
         bv = bias[o] if nb != 0 else np.float32(0.0)
         plane = y[b, o].reshape(Ho * Wo)
         for oy in range(Ho):
-            src = yw[o, b * IS + oy * RS:b * IS + oy * RS + Wo]
             dst = plane[oy * Wo:(oy + 1) * Wo]
-            for q in range(Wo):
-                dst[q] = src[q]
+            if CS == 1:
+                src = yw[o, b * IS + oy * RS:b * IS + oy * RS + Wo]
+                for q in range(Wo):
+                    dst[q] = src[q]
+            else:
+                src = yw[o, b * IS + oy * RS:]
+                for q in range(Wo):
+                    dst[q] = src[q * CS]
         if nr != 0:
             epilogue_tile(plane, bv, res[b, o].reshape(Ho * Wo), act, lo, hi)
         else:
@@ -1081,7 +1149,9 @@ def crop_batch(yw, IS, RS, y, bias, res, act, lo, hi):
 def batch_pack(x, geo, kh, kw, stride, padding, dilation, xf):
     """Fill ``xf`` from x [B, C, H, W] (C-contiguous float32) in the layout of ``geo`` (batch_geometry)."""
     shared, P, RS, IS, L = geo[:5]
-    if shared:
+    if shared == 2:
+        pack_inner(x, int(padding[0]), int(padding[1]), L, xf)
+    elif shared:
         pack_shared(x, int(padding[0]), int(padding[1]), L, xf)
     else:
         pidx = phase_map(kh, kw, int(stride[0]), int(stride[1]), int(dilation[0]), int(dilation[1]))[0]
@@ -1098,20 +1168,20 @@ KPANEL_FLOATS = 8192  # input floats of one K panel's chunk (32 KB: L1)
 KPANEL_CHUNK_SPLIT = 32  # N chunks per thread from which threads split chunks instead of rows
 
 
-def kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw):
+def kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw, cs=1):
     """-> (sp, nc) for csr_conv_kpanel on the layout ``geo`` (batch_geometry): channels per panel so
     that a panel's chunk of the packed input (P planes x (nc + the taps' largest shift)) is
     KPANEL_FLOATS, and the per-row panel split points."""
     P, RS, Npad = geo[1], geo[2], geo[5]
     nc = min(KPANEL_NC, Npad)
-    shift = ((kh - 1) * dh // sh) * RS + (kw - 1) * dw // sw
+    shift = ((kh - 1) * dh // sh) * RS + ((kw - 1) * dw // sw) * cs
     cpb = max(1, KPANEL_FLOATS // (P * (nc + shift)))
     return kpanel_splits(packed[0], packed[1], cpb * kh * kw, C * kh * kw), nc
 
 
 def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias=None,
                       act=0, lo=0.0, hi=0.0, residual=None, work=None, roff=None, koff=None, plane=False,
-                      kpanel=None):
+                      kpanel=None, inner=False):
     """Whole batch: y [B, O, Ho, Wo] = act(conv(x [B, C, H, W]) + bias + residual), any stride /
     padding / dilation, groups 1, without im2col. kind "csr": packed = (indptr, indices, data)
     (csr row's prepare); "bsr": the bsr row's prepare output with r x 1 blocks, r % 8 == 0.
@@ -1119,19 +1189,21 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
     tile=batch_tile(kind))`` (yw unused with ``plane``); ``roff``: optional precomputed ``batch_roff``;
     ``koff`` (csr): optional precomputed ``roff[indices]`` int32; ``plane`` (csr): the fused per
     (image, output channel) kernel ``csr_conv_plane`` instead of csr_conv_kpanel + crop_batch;
-    ``kpanel`` (csr): optional precomputed ``kpanel_plan``."""
+    ``kpanel`` (csr): optional precomputed ``kpanel_plan``; ``inner``: the batch-innermost layout where
+    the shared one applies and ``plane`` is off (``work`` / ``roff`` / ``kpanel`` then for that geometry)."""
     B, C, H, W = x.shape
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
     O = y.shape[1]
-    geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, batch_tile(kind))
+    geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, batch_tile(kind), inner and not plane)
     shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
+    cs = geo_cs(geo, B)
     if work is None:
         work = (np.empty(size, np.float32), np.empty((0, 0) if plane else (O, Npad), np.float32))
     xf, yw = work
     if roff is None and (kind != "csr" or koff is None):
-        roff = batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L)
+        roff = batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L, cs)
     batch_pack(x, geo, kh, kw, stride, padding, dilation, xf)
     if kind == "csr":
         if koff is None:
@@ -1140,7 +1212,7 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
             csr_conv_plane(packed[0], koff, packed[2], xf, IS, RS, y, EMPTY1 if bias is None else bias,
                            EMPTY4 if residual is None else residual, int(act), float(lo), float(hi))
             return
-        sp, nc = kpanel if kpanel is not None else kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw)
+        sp, nc = kpanel if kpanel is not None else kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw, cs)
         nt = numba.get_num_threads()
         if -(-Npad // nc) >= KPANEL_CHUNK_SPLIT * nt:  # wide grid: threads split the N chunks
             csr_conv_kpanel(sp, koff, packed[2], xf, yw, nc, 1, nt)
@@ -1150,7 +1222,7 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
         bsr_conv_s1(packed[0], packed[1], packed[2], packed[3], xf, roff, yw)
     else:
         raise ValueError(f"sparse_conv_batch: needs csr or bsr r x 1 with r % 8 == 0, got {kind}")
-    crop_batch(yw, IS, RS, y, EMPTY1 if bias is None else bias, EMPTY4 if residual is None else residual,
+    crop_batch(yw, IS, RS, cs, y, EMPTY1 if bias is None else bias, EMPTY4 if residual is None else residual,
                int(act), float(lo), float(hi))
 
 # ---------------------------------------------------------------------------------------

@@ -34,12 +34,14 @@ def _weight(kind, O, K, rng, density):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["csr", "csr_plane", "bsr8x1", "bsr16x1"])
+@pytest.mark.parametrize("kind", ["csr", "csr_plane", "csr_inner", "bsr8x1", "bsr8x1_inner", "bsr16x1"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sparse_conv_batch(case, kind, threads, rng):
+    """``_inner``: the batch-innermost layout (where the shared one applies; else the same as without)."""
     B, C, H, W, O, kh, kw, s, p, d = case
     plane = kind == "csr_plane"
-    kind = "csr" if plane else kind
+    inner = kind.endswith("_inner")
+    kind = "csr" if plane else kind.replace("_inner", "")
     w, fmt, row = _weight(kind, O, C * kh * kw, rng, 0.5)
     x = rng.standard_normal((B, C, H, W)).astype(np.float32)
     bias = rng.standard_normal(O).astype(np.float32)
@@ -52,14 +54,15 @@ def test_sparse_conv_batch(case, kind, threads, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         y = np.full(ref.shape, np.nan, np.float32)
-        conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, bias=bias, act=table.ACT_RELU, plane=plane)
+        conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, bias=bias, act=table.ACT_RELU, plane=plane,
+                               inner=inner)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
         # preallocated work buffers filled with garbage first: the pack must rewrite every pad position
-        geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d, conv.batch_tile(kind[:3]))
+        geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d, conv.batch_tile(kind[:3]), inner)
         work = (np.full(geo[6], np.nan, np.float32), np.full((O, geo[5]), np.nan, np.float32))
         y = np.full(ref.shape, np.nan, np.float32)
         conv.sparse_conv_batch(kind[:3], packed, x, y, kh, kw, s, p, d, act=table.ACT_SILU, residual=res, work=work,
-                               plane=plane)
+                               plane=plane, inner=inner)
         np.testing.assert_allclose(y, ref_res, rtol=1e-4, atol=1e-4)
     finally:
         numba.set_num_threads(old)
@@ -79,22 +82,26 @@ def test_sparse_conv_batch_all_zero_and_dense(density, plane, rng):
 
 
 @pytest.mark.parametrize("case", CASES[:6])
-def test_batch_pack_matches_layout(case, rng):
+@pytest.mark.parametrize("inner", [False, True])
+def test_batch_pack_matches_layout(case, inner, rng):
     """Every position of the packed buffer: data where the layout puts an input pixel, 0 elsewhere."""
     B, C, H, W, O, kh, kw, s, p, d = case
     x = rng.standard_normal((B, C, H, W)).astype(np.float32) + 10.0
-    geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d)
+    geo = conv.batch_geometry(B, C, H, W, kh, kw, *s, *p, *d, inner=inner)
     shared, P, RS, IS, L, Npad, size = geo[:7]
     xf = np.full(size, np.nan, np.float32)
     conv.batch_pack(x, geo, kh, kw, s, p, d, xf)
     want = np.zeros(size, np.float32)
     pidx = conv.phase_map(kh, kw, *s, *d)[0]
     assert P == (1 if shared else int((pidx >= 0).sum()))
+    assert (shared == 2) == (inner and bool(shared))
     for b in range(B):
         for c in range(C):
             for iy in range(H):
                 for ix in range(W):
-                    if shared:
+                    if shared == 2:
+                        pos = c * L + ((p[0] + iy) * (W + p[1]) + p[1] + ix) * B + b
+                    elif shared:
                         pos = c * L + (b * (H + p[0]) + p[0] + iy) * RS + p[1] + ix
                     else:
                         Y, X = iy + p[0], ix + p[1]
