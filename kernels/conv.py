@@ -710,7 +710,8 @@ def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW, inne
     """-> (shared, P, RS, IS, L, Npad, size, Ho, Wo): P planes per channel, row / image strides,
     plane stride L, padded position count Npad (multiple of ``tile``: VW for csr_conv_kpanel, 2*VW for
     bsr_conv_s1), xf length ``size``. ``inner`` (where the shared layout applies): the batch-innermost
-    layout, shared == 2 (see ``inner_ok``)."""
+    layout: shared == 2 (shared padding columns, position (oy*(W+pw) + ox)*B + b) or 3 (phase planes,
+    position (u*Wq + v)*B + b): no padding rows between images."""
     Ho = conv_out_size(H, kh, sh, ph, dh)
     Wo = conv_out_size(W, kw, sw, pw, dw)
     shared = sh == 1 and sw == 1 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1)
@@ -721,6 +722,14 @@ def batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, tile=2 * VW, inne
         Npad = -(-(Ho * RSc * B) // tile) * tile
         shift = ((kh - 1) * dh * RSc + (kw - 1) * dw) * B
         return 2, 1, RSc * B, 1, L, Npad, C * L + shift + Npad + 16, Ho, Wo
+    if inner:  # phase planes, batch innermost: position (u*Wq + v)*B + b
+        P, Wq = len(phase_map(kh, kw, sh, sw, dh, dw)[1]), -(-(W + 2 * pw) // sw)
+        Hq = -(-(H + 2 * ph) // sh)
+        sx = (kw - 1) * dw // sw
+        L = -(-(((Hq + 1) * Wq + sx + 1) * B) // 16) * 16
+        Npad = -(-(Ho * Wq * B) // tile) * tile
+        shift = (((kh - 1) * dh // sh) * Wq + sx) * B
+        return 3, P, Wq * B, 1, L, Npad, C * P * L + shift + Npad + 16, Ho, Wo
     if shared:
         P, RS = 1, W + pw
         IS = (H + ph) * RS
@@ -751,7 +760,7 @@ def phase_map(kh, kw, sh, sw, dh, dw):
 
 def geo_cs(geo, B):
     """Column stride of the positions in a ``batch_geometry`` layout: B for the batch-innermost one, else 1."""
-    return B if geo[0] == 2 else 1
+    return B if geo[0] >= 2 else 1
 
 
 def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L, cs=1):
@@ -762,11 +771,11 @@ def batch_roff(C, kh, kw, sh, sw, dh, dw, shared, RS, L, cs=1):
     for c in range(C):
         for ky in range(kh):
             for kx in range(kw):
-                if shared:
+                if shared in (1, 2):
                     v = c * L + ky * dh * RS + kx * dw * cs
                 else:
                     pl = int(pidx[((ky * dh) % sh) * sw + (kx * dw) % sw])
-                    v = (c * P + pl) * L + (ky * dh // sh) * RS + (kx * dw) // sw
+                    v = (c * P + pl) * L + (ky * dh // sh) * RS + ((kx * dw) // sw) * cs
                 roff[(c * kh + ky) * kw + kx] = v
     return roff
 
@@ -825,6 +834,34 @@ def pack_inner(x, ph, pw, L, xf):
                 src = x[b, c, iy]
                 for ix in range(W):
                     r[ix * B + b] = src[ix]
+
+
+@pjit
+def pack_phase_inner(x, sh, sw, ph, pw, Wq, L, pidx, P, xf):
+    """Phase layout, batch innermost: xf[(c*P + pidx[ry*sw+rx])*L + (u*Wq + v)*B + b] = xpad[b, c, u*sh+ry,
+    v*sw+rx] for the used phases, zeros elsewhere (x [B, C, H, W]; xf as sized by batch_geometry(...,
+    inner=True)). Channels in parallel."""
+    B = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    n = xf.shape[0]
+    for c in prange(C):
+        e = n if c == C - 1 else (c + 1) * P * L
+        z = xf[c * P * L:e]
+        for q in range(e - c * P * L):
+            z[q] = np.float32(0.0)
+        for iy in range(H):
+            Y = iy + ph
+            rbase = (Y // sh) * Wq
+            for ix in range(W):
+                X = ix + pw
+                pl = pidx[(Y % sh) * sw + X % sw]
+                if pl < 0:
+                    continue
+                d = z[pl * L + (rbase + X // sw) * B:]
+                for b in range(B):
+                    d[b] = x[b, c, iy, ix]
 
 
 @pjit
@@ -1151,6 +1188,10 @@ def batch_pack(x, geo, kh, kw, stride, padding, dilation, xf):
     shared, P, RS, IS, L = geo[:5]
     if shared == 2:
         pack_inner(x, int(padding[0]), int(padding[1]), L, xf)
+    elif shared == 3:
+        pidx = phase_map(kh, kw, int(stride[0]), int(stride[1]), int(dilation[0]), int(dilation[1]))[0]
+        B = x.shape[0]
+        pack_phase_inner(x, int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), RS // B, L, pidx, P, xf)
     elif shared:
         pack_shared(x, int(padding[0]), int(padding[1]), L, xf)
     else:

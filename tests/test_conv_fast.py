@@ -93,14 +93,20 @@ def test_batch_pack_matches_layout(case, inner, rng):
     conv.batch_pack(x, geo, kh, kw, s, p, d, xf)
     want = np.zeros(size, np.float32)
     pidx = conv.phase_map(kh, kw, *s, *d)[0]
-    assert P == (1 if shared else int((pidx >= 0).sum()))
-    assert (shared == 2) == (inner and bool(shared))
+    assert P == (1 if shared in (1, 2) else int((pidx >= 0).sum()))
+    assert (shared >= 2) == inner
     for b in range(B):
         for c in range(C):
             for iy in range(H):
                 for ix in range(W):
                     if shared == 2:
                         pos = c * L + ((p[0] + iy) * (W + p[1]) + p[1] + ix) * B + b
+                    elif shared == 3:
+                        Y, X = iy + p[0], ix + p[1]
+                        pl = pidx[(Y % s[0]) * s[1] + X % s[1]]
+                        if pl < 0:
+                            continue
+                        pos = (c * P + pl) * L + ((Y // s[0]) * (RS // B) + X // s[1]) * B + b
                     elif shared:
                         pos = c * L + (b * (H + p[0]) + p[0] + iy) * RS + p[1] + ix
                     else:

@@ -118,10 +118,10 @@ class Conv2d(Op):
             shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
             plane = kind == "csr" and choice.packed[2].shape[0] < self.PLANE_MAX_NNZ_ROW * O
             inner = False
-            if shared and not plane and npix >= self.INNER_MIN_PIX:
+            if not plane and npix >= self.INNER_MIN_PIX:
                 geo_in = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind),
                                           True)
-                if geo_in[5] <= self.INNER_MAX_FRAC * Npad:
+                if geo_in[5] <= self.INNER_MAX_FRAC * Npad or (npix <= self.INNER_SMALL_PIX and geo_in[5] <= Npad):
                     inner, geo = True, geo_in
                     shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
             if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(kind, plane, Npad, Nb, (Ho - 1) * RS + Wo, npix):
@@ -180,10 +180,14 @@ class Conv2d(Op):
     DIRECT_MIN_K = 64  # reduction depth C*kh*kw below which (stems) the [O, Npad] batched path loses
     DIRECT_MAX_WASTE = 2.0  # largest computed / real output positions (padding columns, rows, round-up)
     # batch-innermost layout (positions (oy*RS + ox)*B + b: no padding rows between images) when it computes at
-    # most INNER_MAX_FRAC of the shared layout's positions, on grids of >= INNER_MIN_PIX outputs (measured, batch 8,
-    # 2 threads, 90%: 4x4x512 1.00 -> 0.76 ms, 8x8x256 0.77 -> 0.70; 16x16 / 32x32 lost: strided crop)
+    # most INNER_MAX_FRAC of the other layout's positions (or no more, on output grids <= INNER_SMALL_PIX), on
+    # grids of >= INNER_MIN_PIX outputs. Measured, batch 8, 2 threads, 90%, whole conv: 3x3 s1 4x4x512
+    # 1.00 -> 0.76 ms, 8x8x256 0.77 -> 0.70; 3x3 s2 8x8x256 -> 4x4 0.89 -> 0.69-0.74 (its phase pack 0.19 ->
+    # 0.09), 16x16x128 -> 8x8 0.78 -> 0.71-0.77; 1x1 s2 8x8x256 0.244 -> 0.203 (same positions, faster pack), but
+    # 16x16x128 0.24 -> 0.27; lost at 32x32 inputs (3x3 s1 0.75 -> 1.06, s2 0.82 -> 1.06: strided crop / pack), which the rules exclude.
     INNER_MAX_FRAC = 0.9
     INNER_MIN_PIX = 16
+    INNER_SMALL_PIX = 16
     PLANE_MAX_NNZ_ROW = 16  # csr: mean weights per output row below which the fused per-plane kernel runs
 
     def _direct_pays(self, kind, plane, Npad, Nb, nimg, npix) -> bool:
