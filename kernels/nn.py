@@ -543,7 +543,7 @@ def _softmax_inplace_row(yr, L, mask, mi, hm, scale):
 
 
 @pjit
-def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs):
+def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, ocs):
     """Multi-head attention core, torch layouts, no transposed copies:
     for every batch b and head h, ``out[b, :, h*D:(h+1)*D] = softmax(Q K^T * scale + mask[b % Bm]) V``
     with ``Q = q[b, :, h*D:(h+1)*D]`` (K, V alike from k, v).
@@ -555,16 +555,25 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs):
     Parallel over (b, h); per task K_h is transposed once into a [D, Sk] buffer (L1), scores are
     computed 4 query rows x 2 vectors of keys at a time in registers (``simd``), softmaxed in
     place, and multiplied by V_h (copied contiguous per task; D % VW == 0: 4 rows x 2 (or 1)
-    vector tiles, otherwise plain loops)."""
+    vector tiles, otherwise plain loops). ocs: 1 writes out in torch layout; otherwise out is
+    feature-major [H*D, B*Sq] with ocs = B*Sq (the head's rows are gathered in a per-task [Sq, D]
+    buffer and written out column-wise, contiguous over tokens: the o-proj linear after it then
+    needs no transpose)."""
     HD = H * D
     W2 = 2 * _VW
     Sp = max((Sk + W2 - 1) // W2 * W2, W2)
     hm = mask.shape[0] > 0
     Bm = max(mask.shape[0], 1)
     fastd = D % _VW == 0
+    fmo = ocs != 1
+    ld = D if fmo else HD
     for t in prange(B * H):
         b = t // H
         c0 = (t - b * H) * D
+        Ob = np.empty(Sq * D if fmo else 0, np.float32)
+        dst = Ob if fmo else out
+        ob0 = 0 if fmo else c0
+        rb = 0 if fmo else b * Sq
         Kt = np.empty(max(D, 1) * Sp, np.float32)
         P = np.empty(4 * Sp, np.float32)
         Qc = np.empty(4 * max(D, 1), np.float32)
@@ -603,10 +612,10 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs):
             r1 = (qb + min(i0 + 1, Sq - 1)) * ldq + c0 * cs
             r2 = (qb + min(i0 + 2, Sq - 1)) * ldq + c0 * cs
             r3 = (qb + min(i0 + 3, Sq - 1)) * ldq + c0 * cs
-            w0 = (qb + i0) * HD + c0
-            w1 = (qb + min(i0 + 1, Sq - 1)) * HD + c0
-            w2 = (qb + min(i0 + 2, Sq - 1)) * HD + c0
-            w3 = (qb + min(i0 + 3, Sq - 1)) * HD + c0
+            w0 = (rb + i0) * ld + ob0
+            w1 = (rb + min(i0 + 1, Sq - 1)) * ld + ob0
+            w2 = (rb + min(i0 + 2, Sq - 1)) * ld + ob0
+            w3 = (rb + min(i0 + 3, Sq - 1)) * ld + ob0
             for d in range(D):  # the 4 query rows' head slices, contiguous (L1) for the tile loop
                 dc = d * cs
                 Qc[4 * d] = q[r0 + dc]
@@ -674,17 +683,17 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs):
                         x = _vbcast(P[3 * Sp + j])
                         o3 = _vfma(x, vv, o3)
                         e3 = _vfma(x, vw, e3)
-                    _vstore(out, w0 + db, o0)
-                    _vstore(out, w0 + db + _VW, e0)
+                    _vstore(dst, w0 + db, o0)
+                    _vstore(dst, w0 + db + _VW, e0)
                     if nr > 1:
-                        _vstore(out, w1 + db, o1)
-                        _vstore(out, w1 + db + _VW, e1)
+                        _vstore(dst, w1 + db, o1)
+                        _vstore(dst, w1 + db + _VW, e1)
                     if nr > 2:
-                        _vstore(out, w2 + db, o2)
-                        _vstore(out, w2 + db + _VW, e2)
+                        _vstore(dst, w2 + db, o2)
+                        _vstore(dst, w2 + db + _VW, e2)
                     if nr > 3:
-                        _vstore(out, w3 + db, o3)
-                        _vstore(out, w3 + db + _VW, e3)
+                        _vstore(dst, w3 + db, o3)
+                        _vstore(dst, w3 + db + _VW, e3)
                 for db in range(D2, D, _VW):
                     o0 = _vzero()
                     o1 = _vzero()
@@ -696,23 +705,28 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs):
                         o1 = _vfma(_vbcast(P[Sp + j]), vv, o1)
                         o2 = _vfma(_vbcast(P[2 * Sp + j]), vv, o2)
                         o3 = _vfma(_vbcast(P[3 * Sp + j]), vv, o3)
-                    _vstore(out, w0 + db, o0)
+                    _vstore(dst, w0 + db, o0)
                     if nr > 1:
-                        _vstore(out, w1 + db, o1)
+                        _vstore(dst, w1 + db, o1)
                     if nr > 2:
-                        _vstore(out, w2 + db, o2)
+                        _vstore(dst, w2 + db, o2)
                     if nr > 3:
-                        _vstore(out, w3 + db, o3)
+                        _vstore(dst, w3 + db, o3)
             else:
                 for r in range(nr):
-                    orow = (qb + i0 + r) * HD + c0
+                    orow = (rb + i0 + r) * ld + ob0
                     for d in range(D):
-                        out[orow + d] = np.float32(0.0)
+                        dst[orow + d] = np.float32(0.0)
                     for j in range(Sk):
                         p = P[r * Sp + j]
                         vr = j * D
                         for d in range(D):
-                            out[orow + d] += p * Vc[vr + d]
+                            dst[orow + d] += p * Vc[vr + d]
+        if fmo:
+            for d in range(D):
+                ob = (c0 + d) * ocs + b * Sq
+                for i in range(Sq):
+                    out[ob + i] = Ob[i * D + d]
 
 
 def attention_ref(q, k, v, mask, scale, H):

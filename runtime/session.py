@@ -88,7 +88,9 @@ class LoadContext:
 def _feature_major_values(graph, tensors=None) -> set:
     """Values produced by a linear and consumed only (as x) by linears, and not graph outputs;
     also a fused q|k|v linear's output read only by its ``_attention`` when the weight is not dense
-    float32 (kernel path: the attention reads it feature-major, no transpose back)."""
+    float32 (kernel path: the attention reads it feature-major, no transpose back); and an
+    ``_attention`` output read only through a reshape to [.., H*D] by linears with non-dense
+    weights (x input), with that reshape's output (the attention writes [H*D, B*S])."""
     consumers: dict = {}
     for node in graph.nodes:
         for k, name in enumerate(node.inputs):
@@ -109,6 +111,28 @@ def _feature_major_values(graph, tensors=None) -> set:
             w = tensors.get(node.inputs[1])
             if w is not None and not isinstance(w, np.ndarray) and w.kind != "dense":
                 fm.add(v)
+    if tensors is None:
+        return fm
+    for node in graph.nodes:  # _attention -> reshape [.., H*D] -> kernel-path linears (x only)
+        if node.op != "_attention":
+            continue
+        v = node.outputs[0]
+        cs = consumers.get(v, [])
+        if v in outs or len(cs) != 1 or cs[0][0].op != "reshape" or cs[0][1] != 0:
+            continue
+        r = cs[0][0]
+        shp = r.attrs.get("shape")
+        hd = int(node.attrs.get("heads", 0)) * int(node.attrs.get("head_dim", 0))
+        if not isinstance(shp, (list, tuple)) or not shp or shp[-1] != hd or hd <= 0:
+            continue
+        u = r.outputs[0]
+        us = consumers.get(u, [])
+        if u in outs or not us or not all(n.op == "linear" and k == 0 for n, k in us):
+            continue
+        ws = [tensors.get(n.inputs[1]) for n, _ in us]
+        if all(w is not None and not isinstance(w, np.ndarray) and w.kind != "dense" for w in ws):
+            fm.add(v)
+            fm.add(u)
     return fm
 
 

@@ -45,7 +45,7 @@ def test_attention_heads_matches_reference(B, Sq, Sk, H, D, threads, rng):
             out = np.full((B, Sq, H * D), np.nan, F32)
             m2 = NO_MASK if mk is None else np.ascontiguousarray(mk).reshape(mk.shape[0], Sk)
             attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), m2, F32(0.3), out.reshape(-1),
-                            B, Sq, Sk, H, D, H * D, H * D, 1)
+                            B, Sq, Sk, H, D, H * D, H * D, 1, 1)
             ref = attention_ref(q, k, v, mk, 0.3, H)
             np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
     finally:
@@ -61,7 +61,7 @@ def test_attention_heads_row_strides(rng):
     mask[1, 7:] = -1e4
     out = np.empty((B, S, HD), F32)
     f = qkv.reshape(-1)
-    attention_heads(f, f[HD:], f[2 * HD:], mask, F32(0.25), out.reshape(-1), B, S, S, H, D, 3 * HD, 3 * HD, 1)
+    attention_heads(f, f[HD:], f[2 * HD:], mask, F32(0.25), out.reshape(-1), B, S, S, H, D, 3 * HD, 3 * HD, 1, 1)
     q, k, v = (np.ascontiguousarray(qkv[..., i * HD:(i + 1) * HD]) for i in range(3))
     ref = attention_ref(q, k, v, mask[:, None, None, :], 0.25, H)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
@@ -69,8 +69,22 @@ def test_attention_heads_row_strides(rng):
     n = B * S
     g = np.ascontiguousarray(qkv.reshape(n, 3 * HD).T).reshape(-1)
     out2 = np.full_like(out, np.nan)
-    attention_heads(g, g[HD * n:], g[2 * HD * n:], mask, F32(0.25), out2.reshape(-1), B, S, S, H, D, 1, 1, n)
+    attention_heads(g, g[HD * n:], g[2 * HD * n:], mask, F32(0.25), out2.reshape(-1), B, S, S, H, D, 1, 1, n, 1)
     np.testing.assert_allclose(out2, ref, rtol=1e-5, atol=2e-6)
+    # feature-major output [H*D, B*S] (ocs = B*S), from both input layouts; D = 8 (not a vector
+    # multiple: the plain loops) as well
+    for Dx in (D, 8):
+        HDx = H * Dx
+        qkvx = qkv[..., :3 * HDx].copy() if Dx == D else rng.standard_normal((B, S, 3 * HDx)).astype(F32)
+        qs, ks, vs = (np.ascontiguousarray(qkvx[..., i * HDx:(i + 1) * HDx]) for i in range(3))
+        refx = attention_ref(qs, ks, vs, mask[:, None, None, :], 0.25, H)
+        fx = qkvx.reshape(-1)
+        gx = np.ascontiguousarray(qkvx.reshape(n, 3 * HDx).T).reshape(-1)
+        for args in ((fx, fx[HDx:], fx[2 * HDx:], 3 * HDx, 3 * HDx, 1), (gx, gx[HDx * n:], gx[2 * HDx * n:], 1, 1, n)):
+            o3 = np.full((HDx, n), np.nan, F32)
+            attention_heads(args[0], args[1], args[2], mask, F32(0.25), o3.reshape(-1), B, S, S, H, Dx, args[3],
+                            args[4], args[5], n)
+            np.testing.assert_allclose(o3.T.reshape(B, S, HDx), refx, rtol=1e-5, atol=2e-6)
 
 
 def test_attention_heads_special_rows(rng):
@@ -83,14 +97,14 @@ def test_attention_heads_special_rows(rng):
     mask[1, 2] = -np.inf          # batch 1: one key -inf -> weight 0, rows finite
     out = np.empty((B, S, H * D), F32)
     attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D,
-                    H * D, H * D, 1)
+                    H * D, H * D, 1, 1)
     assert np.isnan(out[0]).all()
     ref = attention_ref(q, k, v, mask[:, None, None, :], 1.0, H)
     np.testing.assert_allclose(out[1], ref[1], rtol=1e-5, atol=2e-6)
     q2 = q.copy()
     q2[1, 3, :D] = np.nan           # a NaN query of head 0 gives a NaN row there only
     attention_heads(q2.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D,
-                    H * D, H * D, 1)
+                    H * D, H * D, 1, 1)
     assert np.isnan(out[1, 3, :D]).all() and np.isfinite(out[1, 3, D:]).all()
     assert np.isfinite(np.delete(out[1], 3, axis=0)).all()
 
@@ -224,6 +238,7 @@ def test_session_fuses_attention_and_residuals(tmp_path, rng, monkeypatch, nh, d
     assert ops.count("linear") == 4  # q, k, v as one linear over stacked weights
     (att,) = [n for n in s._exec.nodes if n.op == "_attention"]
     assert att.attrs["qkv"] and att.inputs[1:3] == ["", ""]
+    assert att.outputs[0] not in s._fm  # dense o-proj: BLAS in torch layout reads it
     monkeypatch.setenv("SPARSEDGE_NO_ATTENTION_FUSION", "1")
     s0 = Session(path, threads=2)
     assert "_attention" not in [n.op for n in s0._exec.nodes]
@@ -256,6 +271,8 @@ def test_session_attention_unfusable_mask_and_compressed(tmp_path, rng):
         np.testing.assert_allclose(s.run(None, f)[0], run_reference(read_model(path), f)["y"], rtol=1e-4, atol=1e-4)
     assert "_attention" in s.profile_report()
     assert not [n for n in s._exec.nodes if n.op == "_attention"][0].attrs.get("qkv")  # mixed kinds
+    # the csr o-proj reads the attention output feature-major (written so, no transpose)
+    assert [n for n in s._exec.nodes if n.op == "_attention"][0].outputs[0] in s._fm
 
 
 @pytest.mark.parametrize("kind", ["csr", "csr_i8", "dense_i8"])

@@ -12,7 +12,9 @@ v linears' outputs), output y [B, Sq, H, D]. One parallel numba pass
 each head's scores stay in L1. With attr ``qkv`` (``Session._fuse_qkv``) the q, k, v linears are
 one linear whose output ``[B, S, 3*H*D]`` is the only data input (q, k, v at column offsets 0,
 H*D, 2*H*D); when that linear runs a kernel (not dense BLAS) it writes the output feature-major
-(``[3*H*D, B*S]``, no transpose back) and the attention reads it so.
+(``[3*H*D, B*S]``, no transpose back) and the attention reads it so. When its output is read only through a reshape to
+``[B, S, H*D]`` by linears running kernels (``Session._feature_major_values``), it writes that
+output feature-major too (``[H*D, B*S]``): no transpose before the o-proj linear.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class Attention(Op):
         self.scale = np.float32(self.attrs.get("scale", 1.0))
         self.qkv = bool(self.attrs.get("qkv", False))
         self.fm_in = self.qkv and node.inputs[0] in ctx.fm_values
+        # output feature-major [H*D, B*Sq] when only (through a reshape) kernel-path linears read it
+        self.fm_out = node.outputs[0] in ctx.fm_values
 
     def plan(self, ins, outs, env):
         return NodePlan(kernel="nn.attention_heads")
@@ -61,4 +65,5 @@ class Attention(Op):
             m2 = _NO_MASK
         else:
             m2 = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, Sk)
-        attention_heads(q, k, v, m2, self.scale, outs[0].reshape(-1), B, Sq, Sk, self.H, self.D, ldq, ldkv, cs)
+        attention_heads(q, k, v, m2, self.scale, outs[0].reshape(-1), B, Sq, Sk, self.H, self.D, ldq, ldkv, cs,
+                        B * Sq if self.fm_out and B * Sq > 1 else 1)
