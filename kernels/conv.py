@@ -1216,7 +1216,7 @@ def kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw, cs=1):
     P, RS, Npad = geo[1], geo[2], geo[5]
     nc = min(KPANEL_NC, Npad)
     shift = ((kh - 1) * dh // sh) * RS + ((kw - 1) * dw // sw) * cs
-    cpb = max(1, KPANEL_FLOATS // (P * (nc + shift)))
+    cpb = max(1, KPANEL_FLOATS // max(1, P * (nc + shift)))  # (empty batch: Npad = shift = 0)
     return kpanel_splits(packed[0], packed[1], cpb * kh * kw, C * kh * kw), nc
 
 
@@ -1237,6 +1237,8 @@ def sparse_conv_batch(kind, packed, x, y, kh, kw, stride=(1, 1), padding=(0, 0),
     ph, pw = padding
     dh, dw = dilation
     O = y.shape[1]
+    if y.size == 0:  # empty batch (or no output channels): nothing to write
+        return
     geo = batch_geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, batch_tile(kind), inner and not plane)
     shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
     cs = geo_cs(geo, B)

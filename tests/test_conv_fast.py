@@ -141,3 +141,13 @@ def test_kpanel_any_panel_width(bcols, ngroups, cgroups, nc, rng):
     yw = np.full((O, Npad), np.nan, np.float32)
     conv.csr_conv_kpanel(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, nc, ngroups, cgroups)
     np.testing.assert_allclose(yw, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_sparse_conv_batch_empty_batch(inner, rng):
+    """Batch 0 (Npad = 0): no division by zero in the panel plan, nothing written."""
+    w, fmt, row = _weight("csr", 5, 4 * 9, rng, 0.5)
+    x = np.zeros((0, 4, 4, 4), np.float32)
+    y = np.zeros((0, 5, 4, 4), np.float32)
+    conv.sparse_conv_batch("csr", row.prepare(fmt), x, y, 3, 3, (1, 1), (1, 1), (1, 1), inner=inner)
+    assert y.shape == (0, 5, 4, 4)

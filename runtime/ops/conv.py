@@ -118,7 +118,7 @@ class Conv2d(Op):
             shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
             plane = kind == "csr" and choice.packed[2].shape[0] < self.PLANE_MAX_NNZ_ROW * O
             inner = False
-            if not plane and npix >= self.INNER_MIN_PIX:
+            if not plane and Nb >= 2 and npix >= self.INNER_MIN_PIX:
                 geo_in = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind),
                                           True)
                 if geo_in[5] <= self.INNER_MAX_FRAC * Npad or (npix <= self.INNER_SMALL_PIX and geo_in[5] <= Npad):
