@@ -438,15 +438,21 @@ def decode(kind: str, meta: dict, arrays: dict, shape: tuple) -> np.ndarray:
 # speed model and format choice
 
 # Predicted time relative to dense float32 BLAS (lower is faster): this project's measurements on
-# the development machine, 2 threads, W 3072x768 x N=128, all in one interleaved run
-# (`sparsedge bench kernels --shapes ffn_n128 --threads 2`, docs/results/kernels.json):
-# CSR 1.23x dense at 90%, 2.54x at 95%, 0.64x at 80% (time ~ 8 x density); BSR at 90%: 16x1 5.25x,
-# 8x1 4.09x, 4x1 3.30x, 4x4 2.51x, 1x16 1.07x, 1x4 0.93x; N:M 2:4 0.30x; dense int8 (AMX) 2.11x;
-# CSR int8 / CSR float 1.58x, BSR int8 / BSR float 0.8-1.3x. `sparsedge tune` measures on the board.
-_CSR_K = 8.0
-_BSR_K = {(16, 1): 1.9, (8, 1): 2.45, (4, 1): 3.0, (4, 4): 4.0, (1, 16): 9.3, (1, 4): 10.7}
-_INT8 = 0.47
-_INT8_SPARSE = 0.63
+# the development machine, 2 threads, all implementations of a case timed interleaved in one run
+# (`sparsedge bench kernels --shapes ffn_n128,conv1x1,sq1024_n32,ffn_n1_dram --threads 2`,
+# docs/results/kernels.json, session 2). Time ~ K x density, K taken between the shapes (W 3072x768
+# x 128 / 1024x1024 x 32 / 256x256 x 3136): CSR K = 1.9 / 2.3-2.5 / 3.0-3.5 -> 2.5 (CSR then pays
+# from about 60% sparsity: 1.05x / 0.86x / 0.67x at 50%, 1.70x / 1.56x / 1.11x at 70%); BSR at 90%
+# 8x1 K = 1.08 / 0.92 / 1.5, 16x1 1.01 / 1.08 / 1.46, 4x1 1.03 / 1.02 / 1.74, 4x4 1.94 / 1.56 /
+# 2.37, 1x16 3.6 / 3.1 / 6.1, 1x4 4.2 / 3.7 / 5.9; N:M 2:4 2.3 / 6.1 / 3.4 (kept at 6.7: `auto`
+# does not pick N:M); dense int8 (AMX / VNNI) 0.14 / 0.18 / 0.55 -> 0.3; sparse int8 / sparse
+# float32 at 90%: CSR 0.65 / 1.2 / 1.0, BSR 8x1 0.82 / 2.5 / 1.9, 4x4 0.38 / 0.9 / 1.4 -> 0.8
+# (only compared with dense int8: the float32 formats are not candidates once int8 is asked for).
+# `sparsedge tune` measures on the board.
+_CSR_K = 2.5
+_BSR_K = {(16, 1): 1.3, (8, 1): 1.3, (4, 1): 1.4, (4, 4): 2.2, (1, 16): 4.5, (1, 4): 5.0}
+_INT8 = 0.3
+_INT8_SPARSE = 0.8
 _NM_K = 6.7
 
 
