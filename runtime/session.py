@@ -176,6 +176,18 @@ def _fuse_residuals(graph, sym) -> list:
     return [replace.get(id(n), n) for n in graph.nodes if id(n) not in drop or id(n) in replace]
 
 
+def _graph_maps(nodes) -> tuple:
+    """({value: [consumer nodes]}, {value: producer node}) of a node list (graph-rewrite helper)."""
+    consumers: dict = {}
+    producer: dict = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+        for name in node.outputs:
+            producer[name] = node
+    return consumers, producer
+
+
 def _fuse_linear_residual(nodes, outputs, sym, tensors) -> list:
     """Node list with ``add(r, linear(x))`` (either order; the linear with activation none, its
     output used only by the add; r a float32 activation of the same symbolic shape) rewritten into
@@ -184,13 +196,7 @@ def _fuse_linear_residual(nodes, outputs, sym, tensors) -> list:
     own. The fused node takes the add's position (every input is defined by then)."""
     from ..formats.graph import Node
 
-    consumers: dict = {}
-    producer: dict = {}
-    for node in nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
-        for name in node.outputs:
-            producer[name] = node
+    consumers, producer = _graph_maps(nodes)
     outs = set(outputs)
     replace, drop = {}, set()
     for a in nodes:
@@ -224,13 +230,7 @@ def _fuse_residual_layernorm(nodes, outputs, sym, tensors) -> list:
     in cache. The fused node takes the layernorm's position."""
     from ..formats.graph import Node
 
-    consumers: dict = {}
-    producer: dict = {}
-    for node in nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
-        for name in node.outputs:
-            producer[name] = node
+    consumers, producer = _graph_maps(nodes)
     outs = set(outputs)
     replace, drop = {}, set()
     for ln in nodes:
@@ -268,13 +268,7 @@ def _fuse_attention(nodes, outputs, sym, tensors) -> list:
     float32 ``[B, S, H*D]`` and the mask (if any) is float32 ``[B or 1, 1, 1, Sk]``."""
     from ..formats.graph import Node
 
-    consumers: dict = {}
-    producer: dict = {}
-    for node in nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
-        for name in node.outputs:
-            producer[name] = node
+    consumers, producer = _graph_maps(nodes)
     outs = set(outputs)
 
     def only(v, op):  # the producer of v when it is `op` and v's only use is the chain
@@ -393,13 +387,7 @@ def _fuse_qkv(nodes, outputs, tensors) -> tuple:
     quantized, once; one kernel call and one output pass instead of three."""
     from ..formats.graph import Node
 
-    consumers: dict = {}
-    producer: dict = {}
-    for node in nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
-        for name in node.outputs:
-            producer[name] = node
+    consumers, producer = _graph_maps(nodes)
     outs = set(outputs)
     extra: dict = {}
     replace, drop = {}, set()
