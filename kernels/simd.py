@@ -15,6 +15,9 @@ this is consistent per machine.
   contiguous; unaligned access; no bounds check: callers guarantee ``i + VW <= len(a)``).
 * ``vzero()``, ``vbcast(s)`` (float32 scalar to all lanes), ``vfma(a, b, c)`` = a*b + c
   (``llvm.fmuladd``: fused where the CPU has FMA, mul+add otherwise).
+* ``vadd(a, b)``, ``vmul(a, b)``; ``vmax(a, b)`` / ``vmin(a, b)`` (``llvm.maxnum`` /
+  ``llvm.minnum``: IEEE maxNum, a NaN operand yields the other one, like ``np.fmax``), for
+  in-register epilogues (bias, relu, clamp) before the one store of an output tile.
 """
 from __future__ import annotations
 
@@ -141,3 +144,29 @@ def vprefetch(typingctx, arr, idx):
         builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    sig = f32vec(f32vec, f32vec)
+
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1])
+    return sig, codegen
+
+
+def _minmax(name):
+    def impl(typingctx, a, b):
+        sig = f32vec(f32vec, f32vec)
+
+        def codegen(context, builder, signature, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V, _V]),
+                                                f"llvm.{name}.v{VW}f32")
+            return builder.call(fn, list(args))
+        return sig, codegen
+    impl.__name__ = "v" + name[:3]
+    return intrinsic(impl)
+
+
+vmax = _minmax("maxnum")
+vmin = _minmax("minnum")
