@@ -24,7 +24,9 @@ import math
 
 import numpy as np
 
-from ._jit import jit
+from numba import prange
+
+from ._jit import jit, pjit
 from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6,
                     ACT_SIGMOID, ACT_SILU)
 
@@ -175,6 +177,84 @@ def epilogue_vec(y, bias, res, act, lo, hi):
         for j in range(m):
             y[j] = y[j] + res[j]
     _act_inplace(y, act, lo, hi)
+
+
+@jit
+def _ln_fm_block(yf, N, C, n0, m, w, b, eps, hw, hb):
+    """Columns n0..n0+m-1 (m <= 64) of a flat feature-major y [C, N] (unsigned offsets: no negative-index
+    wrap-around, the loops vectorize; signed 2-D indexing measured 4x slower)."""
+    s = np.zeros(64, np.float64)
+    v = np.zeros(64, np.float64)
+    for c in range(C):
+        o = np.uint64(c * N + n0)
+        for j in range(m):
+            s[j] += yf[o + np.uint64(j)]
+    for j in range(m):
+        s[j] = s[j] / C
+    for c in range(C):
+        o = np.uint64(c * N + n0)
+        for j in range(m):
+            d = yf[o + np.uint64(j)] - s[j]
+            v[j] += d * d
+    for j in range(m):
+        v[j] = 1.0 / math.sqrt(v[j] / C + eps)
+    for c in range(C):
+        o = np.uint64(c * N + n0)
+        wc = w[c] if hw else np.float32(1.0)
+        bc = b[c] if hb else np.float32(0.0)
+        for j in range(m):
+            yf[o + np.uint64(j)] = (yf[o + np.uint64(j)] - s[j]) * v[j] * wc + bc
+
+
+@pjit
+def layernorm_fm(y, w, b, eps):
+    """In place over the feature axis of a feature-major y [C, N] float32: every column n (a token)
+    ``y[:, n] = (y[:, n] - mean) / sqrt(var + eps) * w + b`` (two-pass, float64 statistics, the
+    same operations per element as the row layernorm of ``kernels.nn``); w, b float32 [C] or
+    empty. Column blocks of 64 in parallel (a block's rows stay in L2 over the three passes):
+    BERT's 384 x 1024 in 0.12 ms on 2 threads."""
+    C, N = y.shape
+    hw = w.shape[0] > 0
+    hb = b.shape[0] > 0
+    yf = y.reshape(-1)
+    for t in prange(N // 64):  # the body written out with a constant 64: the sums stay in
+        n0 = t * 64            # registers (a shared helper with a variable width measured 2x slower)
+        s = np.zeros(64, np.float64)
+        v = np.zeros(64, np.float64)
+        for c in range(C):
+            o = np.uint64(c * N + n0)
+            for j in range(64):
+                s[j] += yf[o + np.uint64(j)]
+        for j in range(64):
+            s[j] = s[j] / C
+        for c in range(C):
+            o = np.uint64(c * N + n0)
+            for j in range(64):
+                d = yf[o + np.uint64(j)] - s[j]
+                v[j] += d * d
+        for j in range(64):
+            v[j] = 1.0 / math.sqrt(v[j] / C + eps)
+        for c in range(C):
+            o = np.uint64(c * N + n0)
+            wc = w[c] if hw else np.float32(1.0)
+            bc = b[c] if hb else np.float32(0.0)
+            for j in range(64):
+                yf[o + np.uint64(j)] = (yf[o + np.uint64(j)] - s[j]) * v[j] * wc + bc
+    if N % 64:
+        _ln_fm_block(yf, N, C, N // 64 * 64, N % 64, w, b, eps, hw, hb)
+
+
+def layernorm_fm_ref(y, w=None, b=None, eps=1e-5):
+    """numpy reference of ``layernorm_fm`` (float64), returns a new float32 [C, N]."""
+    y = np.asarray(y, np.float64)
+    mu = y.mean(axis=0)
+    var = ((y - mu) ** 2).mean(axis=0)
+    t = (y - mu) / np.sqrt(var + eps)
+    if w is not None and len(w):
+        t = t * np.asarray(w, np.float64)[:, None]
+    if b is not None and len(b):
+        t = t + np.asarray(b, np.float64)[:, None]
+    return t.astype(np.float32)
 
 
 def _erf(a):

@@ -14,21 +14,38 @@ def _feature_major_values(graph, tensors=None) -> set:
     also a fused q|k|v linear's output read only by its ``_attention`` when the weight is not dense
     float32 (kernel path: the attention reads it feature-major, no transpose back); and an
     ``_attention`` output read only through a reshape to [.., H*D] by linears with non-dense
-    weights (x input), with that reshape's output (the attention writes [H*D, B*S])."""
+    weights (x input), with that reshape's output (the attention writes [H*D, B*S]); and the
+    residual stream of a transformer: the output of a kernel-path linear with a fused residual
+    (``_residual``, optionally ``_ln_eps``) read only by kernel-path linears as x or as their fused
+    residual (the layernorm then runs over the feature axis, the residual is read feature-major:
+    no transposes between layers)."""
     consumers: dict = {}
     for node in graph.nodes:
         for k, name in enumerate(node.inputs):
             consumers.setdefault(name, []).append((node, k))
     outs = {v.name for v in graph.outputs}
     fm = set()
+
+    def kernel_path(n):  # a linear whose weight runs a kernel (not dense float32 BLAS)
+        w = tensors.get(n.inputs[1]) if tensors is not None else None
+        return w is not None and not isinstance(w, np.ndarray) and w.kind != "dense"
+
     for node in graph.nodes:
         if node.op != "linear":
             continue
         v = node.outputs[0]
         cs = consumers.get(v, [])
-        if node.attrs.get("_residual"):  # its residual is in torch layout
+        if v in outs or not cs:
             continue
-        if v not in outs and cs and all(n.op == "linear" and k == 0 for n, k in cs):
+        if node.attrs.get("_residual"):
+            # a transformer's residual stream: the output of a linear with a fused residual (and
+            # layernorm) read by kernel-path linears as x or as their fused residual (input 3)
+            if tensors is not None and kernel_path(node) and all(
+                    n.op == "linear" and (k == 0 or (k == 3 and n.attrs.get("_residual"))) and kernel_path(n)
+                    for n, k in cs):
+                fm.add(v)
+            continue
+        if all(n.op == "linear" and k == 0 for n, k in cs):
             fm.add(v)
         elif v not in outs and len(cs) == 1 and cs[0][0].op == "_attention" and cs[0][0].attrs.get("qkv") and \
                 cs[0][1] == 0 and tensors is not None and node.attrs.get("activation", "none") == "none":

@@ -38,6 +38,9 @@ class Linear(Op):
         self.res = bool(self.attrs.get("_residual")) and len(node.inputs) > 3
         # runtime-internal: the layernorm after that residual add folded in too (inputs 5, 6 its
         # weight and bias, attr ``_ln_eps``; last-axis layernorm, activation none)
+        # the residual read feature-major [out, N] (the producer wrote it so: a residual stream
+        # kept feature-major between transformer layers, ``rewrite_bert._feature_major_values``)
+        self.res_fm = self.res and node.inputs[3] in ctx.fm_values
         self.ln = None
         if self.res and "_ln_eps" in self.attrs:
             ln_w = ctx.constant(node.inputs[4]).astype(np.float32, copy=False).reshape(-1) \
@@ -49,11 +52,12 @@ class Linear(Op):
     def plan(self, ins, outs, env):
         N = prod(ins[0][0][:-1])
         choice = self.ctx.selector.choose(self.name, "linear", self.wf, N)
-        tl = choice.cand.run_tl is not None and not self.fm_in and not self.fm_out
+        tl = choice.cand.run_tl is not None and not self.fm_in and not self.fm_out and not self.res_fm
         scratch, shared = [], []
         key = ("xT", self.node.inputs[0], N)
         if not tl:
-            if not self.fm_out:
+            if not self.fm_out or (self.res and not self.res_fm):
+                # torch-layout output staged feature-major / torch-layout residual transposed
                 scratch.append(((self.out_f, N), "float32"))
             if not self.fm_in:
                 shared.append((key, (self.in_f, N), "float32"))
@@ -69,9 +73,12 @@ class Linear(Op):
         x, y = ins[0], outs[0]
         if x.dtype != np.float32:
             x = x.astype(np.float32)
-        res = ins[3].reshape(N, self.out_f) if self.res else None
-        if res is not None and res.dtype != np.float32:
-            res = res.astype(np.float32)
+        res = None
+        if self.res:
+            res = ins[3].reshape(self.out_f, N) if self.res_fm else ins[3].reshape(N, self.out_f)
+            if res.dtype != np.float32:
+                res = res.astype(np.float32)
+            res = np.ascontiguousarray(res)
         if data["tl"]:
             if res is None:
                 choice.cand.run_tl(choice.packed, x.reshape(N, self.in_f), y.reshape(N, self.out_f), self.bias,
@@ -90,19 +97,30 @@ class Linear(Op):
             if data["key"] in data.get("_first_shared", ()):
                 transpose2d(np.ascontiguousarray(x).reshape(N, self.in_f), xf, _NO_ADD)
         yf = y.reshape(self.out_f, N) if self.fm_out else scratch[0]
-        if self.act in (0, 1, 2):
-            choice.cand.run(choice.packed, xf, yf, self.bias, self.act, 0.0, 0.0, None)
+        kres = None  # residual [out, N] added by the kernel
+        if self.res_fm:
+            kres = res
+        elif res is not None and self.fm_out:  # torch-layout residual into a feature-major output
+            kres = scratch[0]
+            transpose2d(res, kres, _NO_ADD)
+        if self.act in (0, 1, 2) or kres is not None:
+            choice.cand.run(choice.packed, xf, yf, self.bias, self.act, 0.0, 0.0, kres)
         else:  # gelu etc.: one vectorized parallel pass after the kernel (a kernel's fused scalar
             # gelu measured 6 ms instead of 1.1 ms for csr_i8 1536x384 x 1024 at 2 threads)
             from ...kernels.nn import act_inplace
 
             choice.cand.run(choice.packed, xf, yf, self.bias, 0, 0.0, 0.0, None)
             act_inplace(yf.reshape(-1), self.act, 0.0, 0.0)
-        if not self.fm_out:
-            if self.ln is None:
-                transpose2d(yf, y.reshape(N, self.out_f), _NO_ADD if res is None else np.ascontiguousarray(res))
-            else:
-                from ...kernels.nn import transpose_res_ln
+        if self.fm_out:
+            if self.ln is not None:  # layernorm over the feature axis, in place
+                from ...kernels.epilogue import layernorm_fm
 
-                transpose_res_ln(yf, _NO_ADD if res is None else np.ascontiguousarray(res), self.ln[0], self.ln[1],
-                                 self.ln[2], y.reshape(N, self.out_f))
+                layernorm_fm(yf, self.ln[0], self.ln[1], self.ln[2])
+            return
+        tres = _NO_ADD if res is None or self.res_fm else res  # torch-layout residual still to add
+        if self.ln is None:
+            transpose2d(yf, y.reshape(N, self.out_f), tres)
+        else:
+            from ...kernels.nn import transpose_res_ln
+
+            transpose_res_ln(yf, tres, self.ln[0], self.ln[1], self.ln[2], y.reshape(N, self.out_f))

@@ -1,0 +1,137 @@
+"""A transformer's residual stream kept feature-major between layers (``rewrite_bert.
+_feature_major_values`` residual-stream values; ``runtime/ops/linear.py`` reading the fused
+residual feature-major and running the fused layernorm over the feature axis,
+``kernels.epilogue.layernorm_fm``): the feature-major layernorm against its numpy reference on
+edge shapes, and two stacked encoder layers with compressed weights against the reference
+interpreter (float csr) and against the same session with the residual stream in torch layout
+(int8: the same quantized integers up to float rounding of the layernorm)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from sparsedge.formats.base import FORMATS
+from sparsedge.formats.dense import Dense
+from sparsedge.formats.graph import Graph, Node, ValueInfo
+from sparsedge.formats.modelfile import read_model, write_model
+from sparsedge.kernels.epilogue import layernorm_fm, layernorm_fm_ref
+from sparsedge.runtime import Session
+from sparsedge.runtime import session as _session
+from sparsedge.runtime.reference import run_reference
+
+F32 = np.float32
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("C,N", [(1, 1), (7, 63), (32, 64), (48, 130), (384, 200)])
+def test_layernorm_fm(C, N, threads, rng):
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS}")
+    numba.set_num_threads(threads)
+    try:
+        y0 = (rng.standard_normal((C, N)) * 3 + 1).astype(F32)
+        w = (1 + rng.standard_normal(C)).astype(F32)
+        b = rng.standard_normal(C).astype(F32)
+        e = np.zeros(0, F32)
+        for ww, bb in ((w, b), (w, e), (e, b), (e, e)):
+            y = y0.copy()
+            layernorm_fm(y, ww, bb, 1e-5)
+            np.testing.assert_allclose(y, layernorm_fm_ref(y0, ww, bb, 1e-5), rtol=1e-5, atol=2e-5)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def _encoder(nh, d, layers, kind, rng):
+    """`layers` post-LN encoder layers (q/k/v/o, masked softmax, gelu FFN, residual + layernorm
+    after attention and after the FFN) with `kind` weights, as (graph, tensors)."""
+    H = nh * d
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(F32)  # noqa: E731
+    t = {"scale": Dense.from_dense(np.array([1 / np.sqrt(d)], F32)), "one": Dense.from_dense(np.array([1.0], F32)),
+         "neg": Dense.from_dense(np.array([-1e4], F32))}
+    n = Node
+    nodes = [n("cast", "mask_f", ["attention_mask"], ["m0"], {"dtype": "float32"}),
+             n("sub", "mask_inv", ["one", "m0"], ["m1"]),
+             n("mul", "mask_neg", ["m1", "neg"], ["m2"]),
+             n("unsqueeze", "mask_u", ["m2"], ["m3"], {"axes": [1, 2]})]
+    x = "x"
+    for i in range(layers):
+        p = f"l{i}."
+        for wn, shp in (("wq", (H, H)), ("wk", (H, H)), ("wv", (H, H)), ("wo", (H, H)), ("wf1", (2 * H, H)),
+                        ("wf2", (H, 2 * H))):
+            wd = r(*shp)
+            wd[rng.random(shp) < 0.7] = 0
+            t[p + wn] = FORMATS[kind].from_dense(wd)
+        for bn, m in (("bq", H), ("bk", H), ("bv", H), ("bo", H), ("bf1", 2 * H), ("bf2", H), ("lnb1", H),
+                      ("lnb2", H)):
+            t[p + bn] = Dense.from_dense(r(m))
+        t[p + "lnw1"] = Dense.from_dense(1 + r(H))
+        t[p + "lnw2"] = Dense.from_dense(1 + r(H))
+        v = lambda s: p + s  # noqa: E731
+        nodes += [
+            n("linear", v("q"), [x, v("wq"), v("bq")], [v("q0")]),
+            n("linear", v("k"), [x, v("wk"), v("bk")], [v("k0")]),
+            n("linear", v("v"), [x, v("wv"), v("bv")], [v("v0")]),
+            n("reshape", v("q_r"), [v("q0")], [v("q1")], {"shape": ["batch", "seq", nh, d]}),
+            n("reshape", v("k_r"), [v("k0")], [v("k1")], {"shape": ["batch", "seq", nh, d]}),
+            n("reshape", v("v_r"), [v("v0")], [v("v1")], {"shape": ["batch", "seq", nh, d]}),
+            n("transpose", v("q_t"), [v("q1")], [v("q2")], {"perm": [0, 2, 1, 3]}),
+            n("transpose", v("k_t"), [v("k1")], [v("k2")], {"perm": [0, 2, 3, 1]}),
+            n("transpose", v("v_t"), [v("v1")], [v("v2")], {"perm": [0, 2, 1, 3]}),
+            n("matmul", v("qk"), [v("q2"), v("k2")], [v("s0")]),
+            n("mul", v("scale_s"), [v("s0"), "scale"], [v("s1")]),
+            n("softmax", v("softmax"), [v("s1"), "m3"], [v("pr")], {"axis": -1}),
+            n("matmul", v("pv"), [v("pr"), v("v2")], [v("c0")]),
+            n("transpose", v("c_t"), [v("c0")], [v("c1")], {"perm": [0, 2, 1, 3]}),
+            n("reshape", v("c_r"), [v("c1")], [v("c2")], {"shape": ["batch", "seq", H]}),
+            n("linear", v("o"), [v("c2"), v("wo"), v("bo")], [v("a0")]),
+            n("add", v("res1"), [x, v("a0")], [v("a1")]),
+            n("layernorm", v("ln1"), [v("a1"), v("lnw1"), v("lnb1")], [v("x1")], {"eps": 1e-12}),
+            n("linear", v("ffn1"), [v("x1"), v("wf1"), v("bf1")], [v("f0")], {"activation": "gelu"}),
+            n("linear", v("ffn2"), [v("f0"), v("wf2"), v("bf2")], [v("f1")]),
+            n("add", v("res2"), [v("f1"), v("x1")], [v("f2")]),
+            n("layernorm", v("ln2"), [v("f2"), v("lnw2"), v("lnb2")], [v("y")], {"eps": 1e-12})]
+        x = v("y")
+    g = Graph([ValueInfo("x", "float32", ["batch", "seq", H]), ValueInfo("attention_mask", "int64", ["batch", "seq"])],
+              [ValueInfo(x, "float32", ["batch", "seq", H])], nodes)
+    return g, t
+
+
+def _torch_layout_stream(monkeypatch):
+    """Session._feature_major_values without the residual-stream values (the previous layout)."""
+    orig = _session._feature_major_values
+
+    def fmv(graph, tensors=None):
+        fm = orig(graph, tensors)
+        res = {n.outputs[0] for n in graph.nodes if n.op == "linear" and n.attrs.get("_residual")}
+        return fm - res
+
+    monkeypatch.setattr(_session, "_feature_major_values", fmv)
+
+
+@pytest.mark.parametrize("kind", ["csr", "csr_i8"])
+def test_residual_stream_feature_major(tmp_path, rng, monkeypatch, kind):
+    g, t = _encoder(2, 16, 2, kind, rng)
+    path = str(tmp_path / "e.sparsedge")
+    write_model(path, g, t, {})
+    s = Session(path, threads=2)
+    lins = {n.name: n for n in s._exec.nodes if n.op == "linear"}
+    assert "layernorm" not in [n.op for n in s._exec.nodes]  # both layernorms folded into linears
+    # inside the stack: o-proj / ffn2 outputs feature-major; the last one (graph output) not
+    assert lins["l0.o"].outputs[0] in s._fm and lins["l1.o"].outputs[0] in s._fm
+    assert lins["l0.ffn2"].outputs[0] in s._fm and lins["l1.ffn2"].outputs[0] not in s._fm
+    _torch_layout_stream(monkeypatch)
+    s0 = Session(path, threads=2)
+    assert lins["l0.o"].outputs[0] not in s0._fm
+    model = read_model(path)
+    for B, S in ((2, 8), (1, 5), (3, 33)):
+        mask = np.ones((B, S), np.int64)
+        mask[-1, S // 2:] = 0
+        f = {"x": rng.standard_normal((B, S, 32)).astype(F32), "attention_mask": mask}
+        y, y0 = s.run(None, f)[0], s0.run(None, f)[0]
+        if kind == "csr":
+            np.testing.assert_allclose(y, run_reference(model, f)[g.outputs[0].name], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+        else:  # the layernorm's float order differs: a rare quantization step may flip downstream
+            np.testing.assert_allclose(y, y0, rtol=2e-3, atol=2e-3)
+            assert np.mean(np.abs(y - y0) < 1e-5) > 0.99
