@@ -542,87 +542,185 @@ def _softmax_inplace_row(yr, L, mask, mi, hm, scale):
         yr[j] = q if q >= _FLT_MIN else np.float32(0.0)
 
 
+# --- attention in the transposed orientation: scores S^T [keys, queries], vectors over queries ---
+from numba.core import cgutils as _cgutils  # noqa: E402
+
+from .simd import F32Vec as _F32Vec  # noqa: E402
+from .simd import _V as _SV  # noqa: E402
+from .simd import f32vec as _f32vec  # noqa: E402
+from .simd import vadd as _vadd  # noqa: E402
+from .simd import vmul as _vmul  # noqa: E402
+
+
+def _vconst(x):
+    return _ir.Constant(_SV, [float(np.float32(x))] * _VW)
+
+
+def _vfn(builder, name, nargs):
+    return _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_SV, [_SV] * nargs),
+                                           f"llvm.{name}.v{_VW}f32")
+
+
+_EXP_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
+
+
+@_intrinsic
+def _vexp(typingctx, v):
+    """exp of every lane of an f32vec for arguments <= 0 (softmax feeds x - max): Cephes expf as
+    ``exp_f32`` in vector IR (k = round(x / ln 2) by the 1.5 * 2**23 trick, whose low bits are k:
+    no floor / convert), relative error <= 2e-7. 0 below -87.3 (and for -inf: no denormals), NaN for
+    NaN (no clamp, so a NaN flows through the arithmetic)."""
+    if not isinstance(v, _F32Vec):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        fma = _vfn(builder, "fmuladd", 3)
+        t = builder.call(fma, [x, _vconst(_LOG2E), _vconst(_EXP_MAGIC)])
+        kf = builder.fsub(t, _vconst(_EXP_MAGIC))
+        r = builder.call(fma, [kf, _vconst(-_LN2_HI), x])
+        r = builder.call(fma, [kf, _vconst(-_LN2_LO), r])
+        r2 = builder.fmul(r, r)
+        p = builder.call(fma, [_vconst(_P0), r, _vconst(_P1)])
+        for c in (_P2, _P3, _P4, _P5):
+            p = builder.call(fma, [p, r, _vconst(c)])
+        p = builder.call(fma, [p, r2, r])
+        p = builder.fadd(p, _vconst(1.0))
+        vi = _ir.VectorType(_ir.IntType(32), _VW)
+        # bits(t) = bits(magic) + k; bits(magic) << 23 vanishes mod 2**32, so 2**k = (bits(t) + 127) << 23
+        ki = builder.shl(builder.add(builder.bitcast(t, vi), _ir.Constant(vi, [127] * _VW)),
+                         _ir.Constant(vi, [23] * _VW))
+        e = builder.fmul(p, builder.bitcast(ki, _SV))
+        return builder.select(builder.fcmp_ordered("<", x, _vconst(_EXP_LO)), _vconst(0.0), e)
+
+    return _f32vec(v), codegen
+
+
+@_intrinsic
+def _vmaxo(typingctx, a, b):
+    """a > b ? a : b lane-wise (x86 ``maxps`` semantics, one instruction: a NaN in a is ignored)."""
+    if not (isinstance(a, _F32Vec) and isinstance(b, _F32Vec)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return _f32vec(a, b), codegen
+
+
+@_intrinsic
+def _vsub(typingctx, a, b):
+    """a - b lane-wise."""
+    if not (isinstance(a, _F32Vec) and isinstance(b, _F32Vec)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fsub(args[0], args[1])
+
+    return _f32vec(a, b), codegen
+
+
+@_intrinsic
+def _vrcp(typingctx, a):
+    """1 / a lane-wise (a true division)."""
+    if not isinstance(a, _F32Vec):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fdiv(_vconst(1.0), args[0])
+
+    return _f32vec(a), codegen
+
+
+_NINF32 = np.float32(-np.inf)
+
+
+@jit(inline="always")
+def _copy_f32(dst, do, src, so, n):
+    """dst[do:do+n] = src[so:so+n] (1-D float32), a vector at a time."""
+    nv = n - n % _VW
+    for i in range(0, nv, _VW):
+        _vstore(dst, do + i, _vload(src, so + i))
+    for i in range(nv, n):
+        dst[do + i] = src[so + i]
+
+
 @pjit
 def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, ocs):
-    """Multi-head attention core, torch layouts, no transposed copies:
-    for every batch b and head h, ``out[b, :, h*D:(h+1)*D] = softmax(Q K^T * scale + mask[b % Bm]) V``
-    with ``Q = q[b, :, h*D:(h+1)*D]`` (K, V alike from k, v).
-    q, out: flat float32 of [B, Sq, H*D]; k, v: flat float32 of [B, Sk, H*D]; mask: float32
-    [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32. Rows of q are ``ldq`` floats
-    apart, rows of k and v ``ldkv`` (H*D for separate arrays; 3*H*D when q, k, v are offset views
-    of one fused q|k|v linear output); out rows are H*D apart. cs: the stride between columns
-    of q, k, v (1 in torch layout; feature-major q|k|v [3*H*D, B*S]: cs = B*S with ldq = ldkv = 1).
-    Parallel over (b, h); per task K_h is transposed once into a [D, Sk] buffer (L1), scores are
-    computed 4 query rows x 2 vectors of keys at a time in registers (``simd``), softmaxed in
-    place, and multiplied by V_h (copied contiguous per task; D % VW == 0: 4 rows x 2 (or 1)
-    vector tiles, otherwise plain loops). ocs: 1 writes out in torch layout; otherwise out is
-    feature-major [H*D, B*Sq] with ocs = B*Sq (the head's rows are gathered in a per-task [Sq, D]
-    buffer and written out column-wise, contiguous over tokens: the o-proj linear after it then
-    needs no transpose)."""
+    """Multi-head attention core, no transposed copies of the inputs:
+    for every batch b and head h, ``O = softmax(Q K^T * scale + mask[b % Bm]) V`` with
+    ``Q[i, d] = q[(b*Sq + i)*ldq + (h*D + d)*cs]`` (K, V alike from k, v with row stride ``ldkv``,
+    b*Sk + j). q: [B, Sq, H*D] torch layout (ldq = H*D or 3*H*D for offset views of a fused
+    q|k|v output, cs = 1) or feature-major [*, B*Sq] (ldq = ldkv = 1, cs = B*S); k, v alike.
+    mask: float32 [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32.
+    out: ocs == 1: [B, Sq, H*D] torch layout; otherwise feature-major [H*D, B*Sq] (ocs = B*Sq).
+    Parallel over (b, h). Per task Q^T, K^T [D, S] and V^T [D, Sk] are copied contiguous (L1;
+    feature-major inputs: row copies). Everything runs transposed, vectors over queries: S^T
+    tiles of 8 keys x 2 vectors of queries in registers (``simd``), scaled and masked (mask is
+    per key: a broadcast), the softmax over keys is lane-wise (running max, vector exp, sums: no
+    horizontal reductions), O^T tiles of 8 head dims x 2 query vectors over the keys, scaled by
+    1 / sum in registers and stored straight into a feature-major output. Rows that hold a NaN,
+    a +inf or only -inf scores give NaN, as torch; probabilities below FLT_MIN are flushed."""
     HD = H * D
-    W2 = 2 * _VW
-    Sp = max((Sk + W2 - 1) // W2 * W2, W2)
+    QB = 2 * _VW
+    Sqp = max((Sq + QB - 1) // QB * QB, QB)
+    Skp = max((Sk + 7) // 8 * 8, 8)
+    Dp = max((D + 7) // 8 * 8, 8)
+    D1 = max(D, 1)
     hm = mask.shape[0] > 0
     Bm = max(mask.shape[0], 1)
-    fastd = D % _VW == 0
     fmo = ocs != 1
-    ld = D if fmo else HD
     for t in prange(B * H):
         b = t // H
         c0 = (t - b * H) * D
-        Ob = np.empty(Sq * D if fmo else 0, np.float32)
-        dst = Ob if fmo else out
-        ob0 = 0 if fmo else c0
-        rb = 0 if fmo else b * Sq
-        Kt = np.empty(max(D, 1) * Sp, np.float32)
-        P = np.empty(4 * Sp, np.float32)
-        Qc = np.empty(4 * max(D, 1), np.float32)
+        qb = b * Sq
         kb = b * Sk
-        if cs == 1:
+        Qt = np.empty(D1 * Sqp, np.float32)
+        Kt = np.empty(D1 * Skp, np.float32)
+        Vt = np.empty(Dp * Skp, np.float32)
+        P = np.empty(Skp * QB, np.float32)
+        Ob = np.empty(Dp * QB, np.float32)
+        Mr = np.zeros(Skp, np.float32)
+        if hm:
+            mi = b % Bm
             for j in range(Sk):
-                src = (kb + j) * ldkv + c0
-                for d in range(D):
-                    Kt[d * Sp + j] = k[src + d]
-        else:  # feature-major: a head's column d is contiguous over tokens
+                Mr[j] = mask[mi, j]
+        for j in range(Sk, Skp):
+            Mr[j] = _NINF32  # padded keys: out of the running max
+        if ldq == 1:  # feature-major: a head's column d is contiguous over tokens
             for d in range(D):
-                src = kb * ldkv + (c0 + d) * cs
-                for j in range(Sk):
-                    Kt[d * Sp + j] = k[src + j * ldkv]
-        for d in range(D):
-            for j in range(Sk, Sp):
-                Kt[d * Sp + j] = np.float32(0.0)
-        # V_h copied contiguous: its rows in v are H*D floats apart, which maps them onto a few
-        # L1 sets (1536-byte stride: 8 of 64) and made the P V loop 3x slower than Q K^T
-        Vc = np.empty(max(Sk * D, 1), np.float32)
-        if cs == 1:
-            for j in range(Sk):
-                src = (kb + j) * ldkv + c0
-                for d in range(D):
-                    Vc[j * D + d] = v[src + d]
+                _copy_f32(Qt, d * Sqp, q, qb + (c0 + d) * cs, Sq)
         else:
+            for i in range(Sq):
+                src = (qb + i) * ldq + c0 * cs
+                for d in range(D):
+                    Qt[d * Sqp + i] = q[src + d * cs]
+        if ldkv == 1:
             for d in range(D):
-                src = kb * ldkv + (c0 + d) * cs
-                for j in range(Sk):
-                    Vc[j * D + d] = v[src + j * ldkv]
-        mi = b % Bm
-        for i0 in range(0, Sq, 4):
-            nr = min(4, Sq - i0)
-            qb = b * Sq
-            r0 = (qb + i0) * ldq + c0 * cs
-            r1 = (qb + min(i0 + 1, Sq - 1)) * ldq + c0 * cs
-            r2 = (qb + min(i0 + 2, Sq - 1)) * ldq + c0 * cs
-            r3 = (qb + min(i0 + 3, Sq - 1)) * ldq + c0 * cs
-            w0 = (rb + i0) * ld + ob0
-            w1 = (rb + min(i0 + 1, Sq - 1)) * ld + ob0
-            w2 = (rb + min(i0 + 2, Sq - 1)) * ld + ob0
-            w3 = (rb + min(i0 + 3, Sq - 1)) * ld + ob0
-            for d in range(D):  # the 4 query rows' head slices, contiguous (L1) for the tile loop
-                dc = d * cs
-                Qc[4 * d] = q[r0 + dc]
-                Qc[4 * d + 1] = q[r1 + dc]
-                Qc[4 * d + 2] = q[r2 + dc]
-                Qc[4 * d + 3] = q[r3 + dc]
-            for jb in range(0, Sp, W2):
+                _copy_f32(Kt, d * Skp, k, kb + (c0 + d) * cs, Sk)
+                _copy_f32(Vt, d * Skp, v, kb + (c0 + d) * cs, Sk)
+        else:
+            for j in range(Sk):
+                src = (kb + j) * ldkv + c0 * cs
+                for d in range(D):
+                    Kt[d * Skp + j] = k[src + d * cs]
+                    Vt[d * Skp + j] = v[src + d * cs]
+        for d in range(D):
+            for i in range(Sq, Sqp):
+                Qt[d * Sqp + i] = np.float32(0.0)
+            for j in range(Sk, Skp):
+                Kt[d * Skp + j] = np.float32(0.0)
+        for d in range(D, Dp):
+            for j in range(Skp):
+                Vt[d * Skp + j] = np.float32(0.0)
+        vs = _vbcast(scale)
+        for i0 in range(0, Sqp, QB):
+            # S^T = K Q^T * scale + mask, 8 keys x 2 query vectors per register tile; running max
+            m0 = _vbcast(_NINF32)
+            m1 = m0
+            m2 = m0
+            m3 = m0
+            for j0 in range(0, Skp, 8):
                 a00 = _vzero()
                 a01 = _vzero()
                 a10 = _vzero()
@@ -631,102 +729,225 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                 a21 = _vzero()
                 a30 = _vzero()
                 a31 = _vzero()
+                a40 = _vzero()
+                a41 = _vzero()
+                a50 = _vzero()
+                a51 = _vzero()
+                a60 = _vzero()
+                a61 = _vzero()
+                a70 = _vzero()
+                a71 = _vzero()
                 for d in range(D):
-                    k0 = _vload(Kt, d * Sp + jb)
-                    k1 = _vload(Kt, d * Sp + jb + _VW)
-                    x = _vbcast(Qc[4 * d + 0])
-                    a00 = _vfma(x, k0, a00)
-                    a01 = _vfma(x, k1, a01)
-                    x = _vbcast(Qc[4 * d + 1])
-                    a10 = _vfma(x, k0, a10)
-                    a11 = _vfma(x, k1, a11)
-                    x = _vbcast(Qc[4 * d + 2])
-                    a20 = _vfma(x, k0, a20)
-                    a21 = _vfma(x, k1, a21)
-                    x = _vbcast(Qc[4 * d + 3])
-                    a30 = _vfma(x, k0, a30)
-                    a31 = _vfma(x, k1, a31)
-                _vstore(P, jb, a00)
-                _vstore(P, jb + _VW, a01)
-                _vstore(P, Sp + jb, a10)
-                _vstore(P, Sp + jb + _VW, a11)
-                _vstore(P, 2 * Sp + jb, a20)
-                _vstore(P, 2 * Sp + jb + _VW, a21)
-                _vstore(P, 3 * Sp + jb, a30)
-                _vstore(P, 3 * Sp + jb + _VW, a31)
-            for r in range(nr):
-                _softmax_inplace_row(P[r * Sp:(r + 1) * Sp], Sk, mask, mi, hm, scale)
-            if fastd:
-                D2 = D - D % W2
-                for db in range(0, D2, W2):
-                    o0 = _vzero()
-                    o1 = _vzero()
-                    o2 = _vzero()
-                    o3 = _vzero()
-                    e0 = _vzero()
-                    e1 = _vzero()
-                    e2 = _vzero()
-                    e3 = _vzero()
-                    for j in range(Sk):
-                        vr = j * D + db
-                        vv = _vload(Vc, vr)
-                        vw = _vload(Vc, vr + _VW)
-                        x = _vbcast(P[j])
-                        o0 = _vfma(x, vv, o0)
-                        e0 = _vfma(x, vw, e0)
-                        x = _vbcast(P[Sp + j])
-                        o1 = _vfma(x, vv, o1)
-                        e1 = _vfma(x, vw, e1)
-                        x = _vbcast(P[2 * Sp + j])
-                        o2 = _vfma(x, vv, o2)
-                        e2 = _vfma(x, vw, e2)
-                        x = _vbcast(P[3 * Sp + j])
-                        o3 = _vfma(x, vv, o3)
-                        e3 = _vfma(x, vw, e3)
-                    _vstore(dst, w0 + db, o0)
-                    _vstore(dst, w0 + db + _VW, e0)
-                    if nr > 1:
-                        _vstore(dst, w1 + db, o1)
-                        _vstore(dst, w1 + db + _VW, e1)
-                    if nr > 2:
-                        _vstore(dst, w2 + db, o2)
-                        _vstore(dst, w2 + db + _VW, e2)
-                    if nr > 3:
-                        _vstore(dst, w3 + db, o3)
-                        _vstore(dst, w3 + db + _VW, e3)
-                for db in range(D2, D, _VW):
-                    o0 = _vzero()
-                    o1 = _vzero()
-                    o2 = _vzero()
-                    o3 = _vzero()
-                    for j in range(Sk):
-                        vv = _vload(Vc, j * D + db)
-                        o0 = _vfma(_vbcast(P[j]), vv, o0)
-                        o1 = _vfma(_vbcast(P[Sp + j]), vv, o1)
-                        o2 = _vfma(_vbcast(P[2 * Sp + j]), vv, o2)
-                        o3 = _vfma(_vbcast(P[3 * Sp + j]), vv, o3)
-                    _vstore(dst, w0 + db, o0)
-                    if nr > 1:
-                        _vstore(dst, w1 + db, o1)
-                    if nr > 2:
-                        _vstore(dst, w2 + db, o2)
-                    if nr > 3:
-                        _vstore(dst, w3 + db, o3)
-            else:
-                for r in range(nr):
-                    orow = (rb + i0 + r) * ld + ob0
+                    qo = d * Sqp + i0
+                    x0 = _vload(Qt, qo)
+                    x1 = _vload(Qt, qo + _VW)
+                    ko = d * Skp + j0
+                    w = _vbcast(Kt[ko])
+                    a00 = _vfma(w, x0, a00)
+                    a01 = _vfma(w, x1, a01)
+                    w = _vbcast(Kt[ko + 1])
+                    a10 = _vfma(w, x0, a10)
+                    a11 = _vfma(w, x1, a11)
+                    w = _vbcast(Kt[ko + 2])
+                    a20 = _vfma(w, x0, a20)
+                    a21 = _vfma(w, x1, a21)
+                    w = _vbcast(Kt[ko + 3])
+                    a30 = _vfma(w, x0, a30)
+                    a31 = _vfma(w, x1, a31)
+                    w = _vbcast(Kt[ko + 4])
+                    a40 = _vfma(w, x0, a40)
+                    a41 = _vfma(w, x1, a41)
+                    w = _vbcast(Kt[ko + 5])
+                    a50 = _vfma(w, x0, a50)
+                    a51 = _vfma(w, x1, a51)
+                    w = _vbcast(Kt[ko + 6])
+                    a60 = _vfma(w, x0, a60)
+                    a61 = _vfma(w, x1, a61)
+                    w = _vbcast(Kt[ko + 7])
+                    a70 = _vfma(w, x0, a70)
+                    a71 = _vfma(w, x1, a71)
+                po = j0 * QB
+                w = _vbcast(Mr[j0])
+                x0 = _vfma(a00, vs, w)
+                x1 = _vfma(a01, vs, w)
+                _vstore(P, po, x0)
+                _vstore(P, po + _VW, x1)
+                m0 = _vmaxo(x0, m0)
+                m1 = _vmaxo(x1, m1)
+                w = _vbcast(Mr[j0 + 1])
+                x0 = _vfma(a10, vs, w)
+                x1 = _vfma(a11, vs, w)
+                _vstore(P, po + QB, x0)
+                _vstore(P, po + QB + _VW, x1)
+                m2 = _vmaxo(x0, m2)
+                m3 = _vmaxo(x1, m3)
+                w = _vbcast(Mr[j0 + 2])
+                x0 = _vfma(a20, vs, w)
+                x1 = _vfma(a21, vs, w)
+                _vstore(P, po + 2 * QB, x0)
+                _vstore(P, po + 2 * QB + _VW, x1)
+                m0 = _vmaxo(x0, m0)
+                m1 = _vmaxo(x1, m1)
+                w = _vbcast(Mr[j0 + 3])
+                x0 = _vfma(a30, vs, w)
+                x1 = _vfma(a31, vs, w)
+                _vstore(P, po + 3 * QB, x0)
+                _vstore(P, po + 3 * QB + _VW, x1)
+                m2 = _vmaxo(x0, m2)
+                m3 = _vmaxo(x1, m3)
+                w = _vbcast(Mr[j0 + 4])
+                x0 = _vfma(a40, vs, w)
+                x1 = _vfma(a41, vs, w)
+                _vstore(P, po + 4 * QB, x0)
+                _vstore(P, po + 4 * QB + _VW, x1)
+                m0 = _vmaxo(x0, m0)
+                m1 = _vmaxo(x1, m1)
+                w = _vbcast(Mr[j0 + 5])
+                x0 = _vfma(a50, vs, w)
+                x1 = _vfma(a51, vs, w)
+                _vstore(P, po + 5 * QB, x0)
+                _vstore(P, po + 5 * QB + _VW, x1)
+                m2 = _vmaxo(x0, m2)
+                m3 = _vmaxo(x1, m3)
+                w = _vbcast(Mr[j0 + 6])
+                x0 = _vfma(a60, vs, w)
+                x1 = _vfma(a61, vs, w)
+                _vstore(P, po + 6 * QB, x0)
+                _vstore(P, po + 6 * QB + _VW, x1)
+                m0 = _vmaxo(x0, m0)
+                m1 = _vmaxo(x1, m1)
+                w = _vbcast(Mr[j0 + 7])
+                x0 = _vfma(a70, vs, w)
+                x1 = _vfma(a71, vs, w)
+                _vstore(P, po + 7 * QB, x0)
+                _vstore(P, po + 7 * QB + _VW, x1)
+                m2 = _vmaxo(x0, m2)
+                m3 = _vmaxo(x1, m3)
+            # softmax over keys, lane-wise (each lane is one query); normalised after P V
+            m0 = _vmaxo(m2, m0)
+            m1 = _vmaxo(m3, m1)
+            s0 = _vzero()
+            s1 = _vzero()
+            for j in range(Sk):
+                e0 = _vexp(_vsub(_vload(P, j * QB), m0))
+                e1 = _vexp(_vsub(_vload(P, j * QB + _VW), m1))
+                _vstore(P, j * QB, e0)
+                _vstore(P, j * QB + _VW, e1)
+                s0 = _vadd(s0, e0)
+                s1 = _vadd(s1, e1)
+            r0 = _vrcp(s0)
+            r1 = _vrcp(s1)
+            direct = fmo and i0 + QB <= Sq
+            # O^T = V^T P^T, 8 head dims x 2 query vectors per register tile
+            for d0 in range(0, Dp, 8):
+                a00 = _vzero()
+                a01 = _vzero()
+                a10 = _vzero()
+                a11 = _vzero()
+                a20 = _vzero()
+                a21 = _vzero()
+                a30 = _vzero()
+                a31 = _vzero()
+                a40 = _vzero()
+                a41 = _vzero()
+                a50 = _vzero()
+                a51 = _vzero()
+                a60 = _vzero()
+                a61 = _vzero()
+                a70 = _vzero()
+                a71 = _vzero()
+                vo = d0 * Skp
+                v0 = Vt[vo:vo + Skp]
+                v1 = Vt[vo + Skp:vo + 2 * Skp]
+                v2 = Vt[vo + 2 * Skp:vo + 3 * Skp]
+                v3 = Vt[vo + 3 * Skp:vo + 4 * Skp]
+                v4 = Vt[vo + 4 * Skp:vo + 5 * Skp]
+                v5 = Vt[vo + 5 * Skp:vo + 6 * Skp]
+                v6 = Vt[vo + 6 * Skp:vo + 7 * Skp]
+                v7 = Vt[vo + 7 * Skp:vo + 8 * Skp]
+                for j in range(Sk):
+                    po = j * QB
+                    x0 = _vload(P, po)
+                    x1 = _vload(P, po + _VW)
+                    w = _vbcast(v0[j])
+                    a00 = _vfma(w, x0, a00)
+                    a01 = _vfma(w, x1, a01)
+                    w = _vbcast(v1[j])
+                    a10 = _vfma(w, x0, a10)
+                    a11 = _vfma(w, x1, a11)
+                    w = _vbcast(v2[j])
+                    a20 = _vfma(w, x0, a20)
+                    a21 = _vfma(w, x1, a21)
+                    w = _vbcast(v3[j])
+                    a30 = _vfma(w, x0, a30)
+                    a31 = _vfma(w, x1, a31)
+                    w = _vbcast(v4[j])
+                    a40 = _vfma(w, x0, a40)
+                    a41 = _vfma(w, x1, a41)
+                    w = _vbcast(v5[j])
+                    a50 = _vfma(w, x0, a50)
+                    a51 = _vfma(w, x1, a51)
+                    w = _vbcast(v6[j])
+                    a60 = _vfma(w, x0, a60)
+                    a61 = _vfma(w, x1, a61)
+                    w = _vbcast(v7[j])
+                    a70 = _vfma(w, x0, a70)
+                    a71 = _vfma(w, x1, a71)
+                if direct:
+                    ob = (c0 + d0) * ocs + qb + i0
+                    _vstore(out, ob, _vmul(a00, r0))
+                    _vstore(out, ob + _VW, _vmul(a01, r1))
+                    if d0 + 1 < D:
+                        _vstore(out, ob + ocs, _vmul(a10, r0))
+                        _vstore(out, ob + ocs + _VW, _vmul(a11, r1))
+                    if d0 + 2 < D:
+                        _vstore(out, ob + 2 * ocs, _vmul(a20, r0))
+                        _vstore(out, ob + 2 * ocs + _VW, _vmul(a21, r1))
+                    if d0 + 3 < D:
+                        _vstore(out, ob + 3 * ocs, _vmul(a30, r0))
+                        _vstore(out, ob + 3 * ocs + _VW, _vmul(a31, r1))
+                    if d0 + 4 < D:
+                        _vstore(out, ob + 4 * ocs, _vmul(a40, r0))
+                        _vstore(out, ob + 4 * ocs + _VW, _vmul(a41, r1))
+                    if d0 + 5 < D:
+                        _vstore(out, ob + 5 * ocs, _vmul(a50, r0))
+                        _vstore(out, ob + 5 * ocs + _VW, _vmul(a51, r1))
+                    if d0 + 6 < D:
+                        _vstore(out, ob + 6 * ocs, _vmul(a60, r0))
+                        _vstore(out, ob + 6 * ocs + _VW, _vmul(a61, r1))
+                    if d0 + 7 < D:
+                        _vstore(out, ob + 7 * ocs, _vmul(a70, r0))
+                        _vstore(out, ob + 7 * ocs + _VW, _vmul(a71, r1))
+                else:
+                    ob = d0 * QB
+                    _vstore(Ob, ob, _vmul(a00, r0))
+                    _vstore(Ob, ob + _VW, _vmul(a01, r1))
+                    _vstore(Ob, ob + QB, _vmul(a10, r0))
+                    _vstore(Ob, ob + QB + _VW, _vmul(a11, r1))
+                    _vstore(Ob, ob + 2 * QB, _vmul(a20, r0))
+                    _vstore(Ob, ob + 2 * QB + _VW, _vmul(a21, r1))
+                    _vstore(Ob, ob + 3 * QB, _vmul(a30, r0))
+                    _vstore(Ob, ob + 3 * QB + _VW, _vmul(a31, r1))
+                    _vstore(Ob, ob + 4 * QB, _vmul(a40, r0))
+                    _vstore(Ob, ob + 4 * QB + _VW, _vmul(a41, r1))
+                    _vstore(Ob, ob + 5 * QB, _vmul(a50, r0))
+                    _vstore(Ob, ob + 5 * QB + _VW, _vmul(a51, r1))
+                    _vstore(Ob, ob + 6 * QB, _vmul(a60, r0))
+                    _vstore(Ob, ob + 6 * QB + _VW, _vmul(a61, r1))
+                    _vstore(Ob, ob + 7 * QB, _vmul(a70, r0))
+                    _vstore(Ob, ob + 7 * QB + _VW, _vmul(a71, r1))
+            if not direct:
+                ni = min(QB, Sq - i0)
+                if fmo:
                     for d in range(D):
-                        dst[orow + d] = np.float32(0.0)
-                    for j in range(Sk):
-                        p = P[r * Sp + j]
-                        vr = j * D
+                        ob = (c0 + d) * ocs + qb + i0
+                        for i in range(ni):
+                            out[ob + i] = Ob[d * QB + i]
+                else:
+                    for i in range(ni):
+                        ob = (qb + i0 + i) * HD + c0
                         for d in range(D):
-                            dst[orow + d] += p * Vc[vr + d]
-        if fmo:
-            for d in range(D):
-                ob = (c0 + d) * ocs + b * Sq
-                for i in range(Sq):
-                    out[ob + i] = Ob[i * D + d]
+                            out[ob + d] = Ob[d * QB + i]
 
 
 def attention_ref(q, k, v, mask, scale, H):
