@@ -48,7 +48,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit
-from .epilogue import EMPTY1, epilogue_ref, epilogue_tile
+from .epilogue import EMPTY1, EMPTY2, epilogue_ref, epilogue_tile
 from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
 from .table import KernelSpec
 
@@ -1093,6 +1093,69 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
                     while j + VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 1, acc)
                         j += VW
+
+
+@pjit
+def csr_conv_kpanel_ep(sp, koff, data, xf, yw, n, nc, ngroups, cgroups, bias, res, mask, act, lo, hi):
+    """csr_conv_kpanel over positions [0, n) of yw [O, Ly] (n <= Ly, n a multiple of VW) with the fused
+    epilogue applied per N chunk while it is in cache: yw[i, j] = act(sum_k data[k] * xf[koff[k] + j] +
+    bias[i] + res[i, j]), then 0 where mask[j] == 0; yw[i, n:] = 0. bias [O] or length 0; res [O, Lr]
+    (Lr >= n) or shape (0, 0); mask float32 [n] (1 = a real output position) or length 0 (no masking).
+    With yw a [O, L] view of the next conv's packed input (at its padding shift), the masked positions
+    are that layout's padding: the output is handed over without a crop / pack pass."""
+    nout = yw.shape[0]
+    ly = yw.shape[1]
+    nbk = sp.shape[1] - 1
+    nbias = bias.shape[0]
+    nr = res.shape[0]
+    nm = mask.shape[0]
+    gs = (nout + ngroups - 1) // ngroups
+    nch = (n + nc - 1) // nc
+    cs = (nch + cgroups - 1) // cgroups
+    for t in prange(ngroups * cgroups):
+        g = t // cgroups
+        cg = t - g * cgroups
+        r0 = g * gs
+        r1 = min(nout, r0 + gs)
+        for jlo in range(cg * cs * nc, min(n, (cg + 1) * cs * nc), nc):
+            jhi = min(n, jlo + nc)
+            for cb in range(nbk):
+                acc = cb > 0
+                for i in range(r0, r1):
+                    k0 = sp[i, cb]
+                    k1 = sp[i, cb + 1]
+                    if acc and k0 == k1:
+                        continue
+                    yr = yw[i]
+                    j = jlo
+                    while j + 8 * VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
+                        j += 8 * VW
+                    while j + 4 * VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 4, acc)
+                        j += 4 * VW
+                    if j + 2 * VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 2, acc)
+                        j += 2 * VW
+                    while j + VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 1, acc)
+                        j += VW
+            for i in range(r0, r1):
+                seg = yw[i, jlo:jhi]
+                bv = bias[i] if nbias != 0 else np.float32(0.0)
+                if nr != 0:
+                    epilogue_tile(seg, bv, res[i, jlo:jhi], act, lo, hi)
+                else:
+                    epilogue_tile(seg, bv, seg[0:0], act, lo, hi)
+                if nm != 0:
+                    mk = mask[jlo:jhi]
+                    for q in range(jhi - jlo):
+                        seg[q] = seg[q] if mk[q] != 0 else np.float32(0.0)
+        if cg == 0:
+            for i in range(r0, r1):
+                tail = yw[i, n:ly]
+                for q in range(ly - n):
+                    tail[q] = np.float32(0.0)
 
 
 def kpanel_splits(indptr, indices, bcols, K):

@@ -151,3 +151,39 @@ def test_sparse_conv_batch_empty_batch(inner, rng):
     y = np.zeros((0, 5, 4, 4), np.float32)
     conv.sparse_conv_batch("csr", row.prepare(fmt), x, y, 3, 3, (1, 1), (1, 1), (1, 1), inner=inner)
     assert y.shape == (0, 5, 4, 4)
+
+
+@pytest.mark.parametrize("act,with_res,with_mask", [(1, True, True), (0, False, True), (1, True, False)])
+@pytest.mark.parametrize("ngroups,cgroups,nc", [(1, 1, 16), (3, 1, 48), (1, 3, 16)])
+def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups, nc, rng):
+    """csr_conv_kpanel_ep: fused bias / residual / relu, masked positions 0, yw[:, n:] zeroed (a wider
+    [O, Ly] destination, as a view of the next layer's packed input)."""
+    from sparsedge.kernels.epilogue import EMPTY2
+
+    B, C, H, W, O = 2, 6, 5, 7, 11
+    w, fmt, row = _weight("csr", O, C * 9, rng, 0.4)
+    w[3] = 0  # an empty row
+    packed = row.prepare(CSR.from_dense(w))
+    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    geo = conv.batch_geometry(B, C, H, W, 3, 3, 1, 1, 1, 1, 1, 1, conv.batch_tile("csr"))
+    shared, P, RS, IS, L, Npad, size = geo[:7]
+    xf = np.empty(size, np.float32)
+    conv.batch_pack(x, geo, 3, 3, (1, 1), (1, 1), (1, 1), xf)
+    roff = conv.batch_roff(C, 3, 3, 1, 1, 1, 1, shared, RS, L)
+    cols = np.stack([xf[r:r + Npad] for r in roff]).astype(np.float64)
+    bias = rng.standard_normal(O).astype(np.float32)
+    res = rng.standard_normal((O, Npad + 5)).astype(np.float32) if with_res else EMPTY2
+    mask = (rng.random(Npad) < 0.7).astype(np.float32) if with_mask else np.zeros(0, np.float32)
+    ref = w.astype(np.float64) @ cols + bias[:, None]
+    if with_res:
+        ref += res[:, :Npad]
+    if act == 1:
+        ref = np.maximum(ref, 0)
+    if with_mask:
+        ref *= mask[None, :]
+    sp = conv.kpanel_splits(packed[0], packed[1], 27, C * 9)
+    yw = np.full((O, Npad + 21), np.nan, np.float32)
+    conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, Npad, nc, ngroups, cgroups,
+                            bias, res, mask, act, 0.0, 0.0)
+    np.testing.assert_allclose(yw[:, :Npad], ref, rtol=1e-4, atol=1e-4)
+    assert not yw[:, Npad:].any()

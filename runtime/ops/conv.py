@@ -15,6 +15,9 @@ kernels' fused epilogue: y = act(W @ x + bias + r) in the same pass over the out
 """
 from __future__ import annotations
 
+import weakref
+
+import numba
 import numpy as np
 
 from . import NodePlan, Op, register
@@ -42,6 +45,80 @@ def im2col_into(x, cols, kh, kw, stride, padding, dilation, Ho, Wo):
             dst[:, h0:h1, w0:w1] = x[:, ih:ih + (h1 - h0 - 1) * sh + 1:sh, iw:iw + (w1 - w0 - 1) * sw + 1:sw]
 
 
+# per LoadContext: {node name: op} of the ops that take part in the packed hand-off (conv2d, maxpool2d),
+# and the per-shape decisions about which values travel packed (see ``packed_value``)
+_REG: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+HANDOFF = True  # packed hand-off between ops on (False: every value NCHW; for A/B measurements and tests)
+
+
+def _registry(ctx):
+    try:
+        return _REG.setdefault(ctx, {"ops": {}, "prod": None, "values": {}})
+    except TypeError:  # a context that cannot be weakly referenced: no hand-off
+        return None
+
+
+def position_mask(B, IS, RS, cs, Ho, Wo, n):
+    """float32 [n]: 1 at the positions b*IS + oy*RS + ox*cs of real outputs (b < B, oy < Ho, ox < Wo)."""
+    m = np.zeros(n, np.float32)
+    idx = (np.arange(B)[:, None, None] * IS + np.arange(Ho)[None, :, None] * RS
+           + np.arange(Wo)[None, None, :] * cs).ravel()
+    m[idx[idx < n]] = 1.0
+    return m
+
+
+def packed_value(ctx, value, shape, posmap=None):
+    """Layout dict when ``value`` (of ``shape``) is handed over in the packed layout of its conv consumers
+    (the producer writes it straight into their input buffer, zero padding included), else None.
+
+    The producer decides (it plans first) and passes ``posmap`` = (IS, RS, cs, n): its output positions
+    b*IS + oy*RS + ox*cs, n of them computed; consumers ask later without ``posmap`` and get that decision.
+    Conditions: the value is no graph output; every consumer is a registered conv2d reading it as input 0
+    or 3 (fused residual); the readers of input 0 all run the batched direct path on one shared-padding
+    geometry whose position map is the producer's. Residual readers take it packed when their own output
+    positions match, else unpack it (``unpack``)."""
+    reg = _registry(ctx)
+    if reg is None or ctx.graph is None or not HANDOFF:
+        return None
+    key = (value, tuple(shape))
+    if posmap is None:
+        return reg["values"].get(key)
+    res = _packed_value(ctx, reg, value, tuple(shape), posmap)
+    reg["values"][key] = res
+    return res
+
+
+def _packed_value(ctx, reg, value, shape, pm):
+    if value in {v.name for v in ctx.graph.outputs} or len(shape) != 4:
+        return None
+    cons = ctx.consumers(value)
+    lay = None
+    for node, k in cons:
+        op = reg["ops"].get(node.name)
+        if op is None or not isinstance(op, Conv2d) or k not in (0, 3):
+            return None
+        if k == 0:
+            il = op.in_layout(shape)
+            if il is None or (lay is not None and il != lay):
+                return None
+            lay = il
+    if lay is None:
+        return None
+    IS, RS, cs, shift, L, size = lay[:6]
+    O = int(shape[1])
+    if (pm[0], pm[1], pm[2]) != (IS, RS, cs) or pm[3] > L or shift + O * L > size:
+        return None
+    return {"key": ("packed", value), "IS": IS, "RS": RS, "cs": cs, "shift": shift, "L": L, "size": size,
+            "C": O, "in_layout": lay}
+
+
+def packed_view(buf, lay):
+    """[C, L] view of a packed buffer at the layout's padding shift: element [c, p] holds position p of
+    channel c (C-contiguous 2-D, as the kernels take it)."""
+    sh, L, C = lay["shift"], lay["L"], lay["C"]
+    return buf[sh:sh + C * L].reshape(C, L)
+
+
 @register("conv2d")
 class Conv2d(Op):
     weight = True
@@ -67,6 +144,10 @@ class Conv2d(Op):
             self.k = kconv
         except Exception:  # the numba leaves are optional: numpy fallbacks below
             self.k = None
+        self._bdc: dict = {}
+        reg = _registry(ctx)
+        if reg is not None:
+            reg["ops"][node.name] = self
 
     def _dense_w(self):
         if self._wd is None:
@@ -76,6 +157,18 @@ class Conv2d(Op):
         return self._wd
 
     def plan(self, ins, outs, env):
+        np_ = self._plan(ins, outs, env)
+        if self.has_res and not isinstance(np_.data, dict):
+            lres = packed_value(self.ctx, self.node.inputs[3], outs[0][0])
+            if lres is not None:
+                # a path without packed residual reads: unpack the residual into an NCHW scratch first
+                data = ("unpackres", np_.data, len(np_.scratch), len(np_.shared), lres)
+                return NodePlan(scratch=list(np_.scratch) + [(tuple(outs[0][0]), "float32")],
+                                shared=list(np_.shared) + [(lres["key"], (lres["size"],), "float32")], data=data,
+                                kernel=np_.kernel + "+unpack residual")
+        return np_
+
+    def _plan(self, ins, outs, env):
         _, C, H, W = ins[0][0]
         _, O, Ho, Wo = outs[0][0]
         npix = Ho * Wo
@@ -109,32 +202,11 @@ class Conv2d(Op):
             return NodePlan(scratch=scratch, data=("bgemm", choice, Ho, Wo), kernel=choice.name)
         choice = self.ctx.selector.choose(self.name, "conv2d", self.wf, npix)
         kind = self._direct_kind(choice)
-        if kind is not None:
-            # sparse k x k / strided conv without im2col, the whole batch in one call (kernels/conv.py
-            # sparse_conv_batch): packed input [size] and wide output [O, Npad] in the arena scratch
-            k = self.k
-            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-            geo = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind))
-            shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
-            plane = kind == "csr" and choice.packed[2].shape[0] < self.PLANE_MAX_NNZ_ROW * O
-            inner = False
-            if not plane and Nb >= 2 and npix >= self.INNER_MIN_PIX:
-                geo_in = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind),
-                                          True)
-                if geo_in[5] <= self.INNER_MAX_FRAC * Npad or (npix <= self.INNER_SMALL_PIX and geo_in[5] <= Npad):
-                    inner, geo = True, geo_in
-                    shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
-            if (Ho2, Wo2) == (Ho, Wo) and self._direct_pays(kind, plane, Npad, Nb, (Ho - 1) * RS + Wo, npix):
-                if self.DIRECT_NOTE not in choice.why:
-                    choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
-                cs = k.geo_cs(geo, Nb)
-                roff = k.batch_roff(C, self.kh, self.kw, sh, sw, dh, dw, shared, RS, L, cs)
-                koff = roff[choice.packed[1]].astype(np.int32) if kind == "csr" else None
-                kp = (k.kpanel_plan(choice.packed, geo, C, self.kh, self.kw, dh, dw, sh, sw, cs)
-                      if kind == "csr" and not plane else None)
-                scratch = [((size,), "float32")] if plane else [((size,), "float32"), ((O, Npad), "float32")]
-                return NodePlan(scratch=scratch, data=("bdirect", choice, Ho, Wo, kind, geo, (roff, koff, plane, kp, inner)),
-                                kernel=f"{choice.name}+{self.DIRECT_NOTE}")
+        bd = self._bd(ins[0][0])
+        if bd is not None:
+            if self.DIRECT_NOTE not in choice.why:
+                choice.why = f"{choice.why}; {self.DIRECT_NOTE}"
+            return self._plan_bdirect(bd, outs[0][0])
         if kind is not None and self.stride == (1, 1):
             # per image (sparse_conv_s1) where the batched layout computes too many padding positions
             # (valid convs on short images, batch 1 on tiny grids)
@@ -148,6 +220,135 @@ class Conv2d(Op):
                                 data=("direct", choice, Ho, Wo, kind), kernel=f"{choice.name}+{self.DIRECT_NOTE}")
         scratch = [] if self.pointwise else [((C * self.kh * self.kw, npix), "float32")]
         return NodePlan(scratch=scratch, data=("gemm", choice, Ho, Wo), kernel=choice.name)
+
+    def _bd(self, in_shape):
+        """The batched direct path's decision for input shape [B, C, H, W] (cached): dict with kind,
+        choice, geo, roff, koff, plane, kp, inner, Ho, Wo; None when another path runs the layer."""
+        key = tuple(int(d) for d in in_shape)
+        if key in self._bdc:
+            return self._bdc[key]
+        self._bdc[key] = r = self._bd_compute(key)
+        return r
+
+    def _bd_compute(self, in_shape):
+        if self.k is None or self.depthwise or self.g > 1 or len(in_shape) != 4:
+            return None
+        Nb, C, H, W = in_shape
+        k = self.k
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        Ho, Wo = k.conv_out_size(H, self.kh, sh, ph, dh), k.conv_out_size(W, self.kw, sw, pw, dw)
+        O, npix = self.O, Ho * Wo
+        if Ho <= 0 or Wo <= 0:
+            return None
+        if Nb >= 2 and npix < self.BATCH_PIX and self._blas_choice(npix):
+            return None
+        choice = self.ctx.selector.choose(self.name, "conv2d", self.wf, npix)
+        kind = self._direct_kind(choice)
+        if kind is None:
+            return None
+        geo = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind))
+        shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
+        plane = kind == "csr" and choice.packed[2].shape[0] < self.PLANE_MAX_NNZ_ROW * O
+        inner = False
+        if not plane and Nb >= 2 and npix >= self.INNER_MIN_PIX:
+            geo_in = k.batch_geometry(Nb, C, H, W, self.kh, self.kw, sh, sw, ph, pw, dh, dw, k.batch_tile(kind), True)
+            if geo_in[5] <= self.INNER_MAX_FRAC * Npad or (npix <= self.INNER_SMALL_PIX and geo_in[5] <= Npad):
+                inner, geo = True, geo_in
+                shared, P, RS, IS, L, Npad, size, Ho2, Wo2 = geo
+        if (Ho2, Wo2) != (Ho, Wo) or not self._direct_pays(kind, plane, Npad, Nb, (Ho - 1) * RS + Wo, npix):
+            return None
+        cs = k.geo_cs(geo, Nb)
+        roff = k.batch_roff(C, self.kh, self.kw, sh, sw, dh, dw, shared, RS, L, cs)
+        koff = roff[choice.packed[1]].astype(np.int32) if kind == "csr" else None
+        kp = (k.kpanel_plan(choice.packed, geo, C, self.kh, self.kw, dh, dw, sh, sw, cs)
+              if kind == "csr" and not plane else None)
+        return {"kind": kind, "choice": choice, "geo": geo, "roff": roff, "koff": koff, "plane": plane, "kp": kp,
+                "inner": inner, "Ho": Ho, "Wo": Wo, "cs": cs, "B": Nb, "in_shape": tuple(in_shape)}
+
+    def in_layout(self, in_shape):
+        """(IS, RS, cs, shift, L, size, shared, ph, pw) of the packed input this conv reads when it runs the
+        batched CSR kpanel path on a shared-padding layout (stride 1), else None. Input pixel (b, c, iy, ix)
+        sits at c*L + shift + b*IS + iy*RS + ix*cs, everything else of the buffer is zero."""
+        bd = self._bd(in_shape)
+        if bd is None or bd["kind"] != "csr" or bd["plane"]:
+            return None
+        shared, P, RS, IS, L, Npad, size = bd["geo"][:7]
+        if not (shared is True or shared == 2) or P != 1:
+            return None
+        cs = bd["cs"]
+        ph, pw = self.padding
+        return (IS, RS, cs, ph * RS + pw * cs, L, size, shared, ph, pw)
+
+    def out_posmap(self, in_shape):
+        """(IS, RS, cs, n): output (b, o, oy, ox) computed at position b*IS + oy*RS + ox*cs of row o, n
+        positions per row, when this conv runs the batched CSR kpanel path, else None."""
+        bd = self._bd(in_shape)
+        if bd is None or bd["kind"] != "csr" or bd["plane"]:
+            return None
+        geo = bd["geo"]
+        return (geo[3], geo[2], bd["cs"], geo[5])
+
+    def _plan_bdirect(self, bd, out_shape):
+        """NodePlan of the batched direct path; CSR kpanel layers take part in the packed hand-off
+        (``packed_value``): input read from the producer's packed buffer (no pack), output written
+        into the consumers' packed buffer (no crop), residual read packed."""
+        k = self.k
+        geo, kind, choice, plane = bd["geo"], bd["kind"], bd["choice"], bd["plane"]
+        shared, P, RS, IS, L, Npad, size = geo[:7]
+        O, cs, B = self.O, bd["cs"], bd["B"]
+        x_name = self.node.inputs[0]
+        data = {"mode": "bdirect", "bd": bd, "in": None, "out": None, "res": None, "res_mode": None}
+        scratch, shared_l = [], []
+
+        def add_shared(lay):
+            shared_l.append((lay["key"], (lay["size"],), "float32"))
+            return len(shared_l) - 1
+
+        if kind == "csr" and not plane:
+            in_shape = bd["in_shape"]
+            lin = packed_value(self.ctx, x_name, in_shape)
+            if lin is not None and self.in_layout(in_shape) == lin["in_layout"]:
+                data["in"] = (add_shared(lin), lin)
+            pm = self.out_posmap(in_shape)
+            lout = packed_value(self.ctx, self.node.outputs[0], out_shape, posmap=pm)
+            if lout is not None:
+                data["out"] = (add_shared(lout), lout)
+        if self.has_res:
+            lres = packed_value(self.ctx, self.node.inputs[3], out_shape)
+            if lres is not None:
+                ri = add_shared(lres)
+                if (kind == "csr" and not plane and (lres["IS"], lres["RS"], lres["cs"]) == (IS, RS, cs)
+                        and Npad <= lres["L"]):
+                    data["res"], data["res_mode"] = (ri, lres), "packed"
+                else:  # positions differ (or a kernel without packed residual reads): unpack into NCHW
+                    data["res"], data["res_mode"] = (ri, lres), "unpack"
+        if data["in"] is None:
+            data["xf"] = len(scratch)
+            scratch.append(((size,), "float32"))
+        if data["res_mode"] == "unpack":
+            data["res_nchw"] = len(scratch)
+            scratch.append((tuple(out_shape), "float32"))
+        elif self.has_res and data["res_mode"] is None and data["out"] is not None:
+            # NCHW residual, packed output: the residual is packed into the output's layout first
+            data["res_mode"] = "pack"
+            data["res_pk"] = len(scratch)
+            scratch.append(((data["out"][1]["size"],), "float32"))
+        if data["out"] is None and not plane:
+            data["yw"] = len(scratch)
+            scratch.append(((O, Npad), "float32"))
+        if kind == "csr" and not plane:
+            if data["out"] is not None:
+                data["mask"] = position_mask(B, IS, RS, cs, bd["Ho"], bd["Wo"], Npad)
+        data["nscratch"] = len(scratch)
+        parts = [self.DIRECT_NOTE]
+        if data["in"] is not None:
+            parts.append("packed in")
+        if data["out"] is not None:
+            parts.append("packed out")
+        if data["res_mode"] == "unpack":
+            parts.append("unpack residual")
+        return NodePlan(scratch=scratch, shared=shared_l, data=data,
+                        kernel=f"{choice.name}+{'+'.join(parts)}")
 
     DIRECT_NOTE = "direct shifted conv"
 
@@ -227,6 +428,86 @@ class Conv2d(Op):
                             bias=self.bias, act=self.act, residual=res, work=(scratch[0], scratch[-1]), roff=roff[0],
                             koff=roff[1], plane=roff[2], kpanel=roff[3], inner=roff[4])
 
+    def _run_bd(self, ins, outs, scratch, data):
+        """The batched direct path (see ``_plan_bdirect``)."""
+        k = self.k
+        bd = data["bd"]
+        kind, choice, geo = bd["kind"], bd["choice"], bd["geo"]
+        shared, P, RS, IS, L, Npad, size = geo[:7]
+        cs = bd["cs"]
+        y = outs[0]
+        nsc = data["nscratch"]
+        res_nchw = None
+        bias = k.EMPTY1 if self.bias is None else self.bias
+        if data["in"] is not None:
+            xf = scratch[nsc + data["in"][0]]
+        else:
+            x = ins[0] if ins[0].flags.c_contiguous else np.ascontiguousarray(ins[0])
+            xf = scratch[data["xf"]]
+            k.batch_pack(x, geo, self.kh, self.kw, self.stride, self.padding, self.dilation, xf)
+        rm = data["res_mode"]
+        if rm == "unpack":
+            lr = data["res"][1]
+            res_nchw = scratch[data["res_nchw"]]
+            k.crop_batch(packed_view(scratch[nsc + data["res"][0]], lr), lr["IS"], lr["RS"], lr["cs"], res_nchw,
+                         k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
+        if kind != "csr" or bd["plane"]:
+            res = (res_nchw if rm == "unpack" else ins[3]) if self.has_res else None
+            if res is not None and not res.flags.c_contiguous:
+                res = np.ascontiguousarray(res)
+            if kind == "csr":
+                k.csr_conv_plane(choice.packed[0], bd["koff"], choice.packed[2], xf, IS, RS, y, bias,
+                                 k.EMPTY4 if res is None else res, self.act, 0.0, 0.0)
+                return
+            yw = scratch[data["yw"]]
+            k.bsr_conv_s1(choice.packed[0], choice.packed[1], choice.packed[2], choice.packed[3], xf, bd["roff"], yw)
+            k.crop_batch(yw, IS, RS, cs, y, bias, k.EMPTY4 if res is None else res, self.act, 0.0, 0.0)
+            return
+        res2d = None
+        if self.has_res:
+            if rm == "packed":
+                res2d = packed_view(scratch[nsc + data["res"][0]], data["res"][1])
+            elif rm == "unpack":
+                pass  # res_nchw unpacked above
+            else:
+                res_nchw = ins[3] if ins[3].flags.c_contiguous else np.ascontiguousarray(ins[3])
+                if rm == "pack":
+                    lo = data["out"][1]
+                    buf = scratch[data["res_pk"]]
+                    self._pack_like(res_nchw, lo, buf)
+                    res2d = packed_view(buf, lo)
+                    res_nchw = None
+        sp, nc = bd["kp"]
+        nt = numba.get_num_threads()
+        ng, cg = (1, nt) if -(-Npad // nc) >= k.KPANEL_CHUNK_SPLIT * nt else (nt, 1)
+        if data["out"] is not None:
+            lo = data["out"][1]
+            buf = scratch[nsc + data["out"][0]]
+            yw = packed_view(buf, lo)
+            k.csr_conv_kpanel_ep(sp, bd["koff"], choice.packed[2], xf, yw, Npad, nc, ng, cg, bias,
+                                 k.EMPTY2 if res2d is None else res2d, data["mask"], self.act, 0.0, 0.0)
+            sh = lo["shift"]
+            buf[:sh] = 0.0
+            buf[sh + lo["C"] * lo["L"]:] = 0.0
+            return
+        yw = scratch[data["yw"]]
+        if res2d is not None:
+            k.csr_conv_kpanel_ep(sp, bd["koff"], choice.packed[2], xf, yw, Npad, nc, ng, cg, bias, res2d, k.EMPTY1,
+                                 self.act, 0.0, 0.0)
+            k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
+            return
+        k.csr_conv_kpanel(sp, bd["koff"], choice.packed[2], xf, yw, nc, ng, cg)
+        k.crop_batch(yw, IS, RS, cs, y, bias, k.EMPTY4 if res_nchw is None else res_nchw, self.act, 0.0, 0.0)
+
+    def _pack_like(self, x, lay, buf):
+        """Pack x [B, C, H, W] into ``buf`` in the shared-padding layout ``lay`` (a ``packed_value`` dict)."""
+        k = self.k
+        _, _, _, _, _, _, shared, ph, pw = lay["in_layout"]
+        if shared == 2:
+            k.pack_inner(x, int(ph), int(pw), lay["L"], buf)
+        else:
+            k.pack_shared(x, int(ph), int(pw), lay["L"], buf)
+
     def _run_direct(self, x, y, res, choice, kind, scratch):
         """Per image: sparse_conv_s1 with the fused epilogue; work buffers from the plan's scratch."""
         work = (scratch[0], scratch[1])
@@ -264,6 +545,14 @@ class Conv2d(Op):
         np.copyto(y.reshape(Nb, self.O, npix), yb.reshape(self.O, Nb, npix).transpose(1, 0, 2))
 
     def run(self, ins, outs, scratch, data):
+        if isinstance(data, dict):
+            return self._run_bd(ins, outs, scratch, data)
+        if data[0] == "unpackres":
+            _, inner, ns, nh, lr = data
+            r = scratch[ns]
+            self.k.crop_batch(packed_view(scratch[ns + 1 + nh], lr), lr["IS"], lr["RS"], lr["cs"], r,
+                              self.k.EMPTY1, self.k.EMPTY4, 0, 0.0, 0.0)
+            return self.run(list(ins[:3]) + [r], outs, list(scratch[:ns]) + list(scratch[ns + 1:ns + 1 + nh]), inner)
         mode, choice, Ho, Wo = data[:4]
         x, y = ins[0], outs[0]
         res = ins[3] if self.has_res else None
