@@ -499,6 +499,7 @@ from .simd import vbcast as _vbcast  # noqa: E402
 from .simd import vfma as _vfma  # noqa: E402
 from .simd import vload as _vload  # noqa: E402
 from .simd import vstore as _vstore  # noqa: E402
+from .simd import vprefetch as _vprefetch  # noqa: E402
 from .simd import vzero as _vzero  # noqa: E402
 
 
@@ -561,14 +562,18 @@ def _vfn(builder, name, nargs):
                                            f"llvm.{name}.v{_VW}f32")
 
 
+# exp(r) ~ 1 + r + r^2 (Q2 + Q3 r + Q4 r^2 + Q5 r^3) on [-ln2/2, ln2/2]: a degree-5 minimax fit
+# (relative error 1.1e-7; 1.7e-7 evaluated in float32), two FMAs fewer than Cephes' degree 7
+_Q2, _Q3 = np.float32(0.499992311000824), np.float32(0.16667114198207855)
+_Q4, _Q5 = np.float32(0.041890114545822144), np.float32(0.008312525227665901)
 _EXP_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
 
 
 @_intrinsic
 def _vexp(typingctx, v):
-    """exp of every lane of an f32vec for arguments <= 0 (softmax feeds x - max): Cephes expf as
-    ``exp_f32`` in vector IR (k = round(x / ln 2) by the 1.5 * 2**23 trick, whose low bits are k:
-    no floor / convert), relative error <= 2e-7. 0 below -87.3 (and for -inf: no denormals), NaN for
+    """exp of every lane of an f32vec for arguments <= 0 (softmax feeds x - max): Cephes' range
+    reduction as ``exp_f32``, a degree-5 polynomial, in vector IR (k = round(x / ln 2) by the 1.5 * 2**23 trick, whose low bits are k:
+    no floor / convert), relative error <= 2e-7 (float32 evaluation). 0 below -87.3 (and for -inf: no denormals), NaN for
     NaN (no clamp, so a NaN flows through the arithmetic)."""
     if not isinstance(v, _F32Vec):
         return None
@@ -581,9 +586,9 @@ def _vexp(typingctx, v):
         r = builder.call(fma, [kf, _vconst(-_LN2_HI), x])
         r = builder.call(fma, [kf, _vconst(-_LN2_LO), r])
         r2 = builder.fmul(r, r)
-        p = builder.call(fma, [_vconst(_P0), r, _vconst(_P1)])
-        for c in (_P2, _P3, _P4, _P5):
-            p = builder.call(fma, [p, r, _vconst(c)])
+        p = builder.call(fma, [_vconst(_Q5), r, _vconst(_Q4)])
+        p = builder.call(fma, [p, r, _vconst(_Q3)])
+        p = builder.call(fma, [p, r, _vconst(_Q2)])
         p = builder.call(fma, [p, r2, r])
         p = builder.fadd(p, _vconst(1.0))
         vi = _ir.VectorType(_ir.IntType(32), _VW)
@@ -670,284 +675,308 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
     hm = mask.shape[0] > 0
     Bm = max(mask.shape[0], 1)
     fmo = ocs != 1
-    for t in prange(B * H):
-        b = t // H
-        c0 = (t - b * H) * D
-        qb = b * Sq
-        kb = b * Sk
+    ntask = B * H
+    # 24 contiguous runs of (b, h) tasks (even shares for 1, 2, 3, 4, 6, 8 threads), buffers
+    # allocated once per run (numba.get_num_threads() here would make the function uncacheable)
+    nch = max(min(24, ntask), 1)
+    for c in prange(nch):
+        t0 = c * ntask // nch
+        t1 = (c + 1) * ntask // nch
         Qt = np.empty(D1 * Sqp, np.float32)
         Kt = np.empty(D1 * Skp, np.float32)
         Vt = np.empty(Dp * Skp, np.float32)
         P = np.empty(Skp * QB, np.float32)
         Ob = np.empty(Dp * QB, np.float32)
         Mr = np.zeros(Skp, np.float32)
-        if hm:
-            mi = b % Bm
-            for j in range(Sk):
-                Mr[j] = mask[mi, j]
-        for j in range(Sk, Skp):
-            Mr[j] = _NINF32  # padded keys: out of the running max
-        if ldq == 1:  # feature-major: a head's column d is contiguous over tokens
-            for d in range(D):
-                _copy_f32(Qt, d * Sqp, q, qb + (c0 + d) * cs, Sq)
-        else:
-            for i in range(Sq):
-                src = (qb + i) * ldq + c0 * cs
-                for d in range(D):
-                    Qt[d * Sqp + i] = q[src + d * cs]
-        if ldkv == 1:
-            for d in range(D):
-                _copy_f32(Kt, d * Skp, k, kb + (c0 + d) * cs, Sk)
-                _copy_f32(Vt, d * Skp, v, kb + (c0 + d) * cs, Sk)
-        else:
-            for j in range(Sk):
-                src = (kb + j) * ldkv + c0 * cs
-                for d in range(D):
-                    Kt[d * Skp + j] = k[src + d * cs]
-                    Vt[d * Skp + j] = v[src + d * cs]
-        for d in range(D):
-            for i in range(Sq, Sqp):
-                Qt[d * Sqp + i] = np.float32(0.0)
-            for j in range(Sk, Skp):
-                Kt[d * Skp + j] = np.float32(0.0)
-        for d in range(D, Dp):
-            for j in range(Skp):
-                Vt[d * Skp + j] = np.float32(0.0)
-        vs = _vbcast(scale)
-        for i0 in range(0, Sqp, QB):
-            # S^T = K Q^T * scale + mask, 8 keys x 2 query vectors per register tile; running max
-            m0 = _vbcast(_NINF32)
-            m1 = m0
-            m2 = m0
-            m3 = m0
-            for j0 in range(0, Skp, 8):
-                a00 = _vzero()
-                a01 = _vzero()
-                a10 = _vzero()
-                a11 = _vzero()
-                a20 = _vzero()
-                a21 = _vzero()
-                a30 = _vzero()
-                a31 = _vzero()
-                a40 = _vzero()
-                a41 = _vzero()
-                a50 = _vzero()
-                a51 = _vzero()
-                a60 = _vzero()
-                a61 = _vzero()
-                a70 = _vzero()
-                a71 = _vzero()
-                for d in range(D):
-                    qo = d * Sqp + i0
-                    x0 = _vload(Qt, qo)
-                    x1 = _vload(Qt, qo + _VW)
-                    ko = d * Skp + j0
-                    w = _vbcast(Kt[ko])
-                    a00 = _vfma(w, x0, a00)
-                    a01 = _vfma(w, x1, a01)
-                    w = _vbcast(Kt[ko + 1])
-                    a10 = _vfma(w, x0, a10)
-                    a11 = _vfma(w, x1, a11)
-                    w = _vbcast(Kt[ko + 2])
-                    a20 = _vfma(w, x0, a20)
-                    a21 = _vfma(w, x1, a21)
-                    w = _vbcast(Kt[ko + 3])
-                    a30 = _vfma(w, x0, a30)
-                    a31 = _vfma(w, x1, a31)
-                    w = _vbcast(Kt[ko + 4])
-                    a40 = _vfma(w, x0, a40)
-                    a41 = _vfma(w, x1, a41)
-                    w = _vbcast(Kt[ko + 5])
-                    a50 = _vfma(w, x0, a50)
-                    a51 = _vfma(w, x1, a51)
-                    w = _vbcast(Kt[ko + 6])
-                    a60 = _vfma(w, x0, a60)
-                    a61 = _vfma(w, x1, a61)
-                    w = _vbcast(Kt[ko + 7])
-                    a70 = _vfma(w, x0, a70)
-                    a71 = _vfma(w, x1, a71)
-                po = j0 * QB
-                w = _vbcast(Mr[j0])
-                x0 = _vfma(a00, vs, w)
-                x1 = _vfma(a01, vs, w)
-                _vstore(P, po, x0)
-                _vstore(P, po + _VW, x1)
-                m0 = _vmaxo(x0, m0)
-                m1 = _vmaxo(x1, m1)
-                w = _vbcast(Mr[j0 + 1])
-                x0 = _vfma(a10, vs, w)
-                x1 = _vfma(a11, vs, w)
-                _vstore(P, po + QB, x0)
-                _vstore(P, po + QB + _VW, x1)
-                m2 = _vmaxo(x0, m2)
-                m3 = _vmaxo(x1, m3)
-                w = _vbcast(Mr[j0 + 2])
-                x0 = _vfma(a20, vs, w)
-                x1 = _vfma(a21, vs, w)
-                _vstore(P, po + 2 * QB, x0)
-                _vstore(P, po + 2 * QB + _VW, x1)
-                m0 = _vmaxo(x0, m0)
-                m1 = _vmaxo(x1, m1)
-                w = _vbcast(Mr[j0 + 3])
-                x0 = _vfma(a30, vs, w)
-                x1 = _vfma(a31, vs, w)
-                _vstore(P, po + 3 * QB, x0)
-                _vstore(P, po + 3 * QB + _VW, x1)
-                m2 = _vmaxo(x0, m2)
-                m3 = _vmaxo(x1, m3)
-                w = _vbcast(Mr[j0 + 4])
-                x0 = _vfma(a40, vs, w)
-                x1 = _vfma(a41, vs, w)
-                _vstore(P, po + 4 * QB, x0)
-                _vstore(P, po + 4 * QB + _VW, x1)
-                m0 = _vmaxo(x0, m0)
-                m1 = _vmaxo(x1, m1)
-                w = _vbcast(Mr[j0 + 5])
-                x0 = _vfma(a50, vs, w)
-                x1 = _vfma(a51, vs, w)
-                _vstore(P, po + 5 * QB, x0)
-                _vstore(P, po + 5 * QB + _VW, x1)
-                m2 = _vmaxo(x0, m2)
-                m3 = _vmaxo(x1, m3)
-                w = _vbcast(Mr[j0 + 6])
-                x0 = _vfma(a60, vs, w)
-                x1 = _vfma(a61, vs, w)
-                _vstore(P, po + 6 * QB, x0)
-                _vstore(P, po + 6 * QB + _VW, x1)
-                m0 = _vmaxo(x0, m0)
-                m1 = _vmaxo(x1, m1)
-                w = _vbcast(Mr[j0 + 7])
-                x0 = _vfma(a70, vs, w)
-                x1 = _vfma(a71, vs, w)
-                _vstore(P, po + 7 * QB, x0)
-                _vstore(P, po + 7 * QB + _VW, x1)
-                m2 = _vmaxo(x0, m2)
-                m3 = _vmaxo(x1, m3)
-            # softmax over keys, lane-wise (each lane is one query); normalised after P V
-            m0 = _vmaxo(m2, m0)
-            m1 = _vmaxo(m3, m1)
-            s0 = _vzero()
-            s1 = _vzero()
-            for j in range(Sk):
-                e0 = _vexp(_vsub(_vload(P, j * QB), m0))
-                e1 = _vexp(_vsub(_vload(P, j * QB + _VW), m1))
-                _vstore(P, j * QB, e0)
-                _vstore(P, j * QB + _VW, e1)
-                s0 = _vadd(s0, e0)
-                s1 = _vadd(s1, e1)
-            r0 = _vrcp(s0)
-            r1 = _vrcp(s1)
-            direct = fmo and i0 + QB <= Sq
-            # O^T = V^T P^T, 8 head dims x 2 query vectors per register tile
-            for d0 in range(0, Dp, 8):
-                a00 = _vzero()
-                a01 = _vzero()
-                a10 = _vzero()
-                a11 = _vzero()
-                a20 = _vzero()
-                a21 = _vzero()
-                a30 = _vzero()
-                a31 = _vzero()
-                a40 = _vzero()
-                a41 = _vzero()
-                a50 = _vzero()
-                a51 = _vzero()
-                a60 = _vzero()
-                a61 = _vzero()
-                a70 = _vzero()
-                a71 = _vzero()
-                vo = d0 * Skp
-                v0 = Vt[vo:vo + Skp]
-                v1 = Vt[vo + Skp:vo + 2 * Skp]
-                v2 = Vt[vo + 2 * Skp:vo + 3 * Skp]
-                v3 = Vt[vo + 3 * Skp:vo + 4 * Skp]
-                v4 = Vt[vo + 4 * Skp:vo + 5 * Skp]
-                v5 = Vt[vo + 5 * Skp:vo + 6 * Skp]
-                v6 = Vt[vo + 6 * Skp:vo + 7 * Skp]
-                v7 = Vt[vo + 7 * Skp:vo + 8 * Skp]
+        for t in range(t0, t1):
+            b = t // H
+            c0 = (t - b * H) * D
+            qb = b * Sq
+            kb = b * Sk
+            if hm:
+                mi = b % Bm
                 for j in range(Sk):
-                    po = j * QB
-                    x0 = _vload(P, po)
-                    x1 = _vload(P, po + _VW)
-                    w = _vbcast(v0[j])
-                    a00 = _vfma(w, x0, a00)
-                    a01 = _vfma(w, x1, a01)
-                    w = _vbcast(v1[j])
-                    a10 = _vfma(w, x0, a10)
-                    a11 = _vfma(w, x1, a11)
-                    w = _vbcast(v2[j])
-                    a20 = _vfma(w, x0, a20)
-                    a21 = _vfma(w, x1, a21)
-                    w = _vbcast(v3[j])
-                    a30 = _vfma(w, x0, a30)
-                    a31 = _vfma(w, x1, a31)
-                    w = _vbcast(v4[j])
-                    a40 = _vfma(w, x0, a40)
-                    a41 = _vfma(w, x1, a41)
-                    w = _vbcast(v5[j])
-                    a50 = _vfma(w, x0, a50)
-                    a51 = _vfma(w, x1, a51)
-                    w = _vbcast(v6[j])
-                    a60 = _vfma(w, x0, a60)
-                    a61 = _vfma(w, x1, a61)
-                    w = _vbcast(v7[j])
-                    a70 = _vfma(w, x0, a70)
-                    a71 = _vfma(w, x1, a71)
-                if direct:
-                    ob = (c0 + d0) * ocs + qb + i0
-                    _vstore(out, ob, _vmul(a00, r0))
-                    _vstore(out, ob + _VW, _vmul(a01, r1))
-                    if d0 + 1 < D:
-                        _vstore(out, ob + ocs, _vmul(a10, r0))
-                        _vstore(out, ob + ocs + _VW, _vmul(a11, r1))
-                    if d0 + 2 < D:
-                        _vstore(out, ob + 2 * ocs, _vmul(a20, r0))
-                        _vstore(out, ob + 2 * ocs + _VW, _vmul(a21, r1))
-                    if d0 + 3 < D:
-                        _vstore(out, ob + 3 * ocs, _vmul(a30, r0))
-                        _vstore(out, ob + 3 * ocs + _VW, _vmul(a31, r1))
-                    if d0 + 4 < D:
-                        _vstore(out, ob + 4 * ocs, _vmul(a40, r0))
-                        _vstore(out, ob + 4 * ocs + _VW, _vmul(a41, r1))
-                    if d0 + 5 < D:
-                        _vstore(out, ob + 5 * ocs, _vmul(a50, r0))
-                        _vstore(out, ob + 5 * ocs + _VW, _vmul(a51, r1))
-                    if d0 + 6 < D:
-                        _vstore(out, ob + 6 * ocs, _vmul(a60, r0))
-                        _vstore(out, ob + 6 * ocs + _VW, _vmul(a61, r1))
-                    if d0 + 7 < D:
-                        _vstore(out, ob + 7 * ocs, _vmul(a70, r0))
-                        _vstore(out, ob + 7 * ocs + _VW, _vmul(a71, r1))
-                else:
-                    ob = d0 * QB
-                    _vstore(Ob, ob, _vmul(a00, r0))
-                    _vstore(Ob, ob + _VW, _vmul(a01, r1))
-                    _vstore(Ob, ob + QB, _vmul(a10, r0))
-                    _vstore(Ob, ob + QB + _VW, _vmul(a11, r1))
-                    _vstore(Ob, ob + 2 * QB, _vmul(a20, r0))
-                    _vstore(Ob, ob + 2 * QB + _VW, _vmul(a21, r1))
-                    _vstore(Ob, ob + 3 * QB, _vmul(a30, r0))
-                    _vstore(Ob, ob + 3 * QB + _VW, _vmul(a31, r1))
-                    _vstore(Ob, ob + 4 * QB, _vmul(a40, r0))
-                    _vstore(Ob, ob + 4 * QB + _VW, _vmul(a41, r1))
-                    _vstore(Ob, ob + 5 * QB, _vmul(a50, r0))
-                    _vstore(Ob, ob + 5 * QB + _VW, _vmul(a51, r1))
-                    _vstore(Ob, ob + 6 * QB, _vmul(a60, r0))
-                    _vstore(Ob, ob + 6 * QB + _VW, _vmul(a61, r1))
-                    _vstore(Ob, ob + 7 * QB, _vmul(a70, r0))
-                    _vstore(Ob, ob + 7 * QB + _VW, _vmul(a71, r1))
-            if not direct:
-                ni = min(QB, Sq - i0)
-                if fmo:
+                    Mr[j] = mask[mi, j]
+            else:
+                Mr[:Sk] = np.float32(0.0)
+            for j in range(Sk, Skp):
+                Mr[j] = _NINF32  # padded keys: out of the running max
+            if ldq == 1:  # feature-major: a head's column d is contiguous over tokens
+                for d in range(D):
+                    _copy_f32(Qt, d * Sqp, q, qb + (c0 + d) * cs, Sq)
+            else:
+                for i in range(Sq):
+                    src = (qb + i) * ldq + c0 * cs
                     for d in range(D):
-                        ob = (c0 + d) * ocs + qb + i0
-                        for i in range(ni):
-                            out[ob + i] = Ob[d * QB + i]
-                else:
-                    for i in range(ni):
-                        ob = (qb + i0 + i) * HD + c0
+                        Qt[d * Sqp + i] = q[src + d * cs]
+            if ldkv == 1:
+                for d in range(D):
+                    _copy_f32(Kt, d * Skp, k, kb + (c0 + d) * cs, Sk)
+                    _copy_f32(Vt, d * Skp, v, kb + (c0 + d) * cs, Sk)
+            else:
+                for j in range(Sk):
+                    src = (kb + j) * ldkv + c0 * cs
+                    for d in range(D):
+                        Kt[d * Skp + j] = k[src + d * cs]
+                        Vt[d * Skp + j] = v[src + d * cs]
+            for d in range(D):
+                for i in range(Sq, Sqp):
+                    Qt[d * Sqp + i] = np.float32(0.0)
+                for j in range(Sk, Skp):
+                    Kt[d * Skp + j] = np.float32(0.0)
+            for d in range(D, Dp):
+                for j in range(Skp):
+                    Vt[d * Skp + j] = np.float32(0.0)
+            vs = _vbcast(scale)
+            # feature-major inputs: prefetch the next task's (with static scheduling, this thread's next head's) q, k, v rows,
+            # one head dim per QK tile, so its copies above read L2 instead of L3 / DRAM
+            pfd = D if (ldq != 1 or ldkv != 1 or t + 1 >= ntask) else 0
+            nb = (t + 1) // H
+            nq = nb * Sq + ((t + 1 - nb * H) * D) * cs
+            nk = nb * Sk + ((t + 1 - nb * H) * D) * cs
+            for i0 in range(0, Sqp, QB):
+                # S^T = K Q^T * scale + mask, 8 keys x 2 query vectors per register tile; running max
+                m0 = _vbcast(_NINF32)
+                m1 = m0
+                m2 = m0
+                m3 = m0
+                for j0 in range(0, Skp, 8):
+                    if pfd < D:
+                        for i in range(0, Sq, 16):
+                            _vprefetch(q, nq + i)
+                        for j in range(0, Sk, 16):
+                            _vprefetch(k, nk + j)
+                            _vprefetch(v, nk + j)
+                        nq += cs
+                        nk += cs
+                        pfd += 1
+                    a00 = _vzero()
+                    a01 = _vzero()
+                    a10 = _vzero()
+                    a11 = _vzero()
+                    a20 = _vzero()
+                    a21 = _vzero()
+                    a30 = _vzero()
+                    a31 = _vzero()
+                    a40 = _vzero()
+                    a41 = _vzero()
+                    a50 = _vzero()
+                    a51 = _vzero()
+                    a60 = _vzero()
+                    a61 = _vzero()
+                    a70 = _vzero()
+                    a71 = _vzero()
+                    for d in range(D):
+                        qo = d * Sqp + i0
+                        x0 = _vload(Qt, qo)
+                        x1 = _vload(Qt, qo + _VW)
+                        ko = d * Skp + j0
+                        w = _vbcast(Kt[ko])
+                        a00 = _vfma(w, x0, a00)
+                        a01 = _vfma(w, x1, a01)
+                        w = _vbcast(Kt[ko + 1])
+                        a10 = _vfma(w, x0, a10)
+                        a11 = _vfma(w, x1, a11)
+                        w = _vbcast(Kt[ko + 2])
+                        a20 = _vfma(w, x0, a20)
+                        a21 = _vfma(w, x1, a21)
+                        w = _vbcast(Kt[ko + 3])
+                        a30 = _vfma(w, x0, a30)
+                        a31 = _vfma(w, x1, a31)
+                        w = _vbcast(Kt[ko + 4])
+                        a40 = _vfma(w, x0, a40)
+                        a41 = _vfma(w, x1, a41)
+                        w = _vbcast(Kt[ko + 5])
+                        a50 = _vfma(w, x0, a50)
+                        a51 = _vfma(w, x1, a51)
+                        w = _vbcast(Kt[ko + 6])
+                        a60 = _vfma(w, x0, a60)
+                        a61 = _vfma(w, x1, a61)
+                        w = _vbcast(Kt[ko + 7])
+                        a70 = _vfma(w, x0, a70)
+                        a71 = _vfma(w, x1, a71)
+                    po = j0 * QB
+                    w = _vbcast(Mr[j0])
+                    x0 = _vfma(a00, vs, w)
+                    x1 = _vfma(a01, vs, w)
+                    _vstore(P, po, x0)
+                    _vstore(P, po + _VW, x1)
+                    m0 = _vmaxo(x0, m0)
+                    m1 = _vmaxo(x1, m1)
+                    w = _vbcast(Mr[j0 + 1])
+                    x0 = _vfma(a10, vs, w)
+                    x1 = _vfma(a11, vs, w)
+                    _vstore(P, po + QB, x0)
+                    _vstore(P, po + QB + _VW, x1)
+                    m2 = _vmaxo(x0, m2)
+                    m3 = _vmaxo(x1, m3)
+                    w = _vbcast(Mr[j0 + 2])
+                    x0 = _vfma(a20, vs, w)
+                    x1 = _vfma(a21, vs, w)
+                    _vstore(P, po + 2 * QB, x0)
+                    _vstore(P, po + 2 * QB + _VW, x1)
+                    m0 = _vmaxo(x0, m0)
+                    m1 = _vmaxo(x1, m1)
+                    w = _vbcast(Mr[j0 + 3])
+                    x0 = _vfma(a30, vs, w)
+                    x1 = _vfma(a31, vs, w)
+                    _vstore(P, po + 3 * QB, x0)
+                    _vstore(P, po + 3 * QB + _VW, x1)
+                    m2 = _vmaxo(x0, m2)
+                    m3 = _vmaxo(x1, m3)
+                    w = _vbcast(Mr[j0 + 4])
+                    x0 = _vfma(a40, vs, w)
+                    x1 = _vfma(a41, vs, w)
+                    _vstore(P, po + 4 * QB, x0)
+                    _vstore(P, po + 4 * QB + _VW, x1)
+                    m0 = _vmaxo(x0, m0)
+                    m1 = _vmaxo(x1, m1)
+                    w = _vbcast(Mr[j0 + 5])
+                    x0 = _vfma(a50, vs, w)
+                    x1 = _vfma(a51, vs, w)
+                    _vstore(P, po + 5 * QB, x0)
+                    _vstore(P, po + 5 * QB + _VW, x1)
+                    m2 = _vmaxo(x0, m2)
+                    m3 = _vmaxo(x1, m3)
+                    w = _vbcast(Mr[j0 + 6])
+                    x0 = _vfma(a60, vs, w)
+                    x1 = _vfma(a61, vs, w)
+                    _vstore(P, po + 6 * QB, x0)
+                    _vstore(P, po + 6 * QB + _VW, x1)
+                    m0 = _vmaxo(x0, m0)
+                    m1 = _vmaxo(x1, m1)
+                    w = _vbcast(Mr[j0 + 7])
+                    x0 = _vfma(a70, vs, w)
+                    x1 = _vfma(a71, vs, w)
+                    _vstore(P, po + 7 * QB, x0)
+                    _vstore(P, po + 7 * QB + _VW, x1)
+                    m2 = _vmaxo(x0, m2)
+                    m3 = _vmaxo(x1, m3)
+                # softmax over keys, lane-wise (each lane is one query); normalised after P V
+                m0 = _vmaxo(m2, m0)
+                m1 = _vmaxo(m3, m1)
+                s0 = _vzero()
+                s1 = _vzero()
+                for j in range(Sk):
+                    e0 = _vexp(_vsub(_vload(P, j * QB), m0))
+                    e1 = _vexp(_vsub(_vload(P, j * QB + _VW), m1))
+                    _vstore(P, j * QB, e0)
+                    _vstore(P, j * QB + _VW, e1)
+                    s0 = _vadd(s0, e0)
+                    s1 = _vadd(s1, e1)
+                r0 = _vrcp(s0)
+                r1 = _vrcp(s1)
+                direct = fmo and i0 + QB <= Sq
+                # O^T = V^T P^T, 8 head dims x 2 query vectors per register tile
+                for d0 in range(0, Dp, 8):
+                    a00 = _vzero()
+                    a01 = _vzero()
+                    a10 = _vzero()
+                    a11 = _vzero()
+                    a20 = _vzero()
+                    a21 = _vzero()
+                    a30 = _vzero()
+                    a31 = _vzero()
+                    a40 = _vzero()
+                    a41 = _vzero()
+                    a50 = _vzero()
+                    a51 = _vzero()
+                    a60 = _vzero()
+                    a61 = _vzero()
+                    a70 = _vzero()
+                    a71 = _vzero()
+                    vo = d0 * Skp
+                    v0 = Vt[vo:vo + Skp]
+                    v1 = Vt[vo + Skp:vo + 2 * Skp]
+                    v2 = Vt[vo + 2 * Skp:vo + 3 * Skp]
+                    v3 = Vt[vo + 3 * Skp:vo + 4 * Skp]
+                    v4 = Vt[vo + 4 * Skp:vo + 5 * Skp]
+                    v5 = Vt[vo + 5 * Skp:vo + 6 * Skp]
+                    v6 = Vt[vo + 6 * Skp:vo + 7 * Skp]
+                    v7 = Vt[vo + 7 * Skp:vo + 8 * Skp]
+                    for j in range(Sk):
+                        po = j * QB
+                        x0 = _vload(P, po)
+                        x1 = _vload(P, po + _VW)
+                        w = _vbcast(v0[j])
+                        a00 = _vfma(w, x0, a00)
+                        a01 = _vfma(w, x1, a01)
+                        w = _vbcast(v1[j])
+                        a10 = _vfma(w, x0, a10)
+                        a11 = _vfma(w, x1, a11)
+                        w = _vbcast(v2[j])
+                        a20 = _vfma(w, x0, a20)
+                        a21 = _vfma(w, x1, a21)
+                        w = _vbcast(v3[j])
+                        a30 = _vfma(w, x0, a30)
+                        a31 = _vfma(w, x1, a31)
+                        w = _vbcast(v4[j])
+                        a40 = _vfma(w, x0, a40)
+                        a41 = _vfma(w, x1, a41)
+                        w = _vbcast(v5[j])
+                        a50 = _vfma(w, x0, a50)
+                        a51 = _vfma(w, x1, a51)
+                        w = _vbcast(v6[j])
+                        a60 = _vfma(w, x0, a60)
+                        a61 = _vfma(w, x1, a61)
+                        w = _vbcast(v7[j])
+                        a70 = _vfma(w, x0, a70)
+                        a71 = _vfma(w, x1, a71)
+                    if direct:
+                        ob = (c0 + d0) * ocs + qb + i0
+                        _vstore(out, ob, _vmul(a00, r0))
+                        _vstore(out, ob + _VW, _vmul(a01, r1))
+                        if d0 + 1 < D:
+                            _vstore(out, ob + ocs, _vmul(a10, r0))
+                            _vstore(out, ob + ocs + _VW, _vmul(a11, r1))
+                        if d0 + 2 < D:
+                            _vstore(out, ob + 2 * ocs, _vmul(a20, r0))
+                            _vstore(out, ob + 2 * ocs + _VW, _vmul(a21, r1))
+                        if d0 + 3 < D:
+                            _vstore(out, ob + 3 * ocs, _vmul(a30, r0))
+                            _vstore(out, ob + 3 * ocs + _VW, _vmul(a31, r1))
+                        if d0 + 4 < D:
+                            _vstore(out, ob + 4 * ocs, _vmul(a40, r0))
+                            _vstore(out, ob + 4 * ocs + _VW, _vmul(a41, r1))
+                        if d0 + 5 < D:
+                            _vstore(out, ob + 5 * ocs, _vmul(a50, r0))
+                            _vstore(out, ob + 5 * ocs + _VW, _vmul(a51, r1))
+                        if d0 + 6 < D:
+                            _vstore(out, ob + 6 * ocs, _vmul(a60, r0))
+                            _vstore(out, ob + 6 * ocs + _VW, _vmul(a61, r1))
+                        if d0 + 7 < D:
+                            _vstore(out, ob + 7 * ocs, _vmul(a70, r0))
+                            _vstore(out, ob + 7 * ocs + _VW, _vmul(a71, r1))
+                    else:
+                        ob = d0 * QB
+                        _vstore(Ob, ob, _vmul(a00, r0))
+                        _vstore(Ob, ob + _VW, _vmul(a01, r1))
+                        _vstore(Ob, ob + QB, _vmul(a10, r0))
+                        _vstore(Ob, ob + QB + _VW, _vmul(a11, r1))
+                        _vstore(Ob, ob + 2 * QB, _vmul(a20, r0))
+                        _vstore(Ob, ob + 2 * QB + _VW, _vmul(a21, r1))
+                        _vstore(Ob, ob + 3 * QB, _vmul(a30, r0))
+                        _vstore(Ob, ob + 3 * QB + _VW, _vmul(a31, r1))
+                        _vstore(Ob, ob + 4 * QB, _vmul(a40, r0))
+                        _vstore(Ob, ob + 4 * QB + _VW, _vmul(a41, r1))
+                        _vstore(Ob, ob + 5 * QB, _vmul(a50, r0))
+                        _vstore(Ob, ob + 5 * QB + _VW, _vmul(a51, r1))
+                        _vstore(Ob, ob + 6 * QB, _vmul(a60, r0))
+                        _vstore(Ob, ob + 6 * QB + _VW, _vmul(a61, r1))
+                        _vstore(Ob, ob + 7 * QB, _vmul(a70, r0))
+                        _vstore(Ob, ob + 7 * QB + _VW, _vmul(a71, r1))
+                if not direct:
+                    ni = min(QB, Sq - i0)
+                    if fmo:
                         for d in range(D):
-                            out[ob + d] = Ob[d * QB + i]
+                            ob = (c0 + d) * ocs + qb + i0
+                            for i in range(ni):
+                                out[ob + i] = Ob[d * QB + i]
+                    else:
+                        for i in range(ni):
+                            ob = (qb + i0 + i) * HD + c0
+                            for d in range(D):
+                                out[ob + d] = Ob[d * QB + i]
 
 
 def attention_ref(q, k, v, mask, scale, H):
