@@ -66,6 +66,7 @@ picks amx > vnni > portable, ``extra["priority"]`` says the same to the runtime)
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -565,27 +566,33 @@ def _quant_perm(x, inv, zpf, xq, pairs):
 
 
 @pjit
-def _quant_perm_dyn(x, xq, pairs):
+def _quant_perm_dyn(x, xq, pairs, mm):
     """Dynamic per-tensor quantization in one call: the parameters of ``_tensor_params`` (serial
-    vectorized min / max) then ``_quant_perm`` with scalar 1/scale and zero point.
+    vectorized min / max) then ``_quant_perm`` with scalar 1/scale and zero point. mm float32:
+    empty, or [2] = (min(min(x), 0), max(max(x), 0)) already known (computed by the producer of x
+    in its epilogue: the min / max pass is skipped; the same parameters, min / max being exact).
     Returns (sx f32 [N], zx i32 [N])."""
     K, N = x.shape
     npad = xq.shape[1]
-    # min / max in parallel over row blocks (the serial pass took 0.22 ms for BERT's 1536 x 1024
-    # ff2 input on 2 threads, more than the quantization after it); min / max are exact in any order
-    nmb = min(max((K * N) // 65536, 1), 64)
-    mlo = np.zeros(nmb, np.float32)
-    mhi = np.zeros(nmb, np.float32)
-    for i in prange(nmb):
-        k0 = K * i // nmb
-        k1 = K * (i + 1) // nmb
-        if k1 > k0:
-            mlo[i], mhi[i] = minmax_f32(x[k0:k1])
     lo = np.float32(0.0)
     hi = np.float32(0.0)
-    for i in range(nmb):
-        lo = min(lo, mlo[i])
-        hi = max(hi, mhi[i])
+    if mm.shape[0] >= 2:
+        lo = min(lo, mm[0])
+        hi = max(hi, mm[1])
+    else:
+        # min / max in parallel over row blocks (the serial pass took 0.22 ms for BERT's 1536 x 1024
+        # ff2 input on 2 threads, more than the quantization after it); exact in any order
+        nmb = min(max((K * N) // 65536, 1), 64)
+        mlo = np.zeros(nmb, np.float32)
+        mhi = np.zeros(nmb, np.float32)
+        for i in prange(nmb):
+            k0 = K * i // nmb
+            k1 = K * (i + 1) // nmb
+            if k1 > k0:
+                mlo[i], mhi[i] = minmax_f32(x[k0:k1])
+        for i in range(nmb):
+            lo = min(lo, mlo[i])
+            hi = max(hi, mhi[i])
     sx, zx, inv, zpf = _params_from_minmax((lo, hi), N)
     iv = inv[0] if N > 0 else _F32(1.0)
     zf = zpf[0] if N > 0 else _F32(0.0)
@@ -1016,6 +1023,22 @@ def _aligned_u8(rows, cols):
     return buf[o:o + rows * cols].reshape(rows, cols)
 
 
+_TLS = threading.local()
+
+
+def _scratch_u8(rows, cols):
+    """``_aligned_u8`` over a per-thread buffer kept between calls (grown to the largest request):
+    the quantized activations of one call, dead when it returns. A fresh 1.5 MB array costs its
+    page faults on every call (~0.2 ms of BERT's 1536 x 1024 ff2 input, 2 threads)."""
+    need = rows * cols + 64
+    buf = getattr(_TLS, "buf", None)
+    if buf is None or buf.shape[0] < need:
+        buf = np.empty(need, np.uint8)
+        _TLS.buf = buf
+    o = (-buf.ctypes.data) % 64
+    return buf[o:o + rows * cols].reshape(rows, cols)
+
+
 def _opt(bias, residual):
     return (_EMPTY_F32 if bias is None else bias), (_EMPTY_F32_2D if residual is None else residual)
 
@@ -1030,8 +1053,10 @@ def _corr_terms(p, sx, zx, K, colsum_fn):
     return czx, cz
 
 
-def run_vnni(p, x, y, bias, act, lo, hi, residual):
-    """VNNI path (dense_i8, csr_i8, bsr_i8); falls back to the portable run for other paths."""
+def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None):
+    """VNNI path (dense_i8, csr_i8, bsr_i8); falls back to the portable run for other paths.
+    minmax: optional (min(min(x), 0), max(max(x), 0)) known by the caller (dynamic per-tensor
+    quantization then skips its min / max pass; the result is the same)."""
     if p["path"] not in ("vnni", "amx"):
         return run_portable(p, x, y, bias, act, lo, hi, residual)
     K, N = x.shape
@@ -1040,9 +1065,10 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
         return
     bias, residual = _opt(bias, residual)
     if p.get("layout") == "groups":
-        xq = _aligned_u8(K, (N + 63) // 64 * 64)
+        xq = _scratch_u8(K, (N + 63) // 64 * 64)
         if p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous:
-            sx, zx = _quant_perm_dyn(x, xq, p["R"] == 1)
+            mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
+            sx, zx = _quant_perm_dyn(x, xq, p["R"] == 1, mm)
         else:
             sx, zx, inv, zpf = _params(p, x)
             _quant_perm(x, inv, zpf, xq, p["R"] == 1)
@@ -1060,7 +1086,7 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual):
     sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)
-    x4 = _aligned_u8(G, npad * 4).reshape(-1)
+    x4 = _scratch_u8(G, npad * 4).reshape(-1)
     _quant_x4(x, inv, zpf, x4.view(np.uint32), npad, G)
     lo, hi = _F32(lo), _F32(hi)
     czx, cz = _corr_terms(p, sx, zx, K, lambda: x4.reshape(G, npad, 4)[:, :N].sum(axis=(0, 2), dtype=np.int64))
@@ -1088,7 +1114,7 @@ def run_amx(p, x, y, bias, act, lo, hi, residual):
     npad = (N + 31) // 32 * 32
     nk = p["nk"]
     G = 16 * nk
-    xw = _aligned_u8(1, npad * G * 4).reshape(-1)  # AMX B tiles: 64-byte rows on cache lines
+    xw = _scratch_u8(1, npad * G * 4).reshape(-1)  # AMX B tiles: 64-byte rows on cache lines
     _quant_x4t(x, inv, zpf, xw.view(np.uint32), npad, G)
     czx, cz = _corr_terms(p, sx, zx, K, lambda: xw.reshape(npad // 16, G, 16, 4).sum(
         axis=(1, 3), dtype=np.int64).reshape(-1)[:N])

@@ -15,7 +15,7 @@ from sparsedge.formats.base import FORMATS
 from sparsedge.formats.dense import Dense
 from sparsedge.formats.graph import Graph, Node, ValueInfo
 from sparsedge.formats.modelfile import read_model, write_model
-from sparsedge.kernels.epilogue import layernorm_fm, layernorm_fm_ref
+from sparsedge.kernels.epilogue import act_minmax, act_ref, layernorm_fm, layernorm_fm_ref
 from sparsedge.runtime import Session
 from sparsedge.runtime import session as _session
 from sparsedge.runtime.reference import run_reference
@@ -36,8 +36,29 @@ def test_layernorm_fm(C, N, threads, rng):
         e = np.zeros(0, F32)
         for ww, bb in ((w, b), (w, e), (e, b), (e, e)):
             y = y0.copy()
-            layernorm_fm(y, ww, bb, 1e-5)
+            lo, hi = layernorm_fm(y, ww, bb, 1e-5)
             np.testing.assert_allclose(y, layernorm_fm_ref(y0, ww, bb, 1e-5), rtol=1e-5, atol=2e-5)
+            assert (np.float32(lo), np.float32(hi)) == (min(y.min(), 0), max(y.max(), 0))  # exact
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_act_minmax(threads, rng):
+    """act_minmax: the activation in place and the exact (min(min, 0), max(max, 0)) of the result,
+    over chunk remainders, an all-positive and an all-negative input."""
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS}")
+    numba.set_num_threads(threads)
+    try:
+        for n, shift in ((1, 0.0), (4095, 0.0), (4097, 3.0), (3 * 4096 + 17, -5.0), (20000, 0.0)):
+            x = (rng.standard_normal(n) * 2 + shift).astype(F32)
+            x[n // 2] = 9.5
+            for act in (0, 1, 3):
+                y = x.copy()
+                lo, hi = act_minmax(y, act, F32(0), F32(0))
+                np.testing.assert_allclose(y, act_ref(x, act), rtol=1e-5, atol=2e-6)
+                assert (np.float32(lo), np.float32(hi)) == (min(y.min(), 0), max(y.max(), 0))
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
@@ -120,15 +141,36 @@ def test_residual_stream_feature_major(tmp_path, rng, monkeypatch, kind):
     # inside the stack: o-proj / ffn2 outputs feature-major; the last one (graph output) not
     assert lins["l0.o"].outputs[0] in s._fm and lins["l1.o"].outputs[0] in s._fm
     assert lins["l0.ffn2"].outputs[0] in s._fm and lins["l1.ffn2"].outputs[0] not in s._fm
+    s1 = Session(path, threads=2)  # int8: the min / max hand-off off (each quantization its own pass)
+    for op in s1._ops:
+        if hasattr(op, "mm_in"):
+            op.mm_in = False
     _torch_layout_stream(monkeypatch)
     s0 = Session(path, threads=2)
     assert lins["l0.o"].outputs[0] not in s0._fm
     model = read_model(path)
+    given = []
+    if kind == "csr_i8":  # which quantizations got their min / max from the producer's epilogue
+        from sparsedge.kernels import int8 as K8
+
+        orig = K8._quant_perm_dyn
+
+        def qpd(x, xq, pairs, mm):
+            given.append(mm.shape[0] == 2)
+            return orig(x, xq, pairs, mm)
+
+        monkeypatch.setattr(K8, "_quant_perm_dyn", qpd)
     for B, S in ((2, 8), (1, 5), (3, 33)):
         mask = np.ones((B, S), np.int64)
         mask[-1, S // 2:] = 0
         f = {"x": rng.standard_normal((B, S, 32)).astype(F32), "attention_mask": mask}
-        y, y0 = s.run(None, f)[0], s0.run(None, f)[0]
+        given.clear()
+        y = s.run(None, f)[0]
+        # l0.ffn1 (after the layernorm), l0.ffn2 (after gelu), l1 q|k|v, l1.ffn1, l1.ffn2; not the
+        # first q|k|v (graph input) nor the o-projs (attention output)
+        assert given == ([] if kind == "csr" else [False, False, True, True, True, False, True, True])
+        y0 = s0.run(None, f)[0]
+        assert np.array_equal(y, s1.run(None, f)[0])  # the handed-over min / max are exact
         if kind == "csr":
             np.testing.assert_allclose(y, run_reference(model, f)[g.outputs[0].name], rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)

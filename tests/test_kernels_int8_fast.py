@@ -149,12 +149,17 @@ def test_quant_perm_dyn_blocked_minmax(rng, threads):
             x[where[2], N // 2] = 7.0
             npad = (N + 63) // 64 * 64
             xq = K8._aligned_u8(K, npad)
-            sx, zx = K8._quant_perm_dyn(x, xq, True)
+            sx, zx = K8._quant_perm_dyn(x, xq, True, np.zeros(0, np.float32))
             s2, z2 = K8.act_params(x)
             assert np.array_equal(sx, s2) and np.array_equal(zx, z2)
             xq2 = K8._aligned_u8(K, npad)
             K8._quant_perm(x, (np.float32(1) / s2).astype(np.float32), z2.astype(np.float32), xq2, True)
             assert np.array_equal(xq, xq2)
+            # min / max given by the producer (its epilogue): the same parameters and bytes
+            xq3 = K8._aligned_u8(K, npad)
+            mm = np.array([min(x.min(), 0), max(x.max(), 0)], np.float32)
+            s3, z3 = K8._quant_perm_dyn(x, xq3, True, mm)
+            assert np.array_equal(s3, s2) and np.array_equal(z3, z2) and np.array_equal(xq3, xq2)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 

@@ -11,6 +11,8 @@ the first of them writes it, the others reuse it.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import NodePlan, Op, register
@@ -48,6 +50,17 @@ class Linear(Op):
             ln_b = ctx.constant(node.inputs[5]).astype(np.float32, copy=False).reshape(-1) \
                 if len(node.inputs) > 5 and node.inputs[5] else EMPTY_F32
             self.ln = (ln_w, ln_b, float(self.attrs["_ln_eps"]))
+        # (min(min(y), 0), max(max(y), 0)) of a feature-major output taken in its epilogue pass
+        # (layernorm / activation) and handed to the int8 linears reading it (their dynamic
+        # per-tensor quantization skips its min / max pass); per session and calling thread, keyed
+        # by value name and buffer address; a producer clears its entry first, a consumer pops it
+        mm = getattr(ctx, "_linear_minmax", None)
+        if mm is None:
+            mm = threading.local()
+            ctx._linear_minmax = mm
+        self._mm = mm
+        self.mm_out = self.fm_out and (self.ln is not None or self.act not in (0, 1, 2))
+        self.mm_in = self.fm_in and getattr(self.wf, "kind", "") in ("csr_i8", "bsr_i8", "dense_i8")
 
     def plan(self, ins, outs, env):
         N = prod(ins[0][0][:-1])
@@ -97,25 +110,44 @@ class Linear(Op):
             if data["key"] in data.get("_first_shared", ()):
                 transpose2d(np.ascontiguousarray(x).reshape(N, self.in_f), xf, _NO_ADD)
         yf = y.reshape(self.out_f, N) if self.fm_out else scratch[0]
+        mmd = getattr(self._mm, "d", None)
+        if mmd is None:
+            mmd = self._mm.d = {}
+        if self.mm_out:
+            mmd.pop(self.node.outputs[0], None)
+        mm = None
+        if self.mm_in:
+            e = mmd.pop(self.node.inputs[0], None)
+            if e is not None and e[0] == xf.ctypes.data and e[1] == xf.shape:
+                mm = e[2]
         kres = None  # residual [out, N] added by the kernel
         if self.res_fm:
             kres = res
         elif res is not None and self.fm_out:  # torch-layout residual into a feature-major output
             kres = scratch[0]
             transpose2d(res, kres, _NO_ADD)
-        if self.act in (0, 1, 2) or kres is not None:
-            choice.cand.run(choice.packed, xf, yf, self.bias, self.act, 0.0, 0.0, kres)
-        else:  # gelu etc.: one vectorized parallel pass after the kernel (a kernel's fused scalar
-            # gelu measured 6 ms instead of 1.1 ms for csr_i8 1536x384 x 1024 at 2 threads)
-            from ...kernels.nn import act_inplace
+        act = self.act if self.act in (0, 1, 2) or kres is not None else 0
+        if mm is not None and choice.cand.run is _int8().run_vnni:
+            choice.cand.run(choice.packed, xf, yf, self.bias, act, 0.0, 0.0, kres, minmax=mm)
+        else:
+            choice.cand.run(choice.packed, xf, yf, self.bias, act, 0.0, 0.0, kres)
+        if act != self.act:  # gelu etc.: one vectorized parallel pass after the kernel (a kernel's
+            # fused gelu costs the same: the rational erf is compute-bound)
+            if self.mm_out:
+                from ...kernels.epilogue import act_minmax
 
-            choice.cand.run(choice.packed, xf, yf, self.bias, 0, 0.0, 0.0, None)
-            act_inplace(yf.reshape(-1), self.act, 0.0, 0.0)
+                mmd[self.node.outputs[0]] = (yf.ctypes.data, yf.shape,
+                                             act_minmax(yf.reshape(-1), self.act, np.float32(0.0), np.float32(0.0)))
+            else:
+                from ...kernels.nn import act_inplace
+
+                act_inplace(yf.reshape(-1), self.act, 0.0, 0.0)
         if self.fm_out:
             if self.ln is not None:  # layernorm over the feature axis, in place
                 from ...kernels.epilogue import layernorm_fm
 
-                layernorm_fm(yf, self.ln[0], self.ln[1], self.ln[2])
+                mmd[self.node.outputs[0]] = (yf.ctypes.data, yf.shape,
+                                             layernorm_fm(yf, self.ln[0], self.ln[1], self.ln[2]))
             return
         tres = _NO_ADD if res is None or self.res_fm else res  # torch-layout residual still to add
         if self.ln is None:
@@ -124,3 +156,9 @@ class Linear(Op):
             from ...kernels.nn import transpose_res_ln
 
             transpose_res_ln(yf, tres, self.ln[0], self.ln[1], self.ln[2], y.reshape(N, self.out_f))
+
+
+def _int8():
+    from ...kernels import int8
+
+    return int8
