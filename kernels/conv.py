@@ -1216,6 +1216,80 @@ def csr_conv_plane(indptr, koff, data, xf, IS, RS, y, bias, res, act, lo, hi):
 
 
 @pjit
+def csr_conv_plane_pool(indptr, koff, data, xf, IS, RS, B, Ho, Wo, bias, act, lo, hi, kh, kw, sh, sw, ph, pw, dh, dw,
+                        Hq, Wq, out, L, shift, QIS, QRS):
+    """csr_conv_plane followed by max pooling, per (image, output channel) plane in L1, written into a
+    packed shared-padding layout: conv plane c[oy, ox] = act(sum_k data[k] * xf[koff[k] + b*IS + oy*RS + ox]
+    + bias[o]) (Ho x Wo), pooled (kernel kh x kw, stride, padding, dilation; padding never wins, NaN
+    propagates) to Hq x Wq and stored at out[o*L + shift + b*QIS + qy*QRS + qx]; every other element of
+    ``out`` (the layout's padding, each plane's tail, the buffer's end) is zeroed. out float32 1-D with
+    len >= O*L. (The ResNet stem: conv + relu + 3x3 s2 pool without the full-size activation in memory.)"""
+    O = indptr.shape[0] - 1
+    nb = bias.shape[0]
+    npos = (Ho - 1) * RS + Wo
+    nv = (npos + VW - 1) // VW * VW
+    Wb = max((Wq - 1) * sw + (kw - 1) * dw + 1, Wo + pw)
+    n = out.shape[0]
+    for t in prange(B * O):
+        b = t // O
+        o = t - b * O
+        yl = np.empty(nv, dtype=np.float32)
+        k0 = indptr[o]
+        k1 = indptr[o + 1]
+        xb = xf[b * IS:]
+        j = 0
+        while j + 4 * VW <= nv:
+            _mkoff4(koff, data, k0, k1, xb, yl, j)
+            j += 4 * VW
+        while j < nv:
+            _mkoff1(koff, data, k0, k1, xb, yl, j)
+            j += VW
+        bv = bias[o] if nb != 0 else np.float32(0.0)
+        seg = yl[0:npos]
+        epilogue_tile(seg, bv, seg[0:0], act, lo, hi)
+        # this image's block of plane o (its padding rows / columns included) zeroed, then the pooled rows
+        blk = out[o * L + b * QIS:o * L + (b + 1) * QIS]
+        for q in range(QIS):
+            blk[q] = np.float32(0.0)
+        if b == B - 1:
+            e = n if o == O - 1 else (o + 1) * L
+            tl = out[o * L + B * QIS:e]
+            for q in range(tl.shape[0]):
+                tl[q] = np.float32(0.0)
+        vb = np.full(Wb, -np.inf, dtype=np.float32)
+        vm = vb[pw:pw + Wo]
+        for qy in range(Hq):
+            first = True
+            for ky in range(kh):
+                iy = qy * sh - ph + ky * dh
+                if iy < 0 or iy >= Ho:
+                    continue
+                src = yl[iy * RS:iy * RS + Wo]
+                if first:
+                    for q in range(Wo):
+                        vm[q] = src[q]
+                    first = False
+                else:
+                    for q in range(Wo):
+                        vm[q] = _nanmax(vm[q], src[q])
+            dst = out[o * L + shift + b * QIS + qy * QRS:o * L + shift + b * QIS + qy * QRS + Wq]
+            if first:
+                for qx in range(Wq):
+                    dst[qx] = -np.inf
+                continue
+            if sw == 2 and kw == 3 and dw == 1:
+                for qx in range(Wq):
+                    q = qx * 2
+                    dst[qx] = _nanmax(_nanmax(vb[q], vb[q + 1]), vb[q + 2])
+            else:
+                for qx in range(Wq):
+                    m = vb[qx * sw]
+                    for kx in range(1, kw):
+                        m = _nanmax(m, vb[qx * sw + kx * dw])
+                    dst[qx] = m
+
+
+@pjit
 def crop_batch(yw, IS, RS, CS, y, bias, res, act, lo, hi):
     """y[b, o, oy, ox] = act(yw[o, b*IS + oy*RS + ox*CS] + bias[o] + res[b, o, oy, ox]);
     y [B, O, Ho, Wo], res the same or shape (0,0,0,0), bias [O] or length 0."""

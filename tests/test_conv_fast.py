@@ -187,3 +187,39 @@ def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups
                             bias, res, mask, act, 0.0, 0.0)
     np.testing.assert_allclose(yw[:, :Npad], ref, rtol=1e-4, atol=1e-4)
     assert not yw[:, Npad:].any()
+
+
+@pytest.mark.parametrize("pool", [(3, 3, 2, 2, 1, 1, 1, 1), (2, 2, 2, 2, 0, 0, 1, 1), (3, 2, 1, 2, 1, 0, 2, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_plane_pool_packed(pool, threads, rng):
+    """csr_conv_plane_pool: conv (3x3 pad 1) + bias + relu + max pool per plane, written into a packed
+    shared-padding layout (pad 1 around each pooled image, tails zero) vs conv2d_ref + maxpool2d_ref."""
+    kh, kw, sh, sw, ph, pw, dh, dw = pool
+    B, C, H, W, O = 2, 3, 9, 11, 7
+    w, fmt, row = _weight("csr", O, C * 9, rng, 0.4)
+    packed = row.prepare(CSR.from_dense(w))
+    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    bias = rng.standard_normal(O).astype(np.float32)
+    geo = conv.batch_geometry(B, C, H, W, 3, 3, 1, 1, 1, 1, 1, 1, conv.batch_tile("csr"))
+    shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
+    xf = np.empty(size, np.float32)
+    conv.batch_pack(x, geo, 3, 3, (1, 1), (1, 1), (1, 1), xf)
+    roff = conv.batch_roff(C, 3, 3, 1, 1, 1, 1, shared, RS, L)
+    koff = roff[packed[1]].astype(np.int32)
+    c = conv.conv2d_ref(x, w.reshape(O, C, 3, 3), bias, padding=(1, 1), act=1)
+    q = conv.maxpool2d_ref(c, kh, kw, sh, sw, ph, pw, dh, dw)
+    Hq, Wq = q.shape[2:]
+    # the packed layout of a following 3x3 pad-1 conv on the pooled maps
+    qgeo = conv.batch_geometry(B, O, Hq, Wq, 3, 3, 1, 1, 1, 1, 1, 1, conv.batch_tile("csr"))
+    _, _, QRS, QIS, QL, _, qsize = qgeo[:7]
+    want = np.zeros(qsize, np.float32)
+    conv.batch_pack(q, qgeo, 3, 3, (1, 1), (1, 1), (1, 1), want)
+    out = np.full(qsize, np.nan, np.float32)
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        conv.csr_conv_plane_pool(packed[0], koff, packed[2], xf, IS, RS, B, Ho, Wo, bias, 1, 0.0, 0.0,
+                                 kh, kw, sh, sw, ph, pw, dh, dw, Hq, Wq, out, QL, QRS + 1, QIS, QRS)
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

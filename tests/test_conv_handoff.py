@@ -43,8 +43,13 @@ def _model(path, rng, C, H, W, pool):
 
     src = "x"
     Hc, Wc = H, W
+    Cx = C
+    if pool == "stem":  # a 3-channel stem conv (fused per-plane kernel) + relu, pooled by the conv itself
+        Cx = 3
+        conv("s", "x", "sr", C, 3)
+        src = "sr"
     if pool:
-        nodes.append(Node("maxpool2d", "pool", ["x"], ["p"], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}))
+        nodes.append(Node("maxpool2d", "pool", [src], ["p"], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}))
         src = "p"
         Hc, Wc = (H - 1) // 2 + 1, (W - 1) // 2 + 1
     conv("a", src, "a", C, C)
@@ -59,7 +64,7 @@ def _model(path, rng, C, H, W, pool):
                                                             "stride": [2, 2], "activation": "none"}))
     nodes.append(Node("add", "h.add", ["h_c", "e"], ["h"], {}))
     Ho, Wo = (Hc - 1) // 2 + 1, (Wc - 1) // 2 + 1
-    g = Graph([ValueInfo("x", "float32", ["batch", C, H, W])],
+    g = Graph([ValueInfo("x", "float32", ["batch", Cx, H, W])],
               [ValueInfo("f", "float32", ["batch", 2 * C, Ho, Wo]), ValueInfo("h", "float32", ["batch", 2 * C, Ho, Wo])],
               nodes)
     write_model(path, g, t, {})
@@ -80,14 +85,15 @@ def _run(path, x, threads, overrides=None):
 
 
 @pytest.mark.parametrize("C,H,W,batch,pool,h_kernel", [
-    (16, 12, 10, 3, False, None),   # shared-padding layout (images one after the other)
-    (16, 8, 8, 4, False, None),     # 8x8 -> 4x4: batch-innermost layouts
-    (16, 15, 13, 2, True, "numpy_densified"),  # a maxpool first (NCHW residual into a packed output); h on BLAS
+    (16, 12, 10, 3, None, None),   # shared-padding layout (images one after the other)
+    (16, 8, 8, 4, None, None),     # 8x8 -> 4x4: batch-innermost layouts
+    (16, 15, 13, 2, "pool", "numpy_densified"),  # a maxpool first (NCHW residual into a packed output); h on BLAS
+    (16, 18, 17, 2, "stem", None),  # stem conv + relu + maxpool fused, pooled output packed
 ])
 def test_handoff_matches_reference(tmp_path, C, H, W, batch, pool, h_kernel):
     rng = np.random.default_rng(C + H + W + batch)
     path = _model(str(tmp_path / "m.sparsedge"), rng, C, H, W, pool)
-    x = rng.standard_normal((batch, C, H, W)).astype(np.float32)
+    x = rng.standard_normal((batch, 3 if pool == "stem" else C, H, W)).astype(np.float32)
     ref = run_reference(read_model(path), {"x": x})
     ref = [ref["f"], ref["h"]]
     for threads in (1, 2):
@@ -101,6 +107,9 @@ def test_handoff_matches_reference(tmp_path, C, H, W, batch, pool, h_kernel):
         assert "packed out" not in kern["f"], kern  # graph output: NCHW
         assert "packed out" not in kern["c"], kern  # read by a stride-2 conv
         assert "unpack residual" in kern["h"], kern
+        if pool == "stem":
+            assert "maxpool fused" in kern["s"] and "fused" in kern["pool"], kern
+            assert "packed in" in kern["a"], kern
     try:
         rconv.HANDOFF = False
         y0, kern0 = _run(path, x, 2)

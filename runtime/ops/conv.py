@@ -53,7 +53,7 @@ HANDOFF = True  # packed hand-off between ops on (False: every value NCHW; for A
 
 def _registry(ctx):
     try:
-        return _REG.setdefault(ctx, {"ops": {}, "prod": None, "values": {}})
+        return _REG.setdefault(ctx, {"ops": {}, "values": {}, "fused": {}})
     except TypeError:  # a context that cannot be weakly referenced: no hand-off
         return None
 
@@ -106,10 +106,19 @@ def _packed_value(ctx, reg, value, shape, pm):
         return None
     IS, RS, cs, shift, L, size = lay[:6]
     O = int(shape[1])
-    if (pm[0], pm[1], pm[2]) != (IS, RS, cs) or pm[3] > L or shift + O * L > size:
+    if pm[0] == "any":  # a producer that writes any shared-padding layout (images one after the other)
+        if cs != 1 or shift + O * L > size:
+            return None
+    elif (pm[0], pm[1], pm[2]) != (IS, RS, cs) or pm[3] > L or shift + O * L > size:
         return None
     return {"key": ("packed", value), "IS": IS, "RS": RS, "cs": cs, "shift": shift, "L": L, "size": size,
             "C": O, "in_layout": lay}
+
+
+def fused_pool(ctx, pool_name, in_shape) -> bool:
+    """Did the conv producing this maxpool's input fuse the pooling (``csr_conv_plane_pool``)?"""
+    reg = _registry(ctx)
+    return bool(reg is not None and reg["fused"].get((pool_name, tuple(in_shape))))
 
 
 def packed_view(buf, lay):
@@ -288,6 +297,31 @@ class Conv2d(Op):
         geo = bd["geo"]
         return (geo[3], geo[2], bd["cs"], geo[5])
 
+    def ctx_reg(self):
+        return _registry(self.ctx)
+
+    def _fusable_pool(self, out_shape):
+        """(maxpool op, its output shape, packed layout of that output) when this conv's output is read by
+        one float32 maxpool2d only, whose output travels packed: the conv pools each plane itself."""
+        reg = _registry(self.ctx)
+        if reg is None or self.ctx.graph is None or not HANDOFF:
+            return None
+        v = self.node.outputs[0]
+        if v in {o.name for o in self.ctx.graph.outputs}:
+            return None
+        cons = self.ctx.consumers(v)
+        if len(cons) != 1 or cons[0][1] != 0 or cons[0][0].op != "maxpool2d":
+            return None
+        pool = reg["ops"].get(cons[0][0].name)
+        if pool is None or not hasattr(pool, "pool_args"):
+            return None
+        reg["fused"][(pool.name, tuple(out_shape))] = False
+        qshape = pool.out_shape(out_shape)
+        lq = packed_value(self.ctx, pool.node.outputs[0], qshape, posmap=("any",))
+        if lq is None:
+            return None
+        return pool, qshape, lq
+
     def _plan_bdirect(self, bd, out_shape):
         """NodePlan of the batched direct path; CSR kpanel layers take part in the packed hand-off
         (``packed_value``): input read from the producer's packed buffer (no pack), output written
@@ -322,6 +356,12 @@ class Conv2d(Op):
                     data["res"], data["res_mode"] = (ri, lres), "packed"
                 else:  # positions differ (or a kernel without packed residual reads): unpack into NCHW
                     data["res"], data["res_mode"] = (ri, lres), "unpack"
+        if kind == "csr" and plane and not self.has_res:
+            fp = self._fusable_pool(out_shape)
+            if fp is not None:
+                pool, qshape, lq = fp
+                self.ctx_reg()["fused"][(pool.name, tuple(out_shape))] = True
+                data["pool"] = (pool.pool_args(), qshape, add_shared(lq), lq)
         if data["in"] is None:
             data["xf"] = len(scratch)
             scratch.append(((size,), "float32"))
@@ -347,6 +387,8 @@ class Conv2d(Op):
             parts.append("packed out")
         if data["res_mode"] == "unpack":
             parts.append("unpack residual")
+        if "pool" in data:
+            parts.append("maxpool fused, packed out")
         return NodePlan(scratch=scratch, shared=shared_l, data=data,
                         kernel=f"{choice.name}+{'+'.join(parts)}")
 
@@ -455,6 +497,13 @@ class Conv2d(Op):
             res = (res_nchw if rm == "unpack" else ins[3]) if self.has_res else None
             if res is not None and not res.flags.c_contiguous:
                 res = np.ascontiguousarray(res)
+            if kind == "csr" and "pool" in data:
+                (pkh, pkw, psh, psw, pph, ppw, pdh, pdw), qshape, qi, lq = data["pool"]
+                k.csr_conv_plane_pool(choice.packed[0], bd["koff"], choice.packed[2], xf, IS, RS, bd["B"], bd["Ho"],
+                                      bd["Wo"], bias, self.act, 0.0, 0.0, pkh, pkw, psh, psw, pph, ppw, pdh, pdw,
+                                      qshape[2], qshape[3], scratch[nsc + qi], lq["L"], lq["shift"], lq["IS"],
+                                      lq["RS"])
+                return
             if kind == "csr":
                 k.csr_conv_plane(choice.packed[0], bd["koff"], choice.packed[2], xf, IS, RS, y, bias,
                                  k.EMPTY4 if res is None else res, self.act, 0.0, 0.0)

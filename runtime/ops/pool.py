@@ -43,10 +43,39 @@ def _offsets(x_shape, y_shape, attrs, dil):
 
 @register("maxpool2d")
 class MaxPool(Op):
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        from .conv import _registry
+
+        reg = _registry(ctx)
+        if reg is not None:  # the conv producing the input may fuse this pool (runtime/ops/conv.py)
+            reg["ops"][node.name] = self
+
+    def pool_args(self):
+        """(kh, kw, sh, sw, ph, pw, dh, dw) ints."""
+        a = self.attrs
+        kh, kw = a["kernel"]
+        sh, sw = a["stride"] or a["kernel"]
+        ph, pw = a["padding"]
+        dh, dw = a["dilation"]
+        return tuple(int(v) for v in (kh, kw, sh, sw, ph, pw, dh, dw))
+
+    def out_shape(self, in_shape):
+        kh, kw, sh, sw, ph, pw, dh, dw = self.pool_args()
+        cm = bool(self.attrs.get("ceil_mode", False))
+        B, C, H, W = in_shape
+        return (B, C, _conv.pool_out_size(H, kh, sh, ph, dh, cm), _conv.pool_out_size(W, kw, sw, pw, dw, cm))
+
     def plan(self, ins, outs, env):
+        from .conv import fused_pool
+
+        if fused_pool(self.ctx, self.name, ins[0][0]) and tuple(outs[0][0]) == self.out_shape(ins[0][0]):
+            return NodePlan(data="fused", kernel="fused into the producing conv")
         return NodePlan(data=_offsets(ins[0][0], outs[0][0], self.attrs, self.attrs["dilation"]), kernel="numpy")
 
     def run(self, ins, outs, scratch, data):
+        if isinstance(data, str) and data == "fused":
+            return  # the producing conv wrote the pooled output into its consumers' packed buffer
         x, y = ins[0], outs[0]
         if x.dtype == np.float32 and x.flags.c_contiguous and y.flags.c_contiguous:
             a = self.attrs
