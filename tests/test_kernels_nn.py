@@ -86,9 +86,13 @@ def test_epilogues(rng, threads, act):
     np.testing.assert_allclose(y, nn.act_ref(y0.reshape(-1), code, lo, hi), rtol=1e-5, atol=1e-6)
 
 
-def test_embedding(rng):
+def test_embedding(rng, threads):
     table = rng.standard_normal((11, 6)).astype(np.float32)
-    for ids in (np.array([0], np.int64), np.array([10, 0, 3, 3], np.int64), np.array([2, 5], np.int32)):
-        out = np.empty((ids.size, 6), np.float32)
-        nn.embedding_into(ids, table, out)
-        np.testing.assert_array_equal(out, nn.embedding_ref(ids, table))
+    ro = table.copy()
+    ro.setflags(write=False)  # mapped weights are read-only
+    for tab in (table, ro, table.astype(np.float64), np.arange(66, dtype=np.int64).reshape(11, 6)):
+        for ids in (np.array([0], np.int64), np.array([10, 0, 3, 3], np.int64), np.array([2, 5], np.int32),
+                    rng.integers(0, 11, 300), np.zeros(0, np.int64)):
+            out = np.full((ids.size, 6), -1, tab.dtype)
+            nn.embedding_into(ids, tab, out)
+            np.testing.assert_array_equal(out, nn.embedding_ref(ids, tab))
