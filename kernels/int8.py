@@ -650,7 +650,11 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
                 swo = sw[b]
                 bb = bias[b] if hb else _F32(-0.0)
                 c0 = 0
-                while c0 + 128 <= npad:
+                while c0 + 256 <= npad:  # 16 accumulators: measured 5-10% faster than 8 (BERT shapes)
+                    vnni_pairs_deq(4, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
+                                   g0, g1)
+                    c0 += 256
+                if c0 + 128 <= npad:
                     vnni_pairs_deq(2, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
                                    g0, g1)
                     c0 += 128

@@ -52,8 +52,8 @@ def _check(wf, x, threads, **kw):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", [None, (4, 1), (8, 1), (16, 1)])
 def test_groups_column_tiles(rng, threads, block):
-    """N across 64/128-column chunk boundaries (1 + 2-chunk tiles and a 1-chunk remainder)."""
-    for out, k, n in [(37, 50, 130), (20, 9, 64), (16, 200, 193), (9, 33, 2)]:
+    """N across 64/128/256-column chunk boundaries (4-, 2- and 1-chunk passes and remainders)."""
+    for out, k, n in [(37, 50, 130), (20, 9, 64), (16, 200, 193), (9, 33, 2), (21, 40, 400), (5, 70, 300)]:
         wf = _sparse(rng, out, k, 0.3, block)
         x = (rng.standard_normal((k, n)) * 2).astype(np.float32)
         _check(wf, x, threads)
