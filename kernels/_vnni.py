@@ -696,13 +696,19 @@ def vnni_pairs_deq(typingctx, NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq,
     columns ``j = 64c + l < ncol`` (masked store on the last vector). int32 arithmetic (exact when
     K * 255 * 127 * 2 < 2**31), float32 multiply then add, no contraction: bit-identical to
     ``_deq_rows_i32`` without residual / activation. sxv float32, czv int32 must hold
-    ``coff + 64 * NC`` entries (padded)."""
+    ``coff + 64 * NC`` entries (padded). Per-tensor activation quantization: sxv a float32 and czv
+    an int32 scalar (the same value for every column): the correction is one broadcast add
+    (``czv * rs`` computed once) and the scale one scalar product, no per-column loads or
+    vpmulld -- the same integers and float32 products, bit-identical."""
     nc_ = _literal_int(NC)
     if nc_ is None:
         return None
     if not all(isinstance(v, types.Integer) for v in (yoff, ncol, coff, rs, xrs, xoff, g0, g1)):
         return None
     if not all(isinstance(v, types.Float) for v in (swo, b)):
+        return None
+    scalar = isinstance(sxv, types.Float) and isinstance(czv, types.Integer)
+    if not scalar and not (isinstance(sxv, types.Array) and isinstance(czv, types.Array)):
         return None
     sig = types.void(NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq, xrs, xoff, gidx, gw2, g0, g1)
 
@@ -717,8 +723,12 @@ def vnni_pairs_deq(typingctx, NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq,
         def i64(i):
             return context.cast(builder, args[i], st[i], types.int64)
 
-        yp, sxp, czp, xp, ip, wp = (ptr(1, f32), ptr(4, f32), ptr(5, _I32), ptr(10, _I8), ptr(13, _idx_t(st[13])),
-                                    ptr(14, _I32))
+        if scalar:
+            yp, xp, ip, wp = ptr(1, f32), ptr(10, _I8), ptr(13, _idx_t(st[13])), ptr(14, _I32)
+            sxp = czp = None
+        else:
+            yp, sxp, czp, xp, ip, wp = (ptr(1, f32), ptr(4, f32), ptr(5, _I32), ptr(10, _I8),
+                                        ptr(13, _idx_t(st[13])), ptr(14, _I32))
         yoff_, ncol_, coff_, xrs_, xoff_, g0_, g1_ = (i64(i) for i in (2, 3, 6, 11, 12, 15, 16))
         rs_ = builder.trunc(i64(7), _I32)
         swo_ = context.cast(builder, args[8], st[8], types.float32)
@@ -731,17 +741,25 @@ def vnni_pairs_deq(typingctx, NC, y, yoff, ncol, sxv, czv, coff, rs, swo, b, xq,
                                           ir.Constant(vt, ir.Undefined), ir.Constant(_V16, [0] * 16))
 
         rsv, swv, bv = splat(rs_, _V16), splat(swo_, vf), splat(b_, vf)
+        if scalar:  # per-tensor: corr = acc + (cz * rs), scale = sx * swo (int32 / float32, as the vector form)
+            cz_ = builder.trunc(context.cast(builder, args[5], st[5], types.int64), _I32)
+            sx_ = context.cast(builder, args[4], st[4], types.float32)
+            czrs = splat(builder.mul(cz_, rs_), _V16)
+            scl = splat(builder.fmul(sx_, swo_), vf)
         iota = ir.Constant(_V16, list(range(16)))
         mst = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [vf, vf.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)]),
             "llvm.masked.store.v16f32.p0v16f32")
         for (c, a), v in accs.items():
             j0 = 64 * c + 16 * a
-            co = builder.add(coff_, ir.Constant(_I64, j0))
-            cz = builder.load(builder.bitcast(builder.gep(czp, [co]), _V16.as_pointer()), align=4)
-            sxl = builder.load(builder.bitcast(builder.gep(sxp, [co]), vf.as_pointer()), align=4)
-            corr = builder.add(v, builder.mul(cz, rsv))
-            out = builder.fadd(builder.fmul(builder.sitofp(corr, vf), builder.fmul(sxl, swv)), bv)
+            if scalar:
+                out = builder.fadd(builder.fmul(builder.sitofp(builder.add(v, czrs), vf), scl), bv)
+            else:
+                co = builder.add(coff_, ir.Constant(_I64, j0))
+                cz = builder.load(builder.bitcast(builder.gep(czp, [co]), _V16.as_pointer()), align=4)
+                sxl = builder.load(builder.bitcast(builder.gep(sxp, [co]), vf.as_pointer()), align=4)
+                corr = builder.add(v, builder.mul(cz, rsv))
+                out = builder.fadd(builder.fmul(builder.sitofp(corr, vf), builder.fmul(sxl, swv)), bv)
             dst = builder.bitcast(builder.gep(yp, [builder.add(yoff_, ir.Constant(_I64, j0))]), vf.as_pointer())
             left = builder.sub(ncol_, ir.Constant(_I64, j0))
             with builder.if_else(builder.icmp_signed(">=", left, ir.Constant(_I64, 16))) as (full, part):

@@ -197,3 +197,19 @@ def test_groups_int32_feature_indices(rng):
     _check(wf, x, 2)
     small = CSRI8.from_dense(w[:, :60000])
     assert K8.prepare(small, path="vnni")["gidx"].dtype == np.uint16
+
+
+@needs_vnni
+def test_groups_wide_per_column_static_and_tensor(rng):
+    """N past one 256-column pass: the per-tensor register epilogue (scalar corrections) for
+    dynamic per-tensor and static quantization, the per-column vectors for granularity column."""
+    wf = _sparse(rng, 19, 40, 0.3)
+    x = (rng.standard_normal((40, 300)) * 2).astype(np.float32)
+    x[:, 7] *= 40  # an outlier token: per-column scales differ
+    bias = rng.standard_normal(19).astype(np.float32)
+    for kw, ref_kw in (({}, {}), ({"granularity": "column"}, {"granularity": "column"}),
+                       ({"act_quant": (0.05, 120)}, {"act_quant": (np.float32(0.05), 120)})):
+        p = K8.prepare(wf, path="vnni", **kw)
+        y = np.full((19, 300), np.nan, np.float32)
+        K8.run_vnni(p, x, y, bias, 0, 0.0, 0.0, None)
+        assert np.array_equal(y, K8.gemm_ref(wf, x, bias, **ref_kw)), kw
