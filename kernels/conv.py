@@ -1096,27 +1096,31 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
 
 
 @pjit
-def csr_conv_kpanel_ep(sp, koff, data, xf, yw, n, nc, ngroups, cgroups, bias, res, mask, act, lo, hi):
-    """csr_conv_kpanel over positions [0, n) of yw [O, Ly] (n <= Ly, n a multiple of VW) with the fused
-    epilogue applied per N chunk while it is in cache: yw[i, j] = act(sum_k data[k] * xf[koff[k] + j] +
-    bias[i] + res[i, j]), then 0 where mask[j] == 0; yw[i, n:] = 0. bias [O] or length 0; res [O, Lr]
-    (Lr >= n) or shape (0, 0); mask float32 [n] (1 = a real output position) or length 0 (no masking).
-    With yw a [O, L] view of the next conv's packed input (at its padding shift), the masked positions
-    are that layout's padding: the output is handed over without a crop / pack pass."""
-    nout = yw.shape[0]
+def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bias, res, mask, act, act2, lo, hi):
+    """csr_conv_kpanel over positions [0, n) with the fused epilogue applied per N chunk while it is in
+    cache. Rows i < O1 (yw [O1, Ly], n <= Ly, n a multiple of VW): yw[i, j] = act(sum_k data[k] *
+    xf[koff[k] + j] + bias[i] + res[i, j]), then 0 where mask[j] == 0, and yw[i, n:] = 0. Rows O1 <= i <
+    O1 + O2 (yw2 [O2, Ly2 >= n], or shape (0, 0)): yw2[i - O1, j] = act2(... + bias[i]) (no residual, no
+    mask): a second conv on the same input computed in the same pass (a 1x1 stride-s downsample as the
+    center tap of a k x k stride-s conv). bias [O1 + O2] or length 0; res [O1, Lr >= n] or (0, 0); mask
+    float32 [n] (1 = a real output position) or length 0. With yw a [O1, L] view of the next conv's
+    packed input (at its padding shift), the masked positions are that layout's padding: the output is
+    handed over without a crop / pack pass. Row groups: rows rbounds[g] .. rbounds[g+1] (int64
+    [ngroups + 1], e.g. balanced by weights per row, ``row_bounds``) x ``cgroups`` groups of N chunks."""
+    o1 = yw.shape[0]
     ly = yw.shape[1]
     nbk = sp.shape[1] - 1
     nbias = bias.shape[0]
     nr = res.shape[0]
     nm = mask.shape[0]
-    gs = (nout + ngroups - 1) // ngroups
+    ngroups = rbounds.shape[0] - 1
     nch = (n + nc - 1) // nc
     cs = (nch + cgroups - 1) // cgroups
     for t in prange(ngroups * cgroups):
         g = t // cgroups
         cg = t - g * cgroups
-        r0 = g * gs
-        r1 = min(nout, r0 + gs)
+        r0 = rbounds[g]
+        r1 = rbounds[g + 1]
         for jlo in range(cg * cs * nc, min(n, (cg + 1) * cs * nc), nc):
             jhi = min(n, jlo + nc)
             for cb in range(nbk):
@@ -1126,7 +1130,7 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, n, nc, ngroups, cgroups, bias, re
                     k1 = sp[i, cb + 1]
                     if acc and k0 == k1:
                         continue
-                    yr = yw[i]
+                    yr = yw[i] if i < o1 else yw2[i - o1]
                     j = jlo
                     while j + 8 * VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
@@ -1141,8 +1145,12 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, n, nc, ngroups, cgroups, bias, re
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 1, acc)
                         j += VW
             for i in range(r0, r1):
-                seg = yw[i, jlo:jhi]
                 bv = bias[i] if nbias != 0 else np.float32(0.0)
+                if i >= o1:
+                    seg = yw2[i - o1, jlo:jhi]
+                    epilogue_tile(seg, bv, seg[0:0], act2, lo, hi)
+                    continue
+                seg = yw[i, jlo:jhi]
                 if nr != 0:
                     epilogue_tile(seg, bv, res[i, jlo:jhi], act, lo, hi)
                 else:
@@ -1152,10 +1160,20 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, n, nc, ngroups, cgroups, bias, re
                     for q in range(jhi - jlo):
                         seg[q] = seg[q] if mk[q] != 0 else np.float32(0.0)
         if cg == 0:
-            for i in range(r0, r1):
+            for i in range(r0, min(r1, o1)):
                 tail = yw[i, n:ly]
                 for q in range(ly - n):
                     tail[q] = np.float32(0.0)
+
+
+def row_bounds(indptr, ngroups, overhead=8):
+    """int64 [ngroups + 1]: contiguous row groups of about equal cost (weights per row + ``overhead``)."""
+    indptr = np.asarray(indptr, np.int64)
+    O = indptr.shape[0] - 1
+    cost = np.cumsum(np.diff(indptr) + overhead)
+    tot = cost[-1] if O else 0
+    b = np.searchsorted(cost, tot * np.arange(1, ngroups) / ngroups, side="left") + 1 if O else np.zeros(ngroups - 1)
+    return np.concatenate([[0], np.minimum(b, O), [O]]).astype(np.int64)
 
 
 def kpanel_splits(indptr, indices, bcols, K):

@@ -5,7 +5,8 @@ from __future__ import annotations
 def _fuse_residuals(graph, sym) -> list:
     """Execution node list with ``[relu|clamp(0,6)](add(conv2d(x), r))`` rewritten into one conv2d
     carrying ``r`` as a 4th input (attr ``_residual``) and the activation; the fused node takes the
-    last replaced node's position so every input is defined by then."""
+    last replaced node's position so every input is defined by then. When both inputs of the add are
+    convs, a stride-1 conv takes it."""
     from ..formats.graph import Node
 
     consumers: dict = {}
@@ -14,7 +15,11 @@ def _fuse_residuals(graph, sym) -> list:
             consumers.setdefault(name, []).append(node)
     outs = {v.name for v in graph.outputs}
     replace, drop = {}, set()
-    for c in graph.nodes:
+    # stride-1 convs claim an add first: in a downsampling block add(conv2(...), down(x)) the residual goes
+    # into conv2 (the main path), so the 1x1 stride-2 ``down`` stays a plain conv that can be computed with
+    # the block's first conv in one pass (runtime/ops/conv.py ``_sibling``), its output ready before conv2
+    order = sorted(graph.nodes, key=lambda n: 0 if list(n.attrs.get("stride", [1, 1])) == [1, 1] else 1)
+    for c in order:
         if c.op != "conv2d" or c.attrs.get("activation", "none") != "none" or c.attrs.get("_residual"):
             continue
         v = c.outputs[0]

@@ -182,11 +182,23 @@ def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups
     if with_mask:
         ref *= mask[None, :]
     sp = conv.kpanel_splits(packed[0], packed[1], 27, C * 9)
+    rb = conv.row_bounds(packed[0], ngroups)
+    assert rb[0] == 0 and rb[-1] == O and np.all(np.diff(rb) >= 0)
     yw = np.full((O, Npad + 21), np.nan, np.float32)
-    conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, Npad, nc, ngroups, cgroups,
-                            bias, res, mask, act, 0.0, 0.0)
+    conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, EMPTY2, Npad, nc, rb,
+                            cgroups, bias, res, mask, act, 0, 0.0, 0.0)
     np.testing.assert_allclose(yw[:, :Npad], ref, rtol=1e-4, atol=1e-4)
     assert not yw[:, Npad:].any()
+    # the same weights split as 7 rows into yw (residual, mask) + 4 rows into yw2 (bias + act2 = relu only)
+    O1 = 7
+    yw = np.full((O1, Npad + 21), np.nan, np.float32)
+    yw2 = np.full((O - O1, Npad), np.nan, np.float32)
+    conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, yw2, Npad, nc, rb,
+                            cgroups, bias, res[:O1] if with_res else res, mask, act, 1, 0.0, 0.0)
+    np.testing.assert_allclose(yw[:, :Npad], ref[:O1], rtol=1e-4, atol=1e-4)
+    assert not yw[:, Npad:].any()
+    ref2 = np.maximum(w[O1:].astype(np.float64) @ cols + bias[O1:, None], 0)
+    np.testing.assert_allclose(yw2, ref2, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pool", [(3, 3, 2, 2, 1, 1, 1, 1), (2, 2, 2, 2, 0, 0, 1, 1), (3, 2, 1, 2, 1, 0, 2, 1)])

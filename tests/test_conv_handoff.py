@@ -23,9 +23,10 @@ def _w(rng, O, C, k, density=0.3):
 
 
 def _model(path, rng, C, H, W, pool):
-    """[maxpool ->] a: conv relu -> b: conv + x (residual) relu -> c: conv + b relu -> d: conv s2 relu ->
-    e: conv relu -> f: conv + e relu -> output. ResNet's block pattern: packed chains a->b->c (in, out
-    and residual), d->e->f across the stride-2 layer, an NCHW residual into a packed output (b)."""
+    """[stem conv ->] [maxpool ->] a: conv relu -> b: conv + x (residual) relu -> c: conv + b relu -> d: conv s2
+    relu -> e: conv + dn(c) relu -> f: conv + e relu -> output (and h: 1x1 s2 of c + e). ResNet's block
+    pattern: packed chains a->b->c (in, out and residual), d->e->f across the stride-2 layer, an NCHW
+    residual into a packed output (b), the downsample dn computed with d."""
     t = {}
     nodes = []
 
@@ -56,7 +57,12 @@ def _model(path, rng, C, H, W, pool):
     conv("b", "a", "b", C, C, res=src)
     conv("c", "b", "c", C, C, res="b")
     conv("d", "c", "d", 2 * C, C, stride=2)
-    conv("e", "d", "e", 2 * C, 2 * C)
+    # dn: ResNet's 1x1 stride-2 downsample of the block input, added to e: computed with d (its center tap)
+    t["dn.w"] = _w(rng, 2 * C, C, 1, 0.5)
+    t["dn.b"] = Dense.from_dense((rng.standard_normal(2 * C) * 0.1).astype(np.float32))
+    nodes.append(Node("conv2d", "dn", ["c", "dn.w", "dn.b"], ["dn"], {"padding": [0, 0], "dilation": [1, 1],
+                                                                     "stride": [2, 2], "activation": "none"}))
+    conv("e", "d", "e", 2 * C, 2 * C, res="dn")
     conv("f", "e", "f", 2 * C, 2 * C, res="e")
     # h: 1x1 stride 2 (im2col + GEMM path) reading the packed e as its residual: unpacked first
     t["h.w"] = _w(rng, 2 * C, C, 1, 0.5)
@@ -107,6 +113,7 @@ def test_handoff_matches_reference(tmp_path, C, H, W, batch, pool, h_kernel):
         assert "packed out" not in kern["f"], kern  # graph output: NCHW
         assert "packed out" not in kern["c"], kern  # read by a stride-2 conv
         assert "unpack residual" in kern["h"], kern
+        assert "with dn" in kern["d"] and "computed with d" in kern["dn"], kern
         if pool == "stem":
             assert "maxpool fused" in kern["s"] and "fused" in kern["pool"], kern
             assert "packed in" in kern["a"], kern

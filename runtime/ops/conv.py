@@ -49,6 +49,7 @@ def im2col_into(x, cols, kh, kw, stride, padding, dilation, Ho, Wo):
 # and the per-shape decisions about which values travel packed (see ``packed_value``)
 _REG: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 HANDOFF = True  # packed hand-off between ops on (False: every value NCHW; for A/B measurements and tests)
+SIBLING = True  # 1x1 stride-s sibling convs computed with the k x k conv on the same input (``Conv2d._sibling``)
 
 
 def _registry(ctx):
@@ -166,6 +167,9 @@ class Conv2d(Op):
         return self._wd
 
     def plan(self, ins, outs, env):
+        main = self._absorber(ins[0][0])
+        if main is not None:
+            return NodePlan(data=("absorbed", main.name), kernel=f"computed with {main.name} (1x1 as its center tap)")
         np_ = self._plan(ins, outs, env)
         if self.has_res and not isinstance(np_.data, dict):
             lres = packed_value(self.ctx, self.node.inputs[3], outs[0][0])
@@ -297,6 +301,86 @@ class Conv2d(Op):
         geo = bd["geo"]
         return (geo[3], geo[2], bd["cs"], geo[5])
 
+    def _absorber(self, in_shape):
+        """The conv that computes this one along with itself (``_sibling``), or None."""
+        reg = _registry(self.ctx)
+        if reg is None or self.ctx.graph is None or not HANDOFF:
+            return None
+        for node, k in self.ctx.consumers(self.node.inputs[0]):
+            op = reg["ops"].get(node.name)
+            if k == 0 and op is not None and op is not self and isinstance(op, Conv2d):
+                sib = op._sibling(in_shape)
+                if sib is not None and sib["op"] is self:
+                    return op
+        return None
+
+    def _sibling(self, in_shape):
+        """A 1x1 conv S reading the same input with this conv's stride, no padding, no residual, whose
+        output is read only as a fused residual by convs after this one: S is computed in this conv's
+        kernel call as extra output rows (its weights at the tap (ph/dh, pw/dw), which reads exactly
+        S's pixels), its output left in this conv's position layout. Cached dict or None."""
+        key = tuple(int(d) for d in in_shape)
+        if not hasattr(self, "_sibc"):
+            self._sibc = {}
+        if key not in self._sibc:
+            self._sibc[key] = self._sibling_compute(key)
+        return self._sibc[key]
+
+    def _sibling_compute(self, in_shape):
+        reg = _registry(self.ctx)
+        if reg is None or self.ctx.graph is None or not (HANDOFF and SIBLING) or self.has_res:
+            return None
+        bd = self._bd(in_shape)
+        if bd is None or bd["kind"] != "csr" or bd["plane"]:
+            return None
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        if ph % dh or pw % dw or ph // dh >= self.kh or pw // dw >= self.kw:
+            return None
+        ky, kx = ph // dh, pw // dw
+        order = {id(n): i for i, n in enumerate(self.ctx.graph.nodes)}
+        me = order.get(id(self.node))
+        outs = {v.name for v in self.ctx.graph.outputs}
+        for node, k in self.ctx.consumers(self.node.inputs[0]):
+            op = reg["ops"].get(node.name)
+            if k != 0 or op is None or op is self or not isinstance(op, Conv2d) or op.has_res:
+                continue
+            if (op.kh, op.kw, op.g, op.stride, op.padding, op.dilation) != (1, 1, 1, self.stride, (0, 0), (1, 1)):
+                continue
+            if op.depthwise or op.Cg != in_shape[1] or op.node.outputs[0] in outs:
+                continue
+            H, W = in_shape[2:]
+            if (self.k.conv_out_size(H, 1, self.stride[0], 0, 1), self.k.conv_out_size(W, 1, self.stride[1], 0, 1)) != (
+                    bd["Ho"], bd["Wo"]):
+                continue
+            cons = self.ctx.consumers(op.node.outputs[0])
+            if not cons or any(kk != 3 or not isinstance(reg["ops"].get(n.name), Conv2d)
+                               or order.get(id(n), -1) <= me for n, kk in cons):
+                continue
+            ch = self.ctx.selector.choose(op.name, "conv2d", op.wf, bd["Ho"] * bd["Wo"])
+            if op._direct_kind(ch) != "csr":
+                continue
+            return self._combine(bd, op, ch, ky, kx)
+        return None
+
+    def _combine(self, bd, op, ch, ky, kx):
+        """Combined CSR (this conv's rows, then op's with column c -> (c*kh + ky)*kw + kx), its koff / panel
+        plan on this conv's layout, the concatenated bias."""
+        k = self.k
+        p1, p2 = bd["choice"].packed, ch.packed
+        ind1, ind2 = np.asarray(p1[0], np.int64), np.asarray(p2[0], np.int64)
+        indptr = np.concatenate([ind1, ind1[-1] + ind2[1:] - ind2[0]]).astype(np.int32)
+        cols2 = (np.asarray(p2[1], np.int64)[ind2[0]:ind2[-1]] * self.kh + ky) * self.kw + kx
+        indices = np.concatenate([np.asarray(p1[1], np.int64)[ind1[0]:ind1[-1]], cols2])
+        data = np.ascontiguousarray(np.concatenate([p1[2][ind1[0]:ind1[-1]], p2[2][ind2[0]:ind2[-1]]]), np.float32)
+        indptr = indptr - indptr[0]
+        koff = bd["roff"][indices].astype(np.int32)
+        C = bd["in_shape"][1]
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        kp = k.kpanel_plan((indptr, indices, data), bd["geo"], C, self.kh, self.kw, dh, dw, sh, sw, bd["cs"])
+        b1 = self.bias if self.bias is not None else np.zeros(self.O, np.float32)
+        b2 = op.bias if op.bias is not None else np.zeros(op.O, np.float32)
+        return {"op": op, "koff": koff, "kp": kp, "data": data, "bias": np.concatenate([b1, b2]).astype(np.float32)}
+
     def ctx_reg(self):
         return _registry(self.ctx)
 
@@ -347,6 +431,14 @@ class Conv2d(Op):
             lout = packed_value(self.ctx, self.node.outputs[0], out_shape, posmap=pm)
             if lout is not None:
                 data["out"] = (add_shared(lout), lout)
+            sib = self._sibling(in_shape)
+            if sib is not None:
+                sop = sib["op"]
+                lsib = {"key": ("packed", sop.node.outputs[0]), "IS": IS, "RS": RS, "cs": cs, "shift": 0, "L": Npad,
+                        "size": sop.O * Npad, "C": sop.O, "in_layout": None}
+                sshape = (B, sop.O, bd["Ho"], bd["Wo"])
+                _registry(self.ctx)["values"][(sop.node.outputs[0], sshape)] = lsib
+                data["sib"] = (add_shared(lsib), lsib, sib)
         if self.has_res:
             lres = packed_value(self.ctx, self.node.inputs[3], out_shape)
             if lres is not None:
@@ -380,6 +472,7 @@ class Conv2d(Op):
             if data["out"] is not None:
                 data["mask"] = position_mask(B, IS, RS, cs, bd["Ho"], bd["Wo"], Npad)
         data["nscratch"] = len(scratch)
+        data["rb"] = {}  # row groups of csr_conv_kpanel_ep per thread count (filled on first run)
         parts = [self.DIRECT_NOTE]
         if data["in"] is not None:
             parts.append("packed in")
@@ -387,6 +480,8 @@ class Conv2d(Op):
             parts.append("packed out")
         if data["res_mode"] == "unpack":
             parts.append("unpack residual")
+        if "sib" in data:
+            parts.append(f"with {data['sib'][2]['op'].name}")
         if "pool" in data:
             parts.append("maxpool fused, packed out")
         return NodePlan(scratch=scratch, shared=shared_l, data=data,
@@ -527,22 +622,36 @@ class Conv2d(Op):
                     res2d = packed_view(buf, lo)
                     res_nchw = None
         sp, nc = bd["kp"]
+        koff, wdata, yw2, act2 = bd["koff"], choice.packed[2], k.EMPTY2, 0
+        if "sib" in data:
+            si, lsib, sib = data["sib"]
+            sp, nc = sib["kp"]
+            koff, wdata, bias, act2 = sib["koff"], sib["data"], sib["bias"], sib["op"].act
+            yw2 = packed_view(scratch[nsc + si], lsib)
         nt = numba.get_num_threads()
         ng, cg = (1, nt) if -(-Npad // nc) >= k.KPANEL_CHUNK_SPLIT * nt else (nt, 1)
+        rb = data["rb"].get(ng)
+        if rb is None:
+            rb = data["rb"][ng] = k.row_bounds(np.append(sp[:, 0], sp[-1:, -1]), ng)
         if data["out"] is not None:
             lo = data["out"][1]
             buf = scratch[nsc + data["out"][0]]
             yw = packed_view(buf, lo)
-            k.csr_conv_kpanel_ep(sp, bd["koff"], choice.packed[2], xf, yw, Npad, nc, ng, cg, bias,
-                                 k.EMPTY2 if res2d is None else res2d, data["mask"], self.act, 0.0, 0.0)
+            k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias,
+                                 k.EMPTY2 if res2d is None else res2d, data["mask"], self.act, act2, 0.0, 0.0)
             sh = lo["shift"]
             buf[:sh] = 0.0
             buf[sh + lo["C"] * lo["L"]:] = 0.0
             return
         yw = scratch[data["yw"]]
+        if "sib" in data:
+            k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias, k.EMPTY2, k.EMPTY1, self.act,
+                                 act2, 0.0, 0.0)
+            k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
+            return
         if res2d is not None:
-            k.csr_conv_kpanel_ep(sp, bd["koff"], choice.packed[2], xf, yw, Npad, nc, ng, cg, bias, res2d, k.EMPTY1,
-                                 self.act, 0.0, 0.0)
+            k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias, res2d,
+                                 k.EMPTY1, self.act, 0, 0.0, 0.0)
             k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
             return
         k.csr_conv_kpanel(sp, bd["koff"], choice.packed[2], xf, yw, nc, ng, cg)
@@ -596,6 +705,8 @@ class Conv2d(Op):
     def run(self, ins, outs, scratch, data):
         if isinstance(data, dict):
             return self._run_bd(ins, outs, scratch, data)
+        if data[0] == "absorbed":
+            return  # computed by the sibling conv into the packed buffer its consumers read
         if data[0] == "unpackres":
             _, inner, ns, nh, lr = data
             r = scratch[ns]
