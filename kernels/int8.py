@@ -76,7 +76,7 @@ from . import cpu as _cpu
 from ._jit import jit, pjit
 from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4, vnni_gather4_deq,
                     vnni_pairs, vnni_pairs_deq, vnni_tile)
-from .epilogue import act_ref, act_scalar, epilogue_tile
+from .epilogue import _act_inplace, act_ref, act_scalar, epilogue_tile
 from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SIGMOID,
                     ACT_SILU, KernelSpec)
 
@@ -615,7 +615,7 @@ def _quant_perm_dyn(x, xq, pairs, mm):
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
 def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, bpad, sx, sw, bias, residual, act,
-                 lo, hi, y, pt):
+                 lo, hi, y, pt, tmm):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
     groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] (uint16 or int32) with int8 weights
     gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
@@ -625,7 +625,9 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
     zero-padded to npad; bpad: bias or -0.0 [out]), then residual and activation are applied to
     the task's rows while hot (the reference's order); otherwise int32 sums and ``_deq_row``.
     pt: per-tensor activation parameters (sx, czx32 the same for every column): R = 1 passes the
-    scalars to ``vnni_pairs_deq`` (no per-column correction loads).
+    scalars to ``vnni_pairs_deq`` (no per-column correction loads). tmm float32 [2 * ntask] or
+    empty: with the int32 dequantize, task t writes (min(min, 0), max(max, 0)) of its final rows to
+    tmm[2t], tmm[2t + 1] (y's min / max for the next linear's dynamic quantization, taken hot).
     Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
@@ -635,6 +637,7 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
     ntask = (nrb + TB - 1) // TB
     N = y.shape[1]
     yf = y.reshape(-1)
+    rf = residual.reshape(-1)
     fuse = czx32.shape[0] > 0
     hb = bias.shape[0] > 0
     hr = residual.shape[0] > 0
@@ -698,11 +701,16 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
                     vnni_gather4(8, 1, 2, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
         nr = min((b1 - b0) * R, out - b0 * R)
         if fuse:  # (v + bias) was stored; + residual, then the activation, on the task's hot rows
+            # (contiguous in y: one flat segment; the vectorized 1-D activation loops)
+            seg = yf[b0 * R * N:(b0 * R + nr) * N]
             if hr:
-                for o in range(b0 * R, b0 * R + nr):
-                    for n in range(N):
-                        y[o, n] = y[o, n] + residual[o, n]
-            _act_rows(y, b0 * R, b0 * R + nr, act, lo, hi)
+                rseg = rf[b0 * R * N:(b0 * R + nr) * N]
+                for j in range(nr * N):
+                    seg[j] = seg[j] + rseg[j]
+            if act != ACT_NONE:
+                _act_inplace(seg, act, lo, hi)
+            if tmm.shape[0] > 0:
+                tmm[2 * t], tmm[2 * t + 1] = minmax_f32(seg)
         elif czx32.shape[0] > 0:
             _deq_rows_i32(acc, 0, nr, b0 * R, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
         else:
@@ -1066,10 +1074,12 @@ def _corr_terms(p, sx, zx, K, colsum_fn):
     return czx, cz
 
 
-def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None):
+def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=False):
     """VNNI path (dense_i8, csr_i8, bsr_i8); falls back to the portable run for other paths.
     minmax: optional (min(min(x), 0), max(max(x), 0)) known by the caller (dynamic per-tensor
-    quantization then skips its min / max pass; the result is the same)."""
+    quantization then skips its min / max pass; the result is the same). want_minmax: return
+    (min(min(y), 0), max(max(y), 0)) of the result as float32 when the kernel took it in its
+    epilogue (groups layout, int32 dequantize), else None."""
     if p["path"] not in ("vnni", "amx"):
         return run_portable(p, x, y, bias, act, lo, hi, residual)
     K, N = x.shape
@@ -1093,10 +1103,16 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None):
         czp = np.zeros(npad, np.int32)
         czp[:N] = -zx
         bpad = bias if bias.shape[0] > 0 else np.full(out, -0.0, _F32)
+        tmm = _EMPTY_F32
+        if want_minmax and czx32.shape[0] > 0:
+            tb = 16 if p["R"] == 1 else 1
+            tmm = np.zeros(2 * ((p["gptr"].shape[0] - 1 + tb - 1) // tb), _F32)
         _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
-                     czx32, sxp, czp, bpad, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y,
-                     p["granularity"] == "tensor" or p["act_quant"] is not None)
-        return
+                     czx32, sxp, czp, bpad, sx, p["sw"], bias, np.ascontiguousarray(residual), act, _F32(lo),
+                     _F32(hi), y, p["granularity"] == "tensor" or p["act_quant"] is not None, tmm)
+        if tmm.shape[0] == 0:
+            return None
+        return _F32(min(tmm[0::2].min(), 0)), _F32(max(tmm[1::2].max(), 0))
     sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)

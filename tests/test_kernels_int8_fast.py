@@ -213,3 +213,31 @@ def test_groups_wide_per_column_static_and_tensor(rng):
         y = np.full((19, 300), np.nan, np.float32)
         K8.run_vnni(p, x, y, bias, 0, 0.0, 0.0, None)
         assert np.array_equal(y, K8.gemm_ref(wf, x, bias, **ref_kw)), kw
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2])
+def test_groups_epilogue_minmax(rng, threads):
+    """want_minmax: the (min(min(y), 0), max(max(y), 0)) taken per task in the register-epilogue
+    path equals the result's, with residual and activations (relu bit-exact, gelu near the
+    float64 reference); None when not asked for."""
+    numba.set_num_threads(_threads(threads))
+    try:
+        for out, k, n in [(37, 50, 300), (3, 9, 2), (40, 64, 130)]:
+            wf = _sparse(rng, out, k, 0.3)
+            p = K8.prepare(wf, path="vnni")
+            x = (rng.standard_normal((k, n)) * 2).astype(np.float32)
+            bias = rng.standard_normal(out).astype(np.float32)
+            res = rng.standard_normal((out, n)).astype(np.float32)
+            for act, r in ((0, None), (1, res), (3, None), (3, res)):
+                y = np.full((out, n), np.nan, np.float32)
+                mm = K8.run_vnni(p, x, y, bias, act, 0.0, 0.0, r, want_minmax=True)
+                ref = K8.gemm_ref(wf, x, bias, act, 0.0, 0.0, r)
+                if act == 3:
+                    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-6)
+                else:
+                    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+                assert mm == (min(y.min(), 0), max(y.max(), 0))
+            assert K8.run_vnni(p, x, y, bias, 0, 0.0, 0.0, None) is None  # not asked for
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
