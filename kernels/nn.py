@@ -948,6 +948,9 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                     s1 = _vadd(s1, e1)
                 r0 = _vrcp(s0)
                 r1 = _vrcp(s1)
+                if Sk == 0:  # no keys: zeros (an empty softmax times an empty V), not 0 * inf
+                    r0 = _vzero()
+                    r1 = r0
                 direct = fmo and i0 + QB <= Sq
                 # O^T = V^T P^T, 8 head dims x 2 query vectors per register tile
                 for d0 in range(0, Dp, 8):

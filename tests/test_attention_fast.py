@@ -98,3 +98,13 @@ def test_attention_huge_spread_flushes(rng):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
         tiny = (got != 0) & (np.abs(got) < np.finfo(F32).tiny)
         assert not tiny.any()
+
+
+def test_attention_no_keys_gives_zeros():
+    """Sk = 0 (torch: softmax over an empty axis, times an empty V): zeros, in both output layouts."""
+    B, Sq, H, D = 2, 3, 2, 8
+    q = np.ones((B, Sq, H * D), F32)
+    e = np.zeros((B, 0, H * D), F32)
+    for fm_out in (False, True):
+        got = _run(q, e, e, np.zeros((B, 0), F32), 1.0, H, False, fm_out)
+        assert (got == 0).all()
