@@ -53,6 +53,7 @@ from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
 from .table import KernelSpec
 
 EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
+EMPTYI = np.zeros(0, dtype=np.int32)
 
 
 def conv_out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
@@ -1096,7 +1097,8 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
 
 
 @pjit
-def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bias, res, mask, act, act2, lo, hi):
+def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bias, res, mask, act, act2, lo, hi,
+                       dmap, zmap, xd, dstride):
     """csr_conv_kpanel over positions [0, n) with the fused epilogue applied per N chunk while it is in
     cache. Rows i < O1 (yw [O1, Ly], n <= Ly, n a multiple of VW): yw[i, j] = act(sum_k data[k] *
     xf[koff[k] + j] + bias[i] + res[i, j]), then 0 where mask[j] == 0, and yw[i, n:] = 0. Rows O1 <= i <
@@ -1106,13 +1108,18 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
     float32 [n] (1 = a real output position) or length 0. With yw a [O1, L] view of the next conv's
     packed input (at its padding shift), the masked positions are that layout's padding: the output is
     handed over without a crop / pack pass. Row groups: rows rbounds[g] .. rbounds[g+1] (int64
-    [ngroups + 1], e.g. balanced by weights per row, ``row_bounds``) x ``cgroups`` groups of N chunks."""
+    [ngroups + 1], e.g. balanced by weights per row, ``row_bounds``) x ``cgroups`` groups of N chunks.
+    Scatter (dmap int32 [n], else length 0): each finished chunk of row i < O1 is also stored, while in
+    cache, at xd[i*dstride + dmap[j]] (dmap[j] < 0: not stored), xd[i*dstride + zmap[:]] = 0 and
+    xd[O1*dstride:] = 0: the output handed over in any packed layout (e.g. the phase planes of a
+    stride-2 conv) with its padding zeroed."""
     o1 = yw.shape[0]
     ly = yw.shape[1]
     nbk = sp.shape[1] - 1
     nbias = bias.shape[0]
     nr = res.shape[0]
     nm = mask.shape[0]
+    nd = dmap.shape[0]
     ngroups = rbounds.shape[0] - 1
     nch = (n + nc - 1) // nc
     cs = (nch + cgroups - 1) // cgroups
@@ -1159,11 +1166,51 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
                     mk = mask[jlo:jhi]
                     for q in range(jhi - jlo):
                         seg[q] = seg[q] if mk[q] != 0 else np.float32(0.0)
+                if nd != 0:
+                    dm = dmap[jlo:jhi]
+                    xo = xd[i * dstride:(i + 1) * dstride]
+                    for q in range(jhi - jlo):
+                        dq = dm[q]
+                        if dq >= 0:
+                            xo[dq] = seg[q]
         if cg == 0:
             for i in range(r0, min(r1, o1)):
                 tail = yw[i, n:ly]
                 for q in range(ly - n):
                     tail[q] = np.float32(0.0)
+                if nd != 0:
+                    xo = xd[i * dstride:(i + 1) * dstride]
+                    for q in range(zmap.shape[0]):
+                        xo[zmap[q]] = np.float32(0.0)
+        if t == 0 and nd != 0:
+            xt = xd[o1 * dstride:]
+            for q in range(xt.shape[0]):
+                xt[q] = np.float32(0.0)
+
+
+def scatter_maps(B, Ho, Wo, IS, RS, cs, n, geo, kh, kw, sh, sw, ph, pw, dh, dw):
+    """(dmap int32 [n], zmap int32, dstride) for csr_conv_kpanel_ep's scatter: output (b, oy, ox) at position
+    b*IS + oy*RS + ox*cs goes where ``batch_pack`` puts input pixel (b, iy=oy, ix=ox) of a conv with layout
+    ``geo`` (``batch_geometry`` of that conv: shared / phase, batch-innermost or not), within one channel's
+    P*L floats (dstride); zmap: the channel's other offsets (its padding, zeroed)."""
+    shared, P, RSd, ISd, L = geo[:5]
+    csd = B if shared >= 2 else 1
+    b, oy, ox = np.meshgrid(np.arange(B), np.arange(Ho), np.arange(Wo), indexing="ij")
+    src = (b * IS + oy * RS + ox * cs).ravel()
+    Y, X = oy + ph, ox + pw
+    if shared is True or shared == 1 or shared == 2:
+        dst = (b * ISd + Y * RSd + X * csd).ravel()
+    else:
+        pidx = phase_map(kh, kw, sh, sw, dh, dw)[0]
+        pl = pidx[(Y % sh) * sw + X % sw]
+        dst = np.where(pl >= 0, pl * L + b * ISd + (Y // sh) * RSd + (X // sw) * csd, -1).ravel()
+    dstride = P * L
+    dmap = np.full(n, -1, np.int64)
+    keep = src < n
+    dmap[src[keep]] = dst[keep]
+    hit = np.zeros(dstride, bool)
+    hit[dmap[dmap >= 0]] = True
+    return dmap.astype(np.int32), np.flatnonzero(~hit).astype(np.int32), dstride
 
 
 def row_bounds(indptr, ngroups, overhead=8):

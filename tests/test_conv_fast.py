@@ -158,7 +158,7 @@ def test_sparse_conv_batch_empty_batch(inner, rng):
 def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups, nc, rng):
     """csr_conv_kpanel_ep: fused bias / residual / relu, masked positions 0, yw[:, n:] zeroed (a wider
     [O, Ly] destination, as a view of the next layer's packed input)."""
-    from sparsedge.kernels.epilogue import EMPTY2
+    from sparsedge.kernels.epilogue import EMPTY1, EMPTY2
 
     B, C, H, W, O = 2, 6, 5, 7, 11
     w, fmt, row = _weight("csr", O, C * 9, rng, 0.4)
@@ -186,7 +186,7 @@ def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups
     assert rb[0] == 0 and rb[-1] == O and np.all(np.diff(rb) >= 0)
     yw = np.full((O, Npad + 21), np.nan, np.float32)
     conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, EMPTY2, Npad, nc, rb,
-                            cgroups, bias, res, mask, act, 0, 0.0, 0.0)
+                            cgroups, bias, res, mask, act, 0, 0.0, 0.0, conv.EMPTYI, conv.EMPTYI, EMPTY1, 0)
     np.testing.assert_allclose(yw[:, :Npad], ref, rtol=1e-4, atol=1e-4)
     assert not yw[:, Npad:].any()
     # the same weights split as 7 rows into yw (residual, mask) + 4 rows into yw2 (bias + act2 = relu only)
@@ -194,7 +194,8 @@ def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups
     yw = np.full((O1, Npad + 21), np.nan, np.float32)
     yw2 = np.full((O - O1, Npad), np.nan, np.float32)
     conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, yw2, Npad, nc, rb,
-                            cgroups, bias, res[:O1] if with_res else res, mask, act, 1, 0.0, 0.0)
+                            cgroups, bias, res[:O1] if with_res else res, mask, act, 1, 0.0, 0.0, conv.EMPTYI,
+                            conv.EMPTYI, EMPTY1, 0)
     np.testing.assert_allclose(yw[:, :Npad], ref[:O1], rtol=1e-4, atol=1e-4)
     assert not yw[:, Npad:].any()
     ref2 = np.maximum(w[O1:].astype(np.float64) @ cols + bias[O1:, None], 0)
@@ -234,4 +235,38 @@ def test_conv_plane_pool_packed(pool, threads, rng):
                                  kh, kw, sh, sw, ph, pw, dh, dw, Hq, Wq, out, QL, QRS + 1, QIS, QRS)
     finally:
         numba.set_num_threads(old)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner_src,inner_dst,k,s,p", [(False, False, 3, 2, 1), (False, True, 3, 2, 1),
+                                                       (True, True, 3, 2, 1), (False, False, 1, 2, 0),
+                                                       (True, False, 3, 1, 1)])
+def test_kpanel_ep_scatter(inner_src, inner_dst, k, s, p, rng):
+    """csr_conv_kpanel_ep with a scatter map (``scatter_maps``): the conv output lands in the packed layout
+    of a following conv (phase planes of a strided one, batch innermost or not) exactly as ``batch_pack``
+    puts the NCHW output there, padding zero, on a buffer full of garbage first."""
+    from sparsedge.kernels.epilogue import EMPTY1, EMPTY2
+
+    B, C, H, W, O = 3, 6, 8, 7, 10
+    w, fmt, row = _weight("csr", O, C * 9, rng, 0.4)
+    packed = row.prepare(CSR.from_dense(w))
+    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    bias = rng.standard_normal(O).astype(np.float32)
+    geo = conv.batch_geometry(B, C, H, W, 3, 3, 1, 1, 1, 1, 1, 1, conv.batch_tile("csr"), inner_src)
+    shared, P, RS, IS, L, Npad, size, Ho, Wo = geo
+    cs = conv.geo_cs(geo, B)
+    xf = np.empty(size, np.float32)
+    conv.batch_pack(x, geo, 3, 3, (1, 1), (1, 1), (1, 1), xf)
+    roff = conv.batch_roff(C, 3, 3, 1, 1, 1, 1, shared, RS, L, cs)
+    y = conv.conv2d_ref(x, w.reshape(O, C, 3, 3), bias, padding=(1, 1), act=1)
+    dgeo = conv.batch_geometry(B, O, Ho, Wo, k, k, s, s, p, p, 1, 1, conv.batch_tile("csr"), inner_dst)
+    want = np.full(dgeo[6], np.nan, np.float32)
+    conv.batch_pack(y, dgeo, k, k, (s, s), (p, p), (1, 1), want)
+    dmap, zmap, dstride = conv.scatter_maps(B, Ho, Wo, IS, RS, cs, Npad, dgeo, k, k, s, s, p, p, 1, 1)
+    sp = conv.kpanel_splits(packed[0], packed[1], 27, C * 9)
+    out = np.full(dgeo[6], np.nan, np.float32)
+    yw = np.full((O, Npad), np.nan, np.float32)
+    conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, EMPTY2, Npad, 16,
+                            conv.row_bounds(packed[0], 2), 2, bias, EMPTY2, EMPTY1, 1, 0, 0.0, 0.0, dmap, zmap, out,
+                            dstride)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,7 @@ def im2col_into(x, cols, kh, kw, stride, padding, dilation, Ho, Wo):
 _REG: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 HANDOFF = True  # packed hand-off between ops on (False: every value NCHW; for A/B measurements and tests)
 SIBLING = True  # 1x1 stride-s sibling convs computed with the k x k conv on the same input (``Conv2d._sibling``)
+SCATTER = True  # producers scatter their output into a strided conv's phase planes (``kernels.conv.scatter_maps``)
 
 
 def _registry(ctx):
@@ -99,12 +100,25 @@ def _packed_value(ctx, reg, value, shape, pm):
         if op is None or not isinstance(op, Conv2d) or k not in (0, 3):
             return None
         if k == 0:
+            if op._absorber(shape) is not None:
+                continue  # computed by another reader from that reader's packed input
             il = op.in_layout(shape)
             if il is None or (lay is not None and il != lay):
                 return None
             lay = il
     if lay is None:
         return None
+    if lay[0] == "phase":
+        # the producer scatters its output into the reader's phase planes (csr_conv_kpanel_ep dmap)
+        if not SCATTER or pm[0] == "any" or len(pm) < 5 or not pm[4] or any(k != 0 for _, k in cons):
+            return None
+        _, geo, kh, kw, (sh, sw), (ph, pw), (dh, dw) = lay
+        B, O, Ho, Wo = (int(d) for d in shape)
+        dmap, zmap, dstride = _conv_k().scatter_maps(B, Ho, Wo, pm[0], pm[1], pm[2], pm[3], geo, kh, kw, sh, sw, ph,
+                                                     pw, dh, dw)
+        if O * dstride > geo[6]:
+            return None
+        return {"key": ("packed", value), "scatter": (dmap, zmap, dstride), "size": geo[6], "C": O, "in_layout": lay}
     IS, RS, cs, shift, L, size = lay[:6]
     O = int(shape[1])
     if pm[0] == "any":  # a producer that writes any shared-padding layout (images one after the other)
@@ -114,6 +128,12 @@ def _packed_value(ctx, reg, value, shape, pm):
         return None
     return {"key": ("packed", value), "IS": IS, "RS": RS, "cs": cs, "shift": shift, "L": L, "size": size,
             "C": O, "in_layout": lay}
+
+
+def _conv_k():
+    from ...kernels import conv as kconv
+
+    return kconv
 
 
 def fused_pool(ctx, pool_name, in_shape) -> bool:
@@ -280,14 +300,16 @@ class Conv2d(Op):
 
     def in_layout(self, in_shape):
         """(IS, RS, cs, shift, L, size, shared, ph, pw) of the packed input this conv reads when it runs the
-        batched CSR kpanel path on a shared-padding layout (stride 1), else None. Input pixel (b, c, iy, ix)
-        sits at c*L + shift + b*IS + iy*RS + ix*cs, everything else of the buffer is zero."""
+        batched CSR kpanel path on a shared-padding layout (stride 1): input pixel (b, c, iy, ix) sits at
+        c*L + shift + b*IS + iy*RS + ix*cs, everything else of the buffer is zero; ("phase", geo, kh, kw,
+        stride, padding, dilation) on a phase layout; else None."""
         bd = self._bd(in_shape)
         if bd is None or bd["kind"] != "csr" or bd["plane"]:
             return None
         shared, P, RS, IS, L, Npad, size = bd["geo"][:7]
         if not (shared is True or shared == 2) or P != 1:
-            return None
+            # phase planes (strided convs): a producer can scatter into them (``scatter_maps``)
+            return ("phase", tuple(bd["geo"]), self.kh, self.kw, self.stride, self.padding, self.dilation)
         cs = bd["cs"]
         ph, pw = self.padding
         return (IS, RS, cs, ph * RS + pw * cs, L, size, shared, ph, pw)
@@ -428,7 +450,11 @@ class Conv2d(Op):
             if lin is not None and self.in_layout(in_shape) == lin["in_layout"]:
                 data["in"] = (add_shared(lin), lin)
             pm = self.out_posmap(in_shape)
-            lout = packed_value(self.ctx, self.node.outputs[0], out_shape, posmap=pm)
+            can_scatter = True
+            if self.has_res:  # a scattered output needs the residual read packed in the kernel
+                lr = packed_value(self.ctx, self.node.inputs[3], out_shape)
+                can_scatter = lr is not None and (lr["IS"], lr["RS"], lr["cs"]) == (IS, RS, cs) and Npad <= lr["L"]
+            lout = packed_value(self.ctx, self.node.outputs[0], out_shape, posmap=tuple(pm) + (can_scatter,))
             if lout is not None:
                 data["out"] = (add_shared(lout), lout)
             sib = self._sibling(in_shape)
@@ -465,11 +491,11 @@ class Conv2d(Op):
             data["res_mode"] = "pack"
             data["res_pk"] = len(scratch)
             scratch.append(((data["out"][1]["size"],), "float32"))
-        if data["out"] is None and not plane:
+        if (data["out"] is None or "scatter" in data["out"][1]) and not plane:
             data["yw"] = len(scratch)
             scratch.append(((O, Npad), "float32"))
         if kind == "csr" and not plane:
-            if data["out"] is not None:
+            if data["out"] is not None and "scatter" not in data["out"][1]:
                 data["mask"] = position_mask(B, IS, RS, cs, bd["Ho"], bd["Wo"], Npad)
         data["nscratch"] = len(scratch)
         data["rb"] = {}  # row groups of csr_conv_kpanel_ep per thread count (filled on first run)
@@ -477,7 +503,7 @@ class Conv2d(Op):
         if data["in"] is not None:
             parts.append("packed in")
         if data["out"] is not None:
-            parts.append("packed out")
+            parts.append("scattered out" if "scatter" in data["out"][1] else "packed out")
         if data["res_mode"] == "unpack":
             parts.append("unpack residual")
         if "sib" in data:
@@ -633,12 +659,19 @@ class Conv2d(Op):
         rb = data["rb"].get(ng)
         if rb is None:
             rb = data["rb"][ng] = k.row_bounds(np.append(sp[:, 0], sp[-1:, -1]), ng)
+        if data["out"] is not None and "scatter" in data["out"][1]:
+            dmap, zmap, dstride = data["out"][1]["scatter"]
+            k.csr_conv_kpanel_ep(sp, koff, wdata, xf, scratch[data["yw"]], yw2, Npad, nc, rb, cg, bias,
+                                 k.EMPTY2 if res2d is None else res2d, k.EMPTY1, self.act, act2, 0.0, 0.0, dmap, zmap,
+                                 scratch[nsc + data["out"][0]], dstride)
+            return
         if data["out"] is not None:
             lo = data["out"][1]
             buf = scratch[nsc + data["out"][0]]
             yw = packed_view(buf, lo)
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias,
-                                 k.EMPTY2 if res2d is None else res2d, data["mask"], self.act, act2, 0.0, 0.0)
+                                 k.EMPTY2 if res2d is None else res2d, data["mask"], self.act, act2, 0.0, 0.0, k.EMPTYI, k.EMPTYI,
+                                 k.EMPTY1, 0)
             sh = lo["shift"]
             buf[:sh] = 0.0
             buf[sh + lo["C"] * lo["L"]:] = 0.0
@@ -646,12 +679,12 @@ class Conv2d(Op):
         yw = scratch[data["yw"]]
         if "sib" in data:
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias, k.EMPTY2, k.EMPTY1, self.act,
-                                 act2, 0.0, 0.0)
+                                 act2, 0.0, 0.0, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
             k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
             return
         if res2d is not None:
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias, res2d,
-                                 k.EMPTY1, self.act, 0, 0.0, 0.0)
+                                 k.EMPTY1, self.act, 0, 0.0, 0.0, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
             k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
             return
         k.csr_conv_kpanel(sp, bd["koff"], choice.packed[2], xf, yw, nc, ng, cg)
