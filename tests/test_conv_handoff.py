@@ -72,7 +72,8 @@ def _model(path, rng, C, H, W, pool):
     nodes.append(Node("add", "h.add", ["h_c", "e"], ["h"], {}))
     Ho, Wo = (Hc - 1) // 2 + 1, (Wc - 1) // 2 + 1
     g = Graph([ValueInfo("x", "float32", ["batch", Cx, H, W]), ValueInfo("x2", "float32", ["batch", C, Hc, Wc])],
-              [ValueInfo("f", "float32", ["batch", 2 * C, Ho, Wo]), ValueInfo("h", "float32", ["batch", 2 * C, Ho, Wo])],
+              [ValueInfo("f", "float32", ["batch", 2 * C, Ho, Wo]),
+               ValueInfo("h", "float32", ["batch", 2 * C, Ho, Wo])],
               nodes)
     write_model(path, g, t, {})
     return path
