@@ -115,7 +115,9 @@ def test_handoff_matches_reference(tmp_path, C, H, W, batch, pool, h_kernel):
         assert "packed out" in kern["d"] and "packed in" in kern["e"], kern
         assert "packed out" in kern["e"] and "packed in" in kern["f"], kern
         assert "packed out" not in kern["f"], kern  # graph output: NCHW
-        assert "scattered out" in kern["c"] and "packed in" in kern["d"], kern  # into d's phase planes
+        # into d's phase planes from a batch-innermost layout (small grids), else crop + pack
+        assert ("scattered out" in kern["c"]) == ("packed in" in kern["d"]), kern
+        assert "scattered out" in kern["c"] or (H, W) != (8, 8), kern
         assert "unpack residual" in kern["h"], kern
         assert "with dn" in kern["d"] and "computed with d" in kern["dn"], kern
         if pool == "stem":
