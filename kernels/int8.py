@@ -627,7 +627,8 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
     pt: per-tensor activation parameters (sx, czx32 the same for every column): R = 1 passes the
     scalars to ``vnni_pairs_deq`` (no per-column correction loads). tmm float32 [2 * ntask] or
     empty: with the int32 dequantize, task t writes (min(min, 0), max(max, 0)) of its final rows to
-    tmm[2t], tmm[2t + 1] (y's min / max for the next linear's dynamic quantization, taken hot).
+    tmm[2t], tmm[2t + 1], reduced at the end into tmm[0], tmm[1] (y's min / max for the next
+    linear's dynamic quantization, taken hot).
     Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
@@ -717,6 +718,14 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
             for rr in range(nr):
                 o = b0 * R + rr
                 _deq_row(acc[rr], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
+    if tmm.shape[0] > 0:  # reduced into tmm[0], tmm[1]
+        mlo = np.float32(0.0)
+        mhi = np.float32(0.0)
+        for i in range(ntask):
+            mlo = min(mlo, tmm[2 * i])
+            mhi = max(mhi, tmm[2 * i + 1])
+        tmm[0] = mlo
+        tmm[1] = mhi
 
 
 @pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
@@ -1051,13 +1060,13 @@ def _scratch_u8(rows, cols):
     """``_aligned_u8`` over a per-thread buffer kept between calls (grown to the largest request):
     the quantized activations of one call, dead when it returns. A fresh 1.5 MB array costs its
     page faults on every call (~0.2 ms of BERT's 1536 x 1024 ff2 input, 2 threads)."""
-    need = rows * cols + 64
+    need = rows * cols
     buf = getattr(_TLS, "buf", None)
     if buf is None or buf.shape[0] < need:
-        buf = np.empty(need, np.uint8)
-        _TLS.buf = buf
-    o = (-buf.ctypes.data) % 64
-    return buf[o:o + rows * cols].reshape(rows, cols)
+        raw = np.empty(need + 64, np.uint8)
+        o = (-raw.ctypes.data) % 64
+        buf = _TLS.buf = raw[o:o + need]
+    return buf[:need].reshape(rows, cols)
 
 
 def _opt(bias, residual):
@@ -1095,24 +1104,27 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
         else:
             sx, zx, inv, zpf = _params(p, x)
             _quant_perm(x, inv, zpf, xq, p["R"] == 1)
-        czx = -zx.astype(np.float64)
-        czx32 = (-zx).astype(np.int32) if K <= _K_I32 else _EMPTY_I32
         npad = xq.shape[1]
+        czp = np.zeros(npad, np.int32)
+        np.negative(zx, out=czp[:N])
         sxp = np.zeros(npad, _F32)
         sxp[:N] = sx
-        czp = np.zeros(npad, np.int32)
-        czp[:N] = -zx
-        bpad = bias if bias.shape[0] > 0 else np.full(out, -0.0, _F32)
+        if K <= _K_I32:  # int32 register dequantize: the float64 correction arrays are not read
+            czx32, czx, cz = czp[:N], _EMPTY_F64, _EMPTY_F64
+        else:
+            czx32, czx, cz = _EMPTY_I32, -zx.astype(np.float64), np.zeros(N, np.float64)
+        bpad = bias if bias.shape[0] > 0 or p["R"] == 1 else np.full(out, -0.0, _F32)
         tmm = _EMPTY_F32
         if want_minmax and czx32.shape[0] > 0:
             tb = 16 if p["R"] == 1 else 1
             tmm = np.zeros(2 * ((p["gptr"].shape[0] - 1 + tb - 1) // tb), _F32)
-        _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, np.zeros(N, np.float64),
-                     czx32, sxp, czp, bpad, sx, p["sw"], bias, np.ascontiguousarray(residual), act, _F32(lo),
+        _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, cz,
+                     czx32, sxp, czp, bpad, sx, p["sw"], bias,
+                     residual if residual.flags.c_contiguous else np.ascontiguousarray(residual), act, _F32(lo),
                      _F32(hi), y, p["granularity"] == "tensor" or p["act_quant"] is not None, tmm)
         if tmm.shape[0] == 0:
             return None
-        return _F32(min(tmm[0::2].min(), 0)), _F32(max(tmm[1::2].max(), 0))
+        return tmm[0], tmm[1]  # reduced by the kernel
     sx, zx, inv, zpf = _params(p, x)
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)
