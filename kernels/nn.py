@@ -418,7 +418,10 @@ def _bench():  # pragma: no cover - manual measurement helper
     ao = np.empty(HD * n, np.float32)
     qkv = g.reshape(3 * HD, n).T.reshape(B, S, 3 * HD)
     q, k, v = (np.ascontiguousarray(qkv[..., i * HD:(i + 1) * HD]) for i in range(3))
-    print(f"attention 8x128, 12 heads x 32: numba {t(lambda: attention_heads(g, g[HD * n:], g[2 * HD * n:], am, np.float32(0.17), ao, B, S, S, H, D, 1, 1, n, n)):.3f} ms, "
+    def att():
+        attention_heads(g, g[HD * n:], g[2 * HD * n:], am, np.float32(0.17), ao, B, S, S, H, D, 1, 1, n, n)
+
+    print(f"attention 8x128, 12 heads x 32: numba {t(att):.3f} ms, "
           f"reference {t(lambda: attention_ref(q, k, v, am[:, None, None, :], 0.17, H), 3):.3f} ms")
 
 
@@ -734,7 +737,7 @@ def _copy_f32(dst, do, src, so, n):
 
 @pjit
 def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, ocs):
-    """Multi-head attention core, no transposed copies of the inputs:
+    """Multi-head attention core in one parallel pass (no [B, H, Sq, Sk] score buffer):
     for every batch b and head h, ``O = softmax(Q K^T * scale + mask[b % Bm]) V`` with
     ``Q[i, d] = q[(b*Sq + i)*ldq + (h*D + d)*cs]`` (K, V alike from k, v with row stride ``ldkv``,
     b*Sk + j). q: [B, Sq, H*D] torch layout (ldq = H*D or 3*H*D for offset views of a fused
@@ -742,12 +745,16 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
     mask: float32 [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32.
     out: ocs == 1: [B, Sq, H*D] torch layout; otherwise feature-major [H*D, B*Sq] (ocs = B*Sq).
     Parallel over (b, h). Per task Q^T, K^T [D, S] and V^T [D, Sk] are copied contiguous (L1;
-    feature-major inputs: row copies). Everything runs transposed, vectors over queries: S^T
+    feature-major inputs: vector row copies; torch layout: scalar transposes, ~0.4 ms slower at
+    BERT-small). Everything runs transposed, vectors over queries: S^T
     tiles of 8 keys x 2 vectors of queries in registers (``simd``), scaled and masked (mask is
     per key: a broadcast), the softmax over keys is lane-wise (running max, vector exp, sums: no
     horizontal reductions), O^T tiles of 8 head dims x 2 query vectors over the keys, scaled by
     1 / sum in registers and stored straight into a feature-major output. Rows that hold a NaN,
-    a +inf or only -inf scores give NaN, as torch; probabilities below FLT_MIN are flushed."""
+    a +inf or only -inf scores give NaN, as torch; probabilities below FLT_MIN are flushed.
+    BERT-small (8 x 128 tokens, 12 heads x 32, feature-major in and out), 2 threads, loaded
+    2-core host, interleaved: 2.43 -> 1.24 ms median vs the previous row-vector kernel (1 thread
+    4.58 -> 2.30); in the 90% + int8 model 13.4 -> 7.0 ms for the 6 layers."""
     HD = H * D
     QB = 2 * _VW
     Sqp = max((Sq + QB - 1) // QB * QB, QB)
@@ -810,8 +817,9 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                 for j in range(Skp):
                     Vt[d * Skp + j] = np.float32(0.0)
             vs = _vbcast(scale)
-            # feature-major inputs: prefetch the next task's (with static scheduling, this thread's next head's) q, k, v rows,
-            # one head dim per QK tile, so its copies above read L2 instead of L3 / DRAM
+            # feature-major inputs: prefetch the next task's q, k, v rows (this thread's next head
+            # when runs are contiguous per thread), one head dim per QK tile, so that its copies
+            # read L2 rather than L3 / DRAM (a hint: no measurable effect on the loaded dev host)
             pfd = D if (ldq != 1 or ldkv != 1 or t + 1 >= ntask) else 0
             nb = (t + 1) // H
             nq = nb * Sq + ((t + 1 - nb * H) * D) * cs

@@ -28,8 +28,8 @@ def _run(q, k, v, mask, scale, H, fm_in, fm_out):
         args = (g, g[HD * n:], g[2 * HD * n:], 1, 1, n)
     else:
         args = (q.reshape(-1), k.reshape(-1), v.reshape(-1), HD, HD, 1)
-    attention_heads(args[0], args[1], args[2], m2, F32(scale), out, B, Sq, Sk, H, D, args[3], args[4], args[5],
-                    n if fm_out else 1)
+    attention_heads(args[0], args[1], args[2], m2, F32(scale), out, B, Sq, Sk, H, D, args[3], args[4],
+                    args[5], n if fm_out else 1)
     return out.reshape(HD, n).T.reshape(B, Sq, HD) if fm_out else out.reshape(B, Sq, HD)
 
 
