@@ -8,18 +8,23 @@ specializations serve every block shape:
 
 * ``bsr_spmm_r1`` (r x 1 blocks with r % 8 == 0 or r == 4: the 4x1 / 8x1 / 16x1 rows). The work
   is split into (N chunk, block-row group) tasks, chunk-major: block-row groups hold equal shares
-  of the non-zero blocks (one group per thread), and N is cut into chunks only when X is larger
-  than ``X_CHUNK_FLOATS`` (4 MB), in a multiple of the thread count, so each thread owns whole
-  chunks. Per block row, register tiles run left to right over the chunk: 8 rows x 3 vectors
-  (24 zmm accumulators; r % 8 == 0, 16x1 as two 8-row halves) or 4 rows x 4 vectors (r == 4),
-  then narrower tiles for the last vectors. Per stored block: one X load per vector and r
-  broadcast-FMAs; the loop runs over 0-based slices of indices / data and addresses X and Y
-  as flat arrays (no negative-index fix-ups in the hot loop). When X exceeds L2
-  (``L2_FLOATS``: 1 MB, e.g. the 1x1 conv 256x3136), each X row load also prefetches the same
-  row two tiles ahead (software prefetch), which hides the L3 latency of the next tile. The
-  fused epilogue runs per block row right after its tiles (the rows are still in L1/L2): bias,
-  residual and relu inline in one pass, other activations through ``epilogue_tile``; with no
-  bias / residual / activation there is no epilogue pass. Columns beyond a multiple of VW are
+  of the non-zero blocks (``GROUPS_PER_THREAD`` per thread), and N is cut into chunks only when X
+  is larger than ``X_CHUNK_FLOATS`` (4 MB). One worker per thread takes tasks from a shared atomic
+  counter, so a thread that starts late (a sleeping pool thread after another library ran) or is
+  preempted does fewer tasks instead of holding up the call. Per block row, register tiles run
+  left to right over the chunk: 8 rows x 3 vectors (24 zmm accumulators; r % 8 == 0, 16x1 as two
+  8-row halves) or 4 rows x 4 vectors (r == 4), then narrower tiles for the last vectors. Per
+  stored block: one X load per vector and r broadcast-FMAs; the loop runs over 0-based slices of
+  indices / data and addresses X and Y as flat arrays (no negative-index fix-ups in the hot
+  loop). X rows that are not 64-byte aligned (base address, or N not a multiple of VW) make
+  every vector load straddle two cache lines (ffn_n128 1 thread: ~12% slower): when each worker
+  uses every X row at least ``COPY_MIN_USES`` times, each worker first copies X to its own
+  aligned buffer. When X exceeds L2 (``L2_FLOATS``: 1 MB, e.g. the 1x1 conv 256x3136), each X
+  row load also prefetches the same row two tiles ahead (software prefetch), which hides the
+  L3 latency of the next tile. Fused epilogue: bias, residual and relu / relu6 / clamp are
+  applied to each register tile right after its store, while it is in L1 (``_tile_ep``; a
+  separate pass over the block row's output cost 15-25% on the 1x1-conv shape); other
+  activations run in a second pass per block row. Columns beyond a multiple of VW are
   accumulated in memory.
 * ``bsr_spmm`` (any other r x c: 1x4, 1x16, 4x4, ...): (N chunk, block row) pairs in parallel,
   chunk-major, N chunks of equal width sized so a chunk of X stays in L2; register-blocked
@@ -34,18 +39,34 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import intrinsic
 
 from ._jit import jit, pjit
 from .csr import reference
 from .epilogue import act_scalar, epilogue_tile, none1, none2
-from .simd import VW, vadd, vbcast, vfma, vload, vprefetch, vstore, vzero
-from .table import ACT_NONE, ACT_RELU, KernelSpec
+from .simd import VW, vadd, vbcast, vfma, vload, vmax, vmin, vprefetch, vstore, vzero
+from .table import ACT_CLAMP, ACT_NONE, ACT_RELU, ACT_RELU6, KernelSpec
 
 JT = 2 * VW  # generic kernel's register tile: 2 vectors of output columns per row
 L2_FLOATS = 1 << 18  # 1 MB of floats: X chunk budget of the generic kernel; X above this gets prefetch
 X_CHUNK_FLOATS = 1 << 20  # 4 MB of floats: r x 1 kernel splits N into chunks above this X size
 GEMV_PF = 64  # batch-1 r x 1 kernels prefetch W this many blocks ahead (DRAM-streamed: 16-18% faster)
+GROUPS_PER_THREAD = 2  # r x 1 GEMM: nnz-balanced block-row groups per thread, handed out on demand
+COPY_MIN_USES = 4  # r x 1 GEMM: per-thread aligned X copy when each thread uses each X row >= this often
+
+
+@intrinsic
+def _fetch_add(typingctx, arr, idx, val):
+    """Atomic ``old = arr[idx]; arr[idx] += val; return old`` on a 1-D int64 array (seq_cst)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+        return None
+    sig = types.int64(arr, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", builder.gep(a.data, [args[1]]), args[2], "seq_cst")
+    return sig, codegen
 
 
 @jit
@@ -709,10 +730,27 @@ def _mk4x1(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
         vstore(yf, yo + 0 * VW, a0_3)
 
 
-@jit
-def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd):
+@jit(inline="always")
+def _tile_ep(yf, ldy, i0, rows, j, nv, ep, bias, rf, ldr, vlo, vhi):
+    """The epilogue of one register tile just stored (rows x nv vectors at column j, still in L1):
+    y = (y + bias[row]) + rf[row * ldr + col] (zeros when absent), clamped to [vlo, vhi] when ep & 4."""
+    for k in range(rows):
+        yo = (i0 + k) * ldy + j
+        ro = (i0 + k) * ldr + j
+        b = vbcast(bias[i0 + k])
+        for v in range(nv):
+            a = vadd(vadd(vload(yf, yo + v * VW), b), vload(rf, ro + v * VW))
+            if ep & 4:
+                a = vmin(vmax(a, vlo), vhi)
+            vstore(yf, yo + v * VW, a)
+
+
+@jit(inline="always")
+def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd, ep, bias, rf, ldr, vlo, vhi):
     """r x 1 blocks (r % 8 == 0 or r == 4): Y rows of block row br, columns j0..j1 (a multiple
-    of VW) = W @ X, widest register tile first; pd > 0: prefetch X pd floats ahead."""
+    of VW) = W @ X, widest register tile first; pd > 0: prefetch X pd floats ahead. ep != 0: each
+    tile gets its epilogue (``_tile_ep``) right after its store, with bias [>= out] and residual rf
+    (flat, row stride ldr; zeros when absent), clamped to [vlo, vhi] when ep & 4."""
     k0 = indptr[br]
     k1 = indptr[br + 1]
     idx = indices[k0:k1]
@@ -724,40 +762,75 @@ def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd):
         if pd > 0:
             while j + 4 * VW <= j1:
                 _mk4x4p(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j, pd)
+                if ep != 0:
+                    _tile_ep(yf, ldy, i0, rows, j, 4, ep, bias, rf, ldr, vlo, vhi)
                 j += 4 * VW
         while j + 4 * VW <= j1:
             _mk4x4(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            if ep != 0:
+                _tile_ep(yf, ldy, i0, rows, j, 4, ep, bias, rf, ldr, vlo, vhi)
             j += 4 * VW
         while j + 2 * VW <= j1:
             _mk4x2(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            if ep != 0:
+                _tile_ep(yf, ldy, i0, rows, j, 2, ep, bias, rf, ldr, vlo, vhi)
             j += 2 * VW
         while j + VW <= j1:
             _mk4x1(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            if ep != 0:
+                _tile_ep(yf, ldy, i0, rows, j, 1, ep, bias, rf, ldr, vlo, vhi)
             j += VW
     else:
         if pd > 0:
             while j + 3 * VW <= j1:
                 for g in range(0, rows, 8):
                     _mk8x3p(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j, pd)
+                if ep != 0:
+                    _tile_ep(yf, ldy, i0, rows, j, 3, ep, bias, rf, ldr, vlo, vhi)
                 j += 3 * VW
         while j + 3 * VW <= j1:
             for g in range(0, rows, 8):
                 _mk8x3(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+            if ep != 0:
+                _tile_ep(yf, ldy, i0, rows, j, 3, ep, bias, rf, ldr, vlo, vhi)
             j += 3 * VW
         while j + 2 * VW <= j1:
             for g in range(0, rows, 8):
                 _mk8x2(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+            if ep != 0:
+                _tile_ep(yf, ldy, i0, rows, j, 2, ep, bias, rf, ldr, vlo, vhi)
             j += 2 * VW
         while j + VW <= j1:
             for g in range(0, rows, 8):
                 _mk8x1(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+            if ep != 0:
+                _tile_ep(yf, ldy, i0, rows, j, 1, ep, bias, rf, ldr, vlo, vhi)
             j += VW
 
 
 @jit
+def _task(indptr, indices, d2, r, b0, b1, xs, ld, x, y, jlo, jhi, tail, pd, ep, bz, rf, ldr, flo, fhi, actpass,
+          bias, res, act, lo, hi):
+    """One task of ``bsr_spmm_r1``: block rows b0..b1 over Y columns jlo..jhi (register tiles, X read
+    from the flat xs with row stride ld), then the per-row second pass (activations that are not
+    in-register, and the columns tail..N) when needed."""
+    nout = y.shape[0]
+    n = y.shape[1]
+    yf = y.reshape(-1)
+    vlo = vbcast(flo)
+    vhi = vbcast(fhi)
+    for br in range(b0, b1):
+        _rowtiles(indptr, indices, d2, r, br, xs, ld, yf, n, nout, jlo, jhi, pd, ep, bz, rf, ldr, vlo, vhi)
+        if actpass or tail < n:
+            _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi if actpass else jlo, tail,
+                          bias, res, act, lo, hi)
+
+
+@jit
 def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, res, act, lo, hi):
-    """r x 1 blocks, block row br: epilogue over Y columns jlo..jhi (already W @ X); if tail, also
-    columns tail..N (fewer than VW) accumulated in memory, with their epilogue."""
+    """r x 1 blocks, block row br: the activation pass over Y columns jlo..jhi (bias and residual
+    already added in registers; empty range when the activation ran there too); if tail < N, also
+    columns tail..N (fewer than VW) accumulated in memory, with their whole epilogue."""
     n = y.shape[1]
     nb = bias.shape[0]
     nr = res.shape[0]
@@ -765,39 +838,18 @@ def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, 
     k1 = indptr[br + 1]
     i0 = br * r
     rows = min(r, nout - i0)
-    m = jhi - jlo
     for ii in range(rows):
         i = i0 + ii
-        b = bias[i] if nb != 0 else np.float32(0.0)
-        if m > 0 and (act == ACT_NONE or act == ACT_RELU):
-            # the common cases inline (one pass, no call per row)
+        if jhi > jlo:
             yr = y[i, jlo:jhi]
-            if nr != 0:
-                rr = res[i, jlo:jhi]
-                if act == ACT_RELU:
-                    for j in range(m):
-                        yr[j] = max(yr[j] + b + rr[j], np.float32(0.0))
-                else:
-                    for j in range(m):
-                        yr[j] = yr[j] + b + rr[j]
-            elif act == ACT_RELU:
-                for j in range(m):
-                    yr[j] = max(yr[j] + b, np.float32(0.0))
-            elif nb != 0:
-                for j in range(m):
-                    yr[j] = yr[j] + b
-        elif m > 0:
-            yr = y[i, jlo:jhi]
-            if nr != 0:
-                epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
-            else:
-                epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+            epilogue_tile(yr, np.float32(0.0), yr[0:0], act, lo, hi)
         if tail < n:
             mt = n - tail
             yr = y[i, tail:n]
             for j in range(mt):
                 yr[j] = np.float32(0.0)
             _tile_c1(indices, d2, k0, k1, ii, x, yr, tail, mt)
+            b = bias[i] if nb != 0 else np.float32(0.0)
             if nr != 0:
                 epilogue_tile(yr, b, res[i, tail:n], act, lo, hi)
             else:
@@ -805,15 +857,52 @@ def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, 
 
 
 @pjit
-def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
-    """Y = act(W @ X + bias + res) for r x 1 blocks, r % 8 == 0 or r == 4; d2 = data.reshape(nblk, r).
-    bias [out] / res [out, N] or empty; nt: the caller's thread count (sizes the work split)."""
-    nout = y.shape[0]
+def _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, pd, ep,
+                bz, rf, ldr, flo, fhi, actpass, cp, xbuf, xoff, npad, ctr):
+    """The parallel part of ``bsr_spmm_r1``: nw workers take (N chunk, block-row group) tasks from
+    the shared counter ctr[0] (chunk-major), each from its own aligned copy of X when cp."""
     nin = x.shape[0]
     n = x.shape[1]
     nbr = indptr.shape[0] - 1
+    nnz = indptr[nbr]
+    nvc = (n // VW) * VW
     xf = x.reshape(-1)
-    yf = y.reshape(-1)
+    ntask = nch * nrg
+    for wk in prange(nw):
+        xs = xf
+        ld = n
+        if cp:
+            o = xoff + wk * nin * npad
+            for q in range(nin):
+                xbuf[o + q * npad:o + q * npad + n] = x[q]
+            xs = xbuf[o:o + nin * npad]
+            ld = npad
+        t = _fetch_add(ctr, 0, 1)
+        while t < ntask:
+            ch = t // nrg
+            g = t - ch * nrg
+            jlo = ((ch * ntile) // nch) * tw
+            jhi = (((ch + 1) * ntile) // nch) * tw
+            tail = n
+            if ch == nch - 1:
+                jhi = nvc
+                tail = nvc
+            b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
+            b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
+            _task(indptr, indices, d2, r, b0, b1, xs, ld, x, y, jlo, jhi, tail, pd, ep, bz, rf, ldr, flo, fhi,
+                  actpass, bias, res, act, lo, hi)
+            # dynamic hand-out: a worker that starts late or is preempted takes fewer tasks
+            t = _fetch_add(ctr, 0, 1)
+
+
+@jit
+def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
+    """Y = act(W @ X + bias + res) for r x 1 blocks, r % 8 == 0 or r == 4; d2 = data.reshape(nblk, r).
+    x [in, N], y [out, N] C-contiguous float32; bias [out] / res [out, N] (C-contiguous) or empty;
+    nt: the caller's thread count (sizes the work split)."""
+    nin = x.shape[0]
+    n = x.shape[1]
+    nbr = indptr.shape[0] - 1
     nvc = (n // VW) * VW  # columns in whole vectors; the rest is the scalar tail
     tw = 4 * VW if r == 4 else 3 * VW  # widest register tile
     ntile = nvc // tw
@@ -822,27 +911,52 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
     if nin * n > X_CHUNK_FLOATS and ntile >= 2 * nt:
         nch = min(ntile, (nin * n + X_CHUNK_FLOATS - 1) // X_CHUNK_FLOATS)
         nch = min(ntile // nt, (nch + nt - 1) // nt) * nt
-    nrg = nt if nch == 1 else 1  # block-row groups of equal non-zero share
+    nrg = GROUPS_PER_THREAD * nt if nch == 1 else 1  # block-row groups of equal non-zero share
     nrg = max(1, min(nrg, nbr))
+    nw = max(1, min(nt, nch * nrg))  # workers (one per thread); they take tasks from a shared counter
     pd = 2 * tw if nin * n > L2_FLOATS else 0
-    epi = act != 0 or bias.shape[0] != 0 or res.shape[0] != 0  # else no epilogue pass at all
     nnz = indptr[nbr]
-    for t in prange(nch * nrg):
-        ch = t // nrg
-        g = t - ch * nrg
-        jlo = ((ch * ntile) // nch) * tw
-        jhi = (((ch + 1) * ntile) // nch) * tw
-        tail = n
-        if ch == nch - 1:
-            jhi = nvc
-            tail = nvc
-        b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
-        b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
-        for br in range(b0, b1):
-            _rowtiles(indptr, indices, d2, r, br, xf, n, yf, n, nout, jlo, jhi, pd)
-            if epi or tail < n:
-                _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi if epi else jlo, tail,
-                              bias, res, act, lo, hi)
+    # epilogue: bias / residual / relu / relu6 / clamp on each register tile right after its
+    # store (still in L1); other activations in a second pass per block row
+    ep = 0
+    bz = bias
+    if bias.shape[0] == 0:
+        bz = np.zeros(nbr * r, np.float32)
+    else:
+        ep = 1
+    rf = res.reshape(-1)
+    ldr = res.shape[1]
+    if res.shape[0] == 0:
+        rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
+        ldr = 0
+    else:
+        ep = 1
+    flo = np.float32(-np.inf)
+    fhi = np.float32(np.inf)
+    actpass = False
+    if act == ACT_RELU:
+        ep = 5
+        flo = np.float32(0.0)
+    elif act == ACT_RELU6:
+        ep = 5
+        flo = np.float32(0.0)
+        fhi = np.float32(6.0)
+    elif act == ACT_CLAMP:
+        ep = 5
+        flo = np.float32(lo)
+        fhi = np.float32(hi)
+    elif act != ACT_NONE:
+        actpass = True
+    # X rows not 64-byte aligned: each worker reads its own aligned copy when it uses every X row
+    # often enough (split vector loads measured ~12% slower, ffn_n128 1 thread)
+    npad = (n + VW - 1) // VW * VW
+    cp = (nch == 1 and n >= VW and nin > 0 and (x.ctypes.data % 64 != 0 or n % VW != 0)
+          and nnz >= COPY_MIN_USES * nin * nw)
+    xbuf = np.empty(nw * nin * npad + VW if cp else 0, np.float32)
+    xoff = ((64 - xbuf.ctypes.data % 64) % 64) // 4 if cp else 0
+    ctr = np.zeros(16, np.int64)  # the task counter (own cache line)
+    _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, pd, ep,
+                bz, rf, ldr, flo, fhi, actpass, cp, xbuf, xoff, npad, ctr)
 
 
 @jit
@@ -1084,8 +1198,10 @@ for _r, _c in BLOCKS:
     _fast = _c == 1 and (_r % 8 == 0 or _r == 4)
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmm", op="gemm", fmt="bsr", dtype="float32",
                               block=(_r, _c), prepare=_prepare, run=_run_gemm, reference=reference, min_n=1,
-                              notes=("bsr_spmm_r1: nnz-balanced block-row group per thread (N chunks only for X > 4 MB); "
-                                     + ("4x4" if _r == 4 else "8x3") + " register tiles (rows x vectors), X prefetch when X > L2")
+                              notes=("bsr_spmm_r1: nnz-balanced block-row groups taken on demand by one worker per thread "
+                                     "(N chunks only for X > 4 MB); " + ("4x4" if _r == 4 else "8x3")
+                                     + " register tiles (rows x vectors), bias / residual / relu / relu6 / clamp on each "
+                                     "tile in L1; aligned per-worker X copy when X is misaligned; X prefetch when X > L2")
                               if _fast else
                               "bsr_spmm: (N chunk, block row) in parallel; 8x2 / 4x2 / 1x2 register tiles (rows x vectors)"))
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmv", op="gemv", fmt="bsr", dtype="float32",
