@@ -54,6 +54,7 @@ from .table import KernelSpec
 
 EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
 EMPTYI = np.zeros(0, dtype=np.int32)
+EMPTYI2 = np.zeros((0, 5), dtype=np.int32)
 
 
 def conv_out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
@@ -1098,7 +1099,7 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
 
 @pjit
 def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bias, res, mask, act, act2, lo, hi,
-                       dmap, zmap, xd, dstride):
+                       runs, rptr, zmap, xd, dstride):
     """csr_conv_kpanel over positions [0, n) with the fused epilogue applied per N chunk while it is in
     cache. Rows i < O1 (yw [O1, Ly], n <= Ly, n a multiple of VW): yw[i, j] = act(sum_k data[k] *
     xf[koff[k] + j] + bias[i] + res[i, j]), then 0 where mask[j] == 0, and yw[i, n:] = 0. Rows O1 <= i <
@@ -1109,8 +1110,9 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
     packed input (at its padding shift), the masked positions are that layout's padding: the output is
     handed over without a crop / pack pass. Row groups: rows rbounds[g] .. rbounds[g+1] (int64
     [ngroups + 1], e.g. balanced by weights per row, ``row_bounds``) x ``cgroups`` groups of N chunks.
-    Scatter (dmap int32 [n], else length 0): each finished chunk of row i < O1 is also stored, while in
-    cache, at xd[i*dstride + dmap[j]] (dmap[j] < 0: not stored), xd[i*dstride + zmap[:]] = 0 and
+    Scatter (``scatter_runs``; rptr of length 0: none): each finished chunk c of row i < O1 is also
+    stored, while in cache, run by run (runs[r] = (j0, d0, count, j step, d step), r in rptr[c] ..
+    rptr[c+1]): xd[i*dstride + d0 + t*dstep] = yw[i, j0 + t*jstep]; then xd[i*dstride + zmap[:]] = 0 and
     xd[O1*dstride:] = 0: the output handed over in any packed layout (e.g. the phase planes of a
     stride-2 conv) with its padding zeroed."""
     o1 = yw.shape[0]
@@ -1119,7 +1121,7 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
     nbias = bias.shape[0]
     nr = res.shape[0]
     nm = mask.shape[0]
-    nd = dmap.shape[0]
+    nd = rptr.shape[0]
     ngroups = rbounds.shape[0] - 1
     nch = (n + nc - 1) // nc
     cs = (nch + cgroups - 1) // cgroups
@@ -1167,12 +1169,16 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
                     for q in range(jhi - jlo):
                         seg[q] = seg[q] if mk[q] != 0 else np.float32(0.0)
                 if nd != 0:
-                    dm = dmap[jlo:jhi]
                     xo = xd[i * dstride:(i + 1) * dstride]
-                    for q in range(jhi - jlo):
-                        dq = dm[q]
-                        if dq >= 0:
-                            xo[dq] = seg[q]
+                    ch = jlo // nc
+                    for r in range(rptr[ch], rptr[ch + 1]):
+                        s0 = runs[r, 0] - jlo
+                        d0 = runs[r, 1]
+                        cnt = runs[r, 2]
+                        ss = runs[r, 3]
+                        ds = runs[r, 4]
+                        for q in range(cnt):
+                            xo[d0 + q * ds] = seg[s0 + q * ss]
         if cg == 0:
             for i in range(r0, min(r1, o1)):
                 tail = yw[i, n:ly]
@@ -1188,29 +1194,77 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
                 xt[q] = np.float32(0.0)
 
 
-def scatter_maps(B, Ho, Wo, IS, RS, cs, n, geo, kh, kw, sh, sw, ph, pw, dh, dw):
-    """(dmap int32 [n], zmap int32, dstride) for csr_conv_kpanel_ep's scatter: output (b, oy, ox) at position
-    b*IS + oy*RS + ox*cs goes where ``batch_pack`` puts input pixel (b, iy=oy, ix=ox) of a conv with layout
-    ``geo`` (``batch_geometry`` of that conv: shared / phase, batch-innermost or not), within one channel's
-    P*L floats (dstride); zmap: the channel's other offsets (its padding, zeroed)."""
+def scatter_runs(B, Ho, Wo, IS, RS, cs, n, nc, geo, kh, kw, sh, sw, ph, pw, dh, dw):
+    """(runs int32 [nr, 5], rptr int32 [ceil(n/nc) + 1], zmap int32, dstride) for csr_conv_kpanel_ep's
+    scatter: the output (b, oy, ox) at position b*IS + oy*RS + ox*cs goes where ``batch_pack`` puts input
+    pixel (b, iy=oy, ix=ox) of a conv with layout ``geo`` (``batch_geometry`` of that conv with kernel /
+    stride / padding / dilation as given: shared or phase planes, batch innermost or not), within one
+    channel's dstride = P*L floats. Runs (j0, d0, count, j step, d step) follow image rows (cs == 1, one per
+    destination column phase) or the batch (cs > 1), split at the N chunks of ``nc``; zmap: the channel's
+    other offsets (its padding, zeroed)."""
     shared, P, RSd, ISd, L = geo[:5]
     csd = B if shared >= 2 else 1
-    b, oy, ox = np.meshgrid(np.arange(B), np.arange(Ho), np.arange(Wo), indexing="ij")
-    src = (b * IS + oy * RS + ox * cs).ravel()
-    Y, X = oy + ph, ox + pw
-    if shared is True or shared == 1 or shared == 2:
-        dst = (b * ISd + Y * RSd + X * csd).ravel()
-    else:
-        pidx = phase_map(kh, kw, sh, sw, dh, dw)[0]
-        pl = pidx[(Y % sh) * sw + X % sw]
-        dst = np.where(pl >= 0, pl * L + b * ISd + (Y // sh) * RSd + (X // sw) * csd, -1).ravel()
+    phase = not (shared is True or shared == 1 or shared == 2)
+    pidx = phase_map(kh, kw, sh, sw, dh, dw)[0] if phase else None
+    parts = []
+    if cs == 1:  # along image rows: one run per (image, row, destination column phase)
+        b, oy = (a.ravel() for a in np.meshgrid(np.arange(B), np.arange(Ho), indexing="ij"))
+        for c in range(sw if phase else 1):
+            ox0 = (c - pw) % sw if phase else 0
+            step = sw if phase else 1
+            cnt = max(0, -(-(Wo - ox0) // step))
+            parts.append((b, oy, np.full(b.shape, ox0), np.full(b.shape, cnt), step, 1))
+        along_b = False
+    else:  # batch innermost: one run per (row, column) over the images
+        oy, ox = (a.ravel() for a in np.meshgrid(np.arange(Ho), np.arange(Wo), indexing="ij"))
+        parts.append((np.zeros_like(oy), oy, ox, np.full(oy.shape, B), 1, 0))
+        along_b = True
+    runs = []
+    for b, oy, ox, cnt, step, _ in parts:
+        Y, X = oy + ph, ox + pw
+        if phase:
+            pl = pidx[(Y % sh) * sw + X % sw]
+            d0 = pl * L + b * ISd + (Y // sh) * RSd + (X // sw) * csd
+        else:
+            pl = np.zeros_like(Y)
+            d0 = b * ISd + Y * RSd + X * csd
+        s0 = b * IS + oy * RS + ox * cs
+        if along_b:
+            ss, ds = np.ones_like(s0), np.full(s0.shape, ISd)
+        else:
+            ss, ds = np.full(s0.shape, step * cs), np.full(s0.shape, csd)
+        keep = (pl >= 0) & (cnt > 0)
+        runs.append(np.stack([s0, d0, cnt, ss, ds], 1)[keep])
+    r = np.concatenate(runs).astype(np.int64) if runs else np.zeros((0, 5), np.int64)
+    # clip to the n computed positions, then split the runs crossing a chunk boundary
+    last = r[:, 0] + (r[:, 2] - 1) * r[:, 3]
+    over = last >= n
+    r[over, 2] = np.maximum(0, -(-(n - r[over, 0]) // r[over, 3]))
+    r = r[r[:, 2] > 0]
+    out = []
+    while len(r):
+        first_ch = r[:, 0] // nc
+        last = r[:, 0] + (r[:, 2] - 1) * r[:, 3]
+        cross = last // nc != first_ch
+        out.append(r[~cross])
+        c = r[cross]
+        k1 = -(-((first_ch[cross] + 1) * nc - c[:, 0]) // c[:, 3])
+        head, tail = c.copy(), c.copy()
+        head[:, 2] = k1
+        tail[:, 0] += k1 * c[:, 3]
+        tail[:, 1] += k1 * c[:, 4]
+        tail[:, 2] -= k1
+        out.append(head)
+        r = tail
+    r = np.concatenate(out) if out else np.zeros((0, 5), np.int64)
+    r = r[np.argsort(r[:, 0] // nc, kind="stable")]
+    nch = max(1, -(-n // nc))
+    rptr = np.searchsorted(r[:, 0] // nc, np.arange(nch + 1), side="left").astype(np.int32)
     dstride = P * L
-    dmap = np.full(n, -1, np.int64)
-    keep = src < n
-    dmap[src[keep]] = dst[keep]
     hit = np.zeros(dstride, bool)
-    hit[dmap[dmap >= 0]] = True
-    return dmap.astype(np.int32), np.flatnonzero(~hit).astype(np.int32), dstride
+    for s0, d0, cnt, ss, ds in r:
+        hit[d0:d0 + cnt * ds:ds] = True
+    return r.astype(np.int32), rptr, np.flatnonzero(~hit).astype(np.int32), dstride
 
 
 def row_bounds(indptr, ngroups, overhead=8):

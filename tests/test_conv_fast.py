@@ -186,7 +186,7 @@ def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups
     assert rb[0] == 0 and rb[-1] == O and np.all(np.diff(rb) >= 0)
     yw = np.full((O, Npad + 21), np.nan, np.float32)
     conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, EMPTY2, Npad, nc, rb,
-                            cgroups, bias, res, mask, act, 0, 0.0, 0.0, conv.EMPTYI, conv.EMPTYI, EMPTY1, 0)
+                            cgroups, bias, res, mask, act, 0, 0.0, 0.0, conv.EMPTYI2, conv.EMPTYI, conv.EMPTYI, EMPTY1, 0)
     np.testing.assert_allclose(yw[:, :Npad], ref, rtol=1e-4, atol=1e-4)
     assert not yw[:, Npad:].any()
     # the same weights split as 7 rows into yw (residual, mask) + 4 rows into yw2 (bias + act2 = relu only)
@@ -194,8 +194,8 @@ def test_kpanel_ep_epilogue_mask_tail(act, with_res, with_mask, ngroups, cgroups
     yw = np.full((O1, Npad + 21), np.nan, np.float32)
     yw2 = np.full((O - O1, Npad), np.nan, np.float32)
     conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, yw2, Npad, nc, rb,
-                            cgroups, bias, res[:O1] if with_res else res, mask, act, 1, 0.0, 0.0, conv.EMPTYI,
-                            conv.EMPTYI, EMPTY1, 0)
+                            cgroups, bias, res[:O1] if with_res else res, mask, act, 1, 0.0, 0.0, conv.EMPTYI2,
+                            conv.EMPTYI, conv.EMPTYI, EMPTY1, 0)
     np.testing.assert_allclose(yw[:, :Npad], ref[:O1], rtol=1e-4, atol=1e-4)
     assert not yw[:, Npad:].any()
     ref2 = np.maximum(w[O1:].astype(np.float64) @ cols + bias[O1:, None], 0)
@@ -242,7 +242,7 @@ def test_conv_plane_pool_packed(pool, threads, rng):
                                                        (True, True, 3, 2, 1), (False, False, 1, 2, 0),
                                                        (True, False, 3, 1, 1)])
 def test_kpanel_ep_scatter(inner_src, inner_dst, k, s, p, rng):
-    """csr_conv_kpanel_ep with a scatter map (``scatter_maps``): the conv output lands in the packed layout
+    """csr_conv_kpanel_ep with scatter runs (``scatter_runs``): the conv output lands in the packed layout
     of a following conv (phase planes of a strided one, batch innermost or not) exactly as ``batch_pack``
     puts the NCHW output there, padding zero, on a buffer full of garbage first."""
     from sparsedge.kernels.epilogue import EMPTY1, EMPTY2
@@ -262,11 +262,13 @@ def test_kpanel_ep_scatter(inner_src, inner_dst, k, s, p, rng):
     dgeo = conv.batch_geometry(B, O, Ho, Wo, k, k, s, s, p, p, 1, 1, conv.batch_tile("csr"), inner_dst)
     want = np.full(dgeo[6], np.nan, np.float32)
     conv.batch_pack(y, dgeo, k, k, (s, s), (p, p), (1, 1), want)
-    dmap, zmap, dstride = conv.scatter_maps(B, Ho, Wo, IS, RS, cs, Npad, dgeo, k, k, s, s, p, p, 1, 1)
     sp = conv.kpanel_splits(packed[0], packed[1], 27, C * 9)
-    out = np.full(dgeo[6], np.nan, np.float32)
-    yw = np.full((O, Npad), np.nan, np.float32)
-    conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, EMPTY2, Npad, 16,
-                            conv.row_bounds(packed[0], 2), 2, bias, EMPTY2, EMPTY1, 1, 0, 0.0, 0.0, dmap, zmap, out,
-                            dstride)
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    for nc, ng, cg in ((16, 2, 1), (48, 1, 2), (10_000, 2, 1)):  # runs split at chunk boundaries
+        runs, rptr, zmap, dstride = conv.scatter_runs(B, Ho, Wo, IS, RS, cs, Npad, nc, dgeo, k, k, s, s, p, p, 1, 1)
+        assert rptr.shape == (-(-Npad // nc) + 1,) and rptr[-1] == len(runs)
+        out = np.full(dgeo[6], np.nan, np.float32)
+        yw = np.full((O, Npad), np.nan, np.float32)
+        conv.csr_conv_kpanel_ep(sp, roff[packed[1]].astype(np.int32), packed[2], xf, yw, EMPTY2, Npad, nc,
+                                conv.row_bounds(packed[0], ng), cg, bias, EMPTY2, EMPTY1, 1, 0, 0.0, 0.0, runs, rptr,
+                                zmap, out, dstride)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ activations are handed over packed (arena buffers shared by producer and readers
 * a conv whose readers all run the CSR kpanel path on one stride-1 layout writes its output straight
   into their packed input (``csr_conv_kpanel_ep``: epilogue + padding mask per N chunk, in cache): no
   crop to NCHW, no pack; residuals are read packed at the same positions (others unpack them);
-* a conv read by a strided conv scatters its output into that conv's phase planes (``scatter_maps``);
+* a conv read by a strided conv scatters its output into that conv's phase planes (``scatter_runs``);
 * a 1x1 stride-s conv on the same input as a k x k stride-s conv (ResNet's downsample) is computed in
   the latter's kernel call as extra rows (its weights at the center tap, ``_sibling``), its output left
   in the position layout the block's second conv reads as its residual;
@@ -69,7 +69,7 @@ def im2col_into(x, cols, kh, kw, stride, padding, dilation, Ho, Wo):
 _REG: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 HANDOFF = True  # packed hand-off between ops on (False: every value NCHW; for A/B measurements and tests)
 SIBLING = True  # 1x1 stride-s sibling convs computed with the k x k conv on the same input (``Conv2d._sibling``)
-SCATTER = True  # producers scatter their output into a strided conv's phase planes (``kernels.conv.scatter_maps``)
+SCATTER = True  # producers scatter their output into a strided conv's phase planes (``kernels.conv.scatter_runs``)
 
 
 def _registry(ctx):
@@ -128,19 +128,19 @@ def _packed_value(ctx, reg, value, shape, pm):
     if lay is None:
         return None
     if lay[0] == "phase":
-        # the producer scatters its output into the reader's phase planes (csr_conv_kpanel_ep dmap)
-        # measured (2 threads, batch 8): the element-wise scatter beats crop + pack_phase from a
-        # batch-innermost source (8x8x256 -> phase planes: 0.08 vs 0.17 ms) but loses from images one
-        # after the other (32x32x64: 0.45 vs 0.32 ms; 16x16x128: 0.22 vs 0.19)
-        if not SCATTER or pm[0] == "any" or len(pm) < 5 or not pm[4] or pm[2] == 1 or any(k != 0 for _, k in cons):
+        # the producer scatters its output into the reader's phase planes (csr_conv_kpanel_ep runs)
+        # measured (2 threads, batch 8): scattering beats crop + pack_phase from a batch-innermost source
+        # (8x8x256 -> phase planes, ~0.1 ms) but loses from images one after the other (32x32x64: +0.15 to
+        # +0.4 ms: the phase planes of all channels are written piecewise, chunk by chunk, out of cache)
+        if (not SCATTER or pm[0] == "any" or len(pm) < 6 or not pm[4] or pm[2] == 1
+                or any(k != 0 for _, k in cons)):
             return None
         _, geo, kh, kw, (sh, sw), (ph, pw), (dh, dw) = lay
         B, O, Ho, Wo = (int(d) for d in shape)
-        dmap, zmap, dstride = _conv_k().scatter_maps(B, Ho, Wo, pm[0], pm[1], pm[2], pm[3], geo, kh, kw, sh, sw, ph,
-                                                     pw, dh, dw)
-        if O * dstride > geo[6]:
+        sc = _conv_k().scatter_runs(B, Ho, Wo, pm[0], pm[1], pm[2], pm[3], pm[5], geo, kh, kw, sh, sw, ph, pw, dh, dw)
+        if O * sc[3] > geo[6]:
             return None
-        return {"key": ("packed", value), "scatter": (dmap, zmap, dstride), "size": geo[6], "C": O, "in_layout": lay}
+        return {"key": ("packed", value), "scatter": sc, "size": geo[6], "C": O, "in_layout": lay}
     IS, RS, cs, shift, L, size = lay[:6]
     O = int(shape[1])
     if pm[0] == "any":  # a producer that writes any shared-padding layout (images one after the other)
@@ -330,7 +330,7 @@ class Conv2d(Op):
             return None
         shared, P, RS, IS, L, Npad, size = bd["geo"][:7]
         if not (shared is True or shared == 2) or P != 1:
-            # phase planes (strided convs): a producer can scatter into them (``scatter_maps``)
+            # phase planes (strided convs): a producer can scatter into them (``scatter_runs``)
             return ("phase", tuple(bd["geo"]), self.kh, self.kw, self.stride, self.padding, self.dilation)
         cs = bd["cs"]
         ph, pw = self.padding
@@ -476,7 +476,8 @@ class Conv2d(Op):
             if self.has_res:  # a scattered output needs the residual read packed in the kernel
                 lr = packed_value(self.ctx, self.node.inputs[3], out_shape)
                 can_scatter = lr is not None and (lr["IS"], lr["RS"], lr["cs"]) == (IS, RS, cs) and Npad <= lr["L"]
-            lout = packed_value(self.ctx, self.node.outputs[0], out_shape, posmap=tuple(pm) + (can_scatter,))
+            lout = packed_value(self.ctx, self.node.outputs[0], out_shape,
+                                posmap=tuple(pm) + (can_scatter, int(bd["kp"][1])))
             if lout is not None:
                 data["out"] = (add_shared(lout), lout)
             sib = self._sibling(in_shape)
@@ -671,10 +672,10 @@ class Conv2d(Op):
         if rb is None:
             rb = data["rb"][ng] = k.row_bounds(np.append(sp[:, 0], sp[-1:, -1]), ng)
         if data["out"] is not None and "scatter" in data["out"][1]:
-            dmap, zmap, dstride = data["out"][1]["scatter"]
+            runs, rptr, zmap, dstride = data["out"][1]["scatter"]
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, scratch[data["yw"]], yw2, Npad, nc, rb, cg, bias,
-                                 k.EMPTY2 if res2d is None else res2d, k.EMPTY1, self.act, act2, 0.0, 0.0, dmap, zmap,
-                                 scratch[nsc + data["out"][0]], dstride)
+                                 k.EMPTY2 if res2d is None else res2d, k.EMPTY1, self.act, act2, 0.0, 0.0, runs, rptr,
+                                 zmap, scratch[nsc + data["out"][0]], dstride)
             return
         if data["out"] is not None:
             lo = data["out"][1]
@@ -682,7 +683,7 @@ class Conv2d(Op):
             yw = packed_view(buf, lo)
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias,
                                  k.EMPTY2 if res2d is None else res2d, data["mask"], self.act, act2, 0.0, 0.0,
-                                 k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
+                                 k.EMPTYI2, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
             sh = lo["shift"]
             buf[:sh] = 0.0
             buf[sh + lo["C"] * lo["L"]:] = 0.0
@@ -690,12 +691,12 @@ class Conv2d(Op):
         yw = scratch[data["yw"]]
         if "sib" in data:
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias, k.EMPTY2, k.EMPTY1, self.act,
-                                 act2, 0.0, 0.0, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
+                                 act2, 0.0, 0.0, k.EMPTYI2, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
             k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
             return
         if res2d is not None:
             k.csr_conv_kpanel_ep(sp, koff, wdata, xf, yw, yw2, Npad, nc, rb, cg, bias, res2d,
-                                 k.EMPTY1, self.act, 0, 0.0, 0.0, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
+                                 k.EMPTY1, self.act, 0, 0.0, 0.0, k.EMPTYI2, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
             k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
             return
         k.csr_conv_kpanel(sp, bd["koff"], choice.packed[2], xf, yw, nc, ng, cg)
