@@ -79,6 +79,14 @@ def _registry(ctx):
         return None
 
 
+def _ro(a):
+    """A read-only view: weights / biases reach the kernels read-only whether they come from the model's
+    memory map or were built at load (one compiled specialization)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def position_mask(B, IS, RS, cs, Ho, Wo, n):
     """float32 [n]: 1 at the positions b*IS + oy*RS + ox*cs of real outputs (b < B, oy < Ho, ox < Wo)."""
     m = np.zeros(n, np.float32)
@@ -423,7 +431,8 @@ class Conv2d(Op):
         kp = k.kpanel_plan((indptr, indices, data), bd["geo"], C, self.kh, self.kw, dh, dw, sh, sw, bd["cs"])
         b1 = self.bias if self.bias is not None else np.zeros(self.O, np.float32)
         b2 = op.bias if op.bias is not None else np.zeros(op.O, np.float32)
-        return {"op": op, "koff": koff, "kp": kp, "data": data, "bias": np.concatenate([b1, b2]).astype(np.float32)}
+        bias = np.concatenate([b1, b2]).astype(np.float32)
+        return {"op": op, "koff": koff, "kp": kp, "data": _ro(data), "bias": _ro(bias)}
 
     def ctx_reg(self):
         return _registry(self.ctx)
@@ -521,6 +530,8 @@ class Conv2d(Op):
             if data["out"] is not None and "scatter" not in data["out"][1]:
                 data["mask"] = position_mask(B, IS, RS, cs, bd["Ho"], bd["Wo"], Npad)
         data["nscratch"] = len(scratch)
+        data["bias"] = _ro(k.EMPTY1 if self.bias is None else self.bias)
+        data["wdata"] = _ro(choice.packed[2])
         data["rb"] = {}  # row groups of csr_conv_kpanel_ep per thread count (filled on first run)
         parts = [self.DIRECT_NOTE]
         if data["in"] is not None:
@@ -613,7 +624,7 @@ class Conv2d(Op):
         y = outs[0]
         nsc = data["nscratch"]
         res_nchw = None
-        bias = k.EMPTY1 if self.bias is None else self.bias
+        bias = data["bias"]
         if data["in"] is not None:
             xf = scratch[nsc + data["in"][0]]
         else:
@@ -632,13 +643,13 @@ class Conv2d(Op):
                 res = np.ascontiguousarray(res)
             if kind == "csr" and "pool" in data:
                 (pkh, pkw, psh, psw, pph, ppw, pdh, pdw), qshape, qi, lq = data["pool"]
-                k.csr_conv_plane_pool(choice.packed[0], bd["koff"], choice.packed[2], xf, IS, RS, bd["B"], bd["Ho"],
+                k.csr_conv_plane_pool(choice.packed[0], bd["koff"], data["wdata"], xf, IS, RS, bd["B"], bd["Ho"],
                                       bd["Wo"], bias, self.act, 0.0, 0.0, pkh, pkw, psh, psw, pph, ppw, pdh, pdw,
                                       qshape[2], qshape[3], scratch[nsc + qi], lq["L"], lq["shift"], lq["IS"],
                                       lq["RS"])
                 return
             if kind == "csr":
-                k.csr_conv_plane(choice.packed[0], bd["koff"], choice.packed[2], xf, IS, RS, y, bias,
+                k.csr_conv_plane(choice.packed[0], bd["koff"], data["wdata"], xf, IS, RS, y, bias,
                                  k.EMPTY4 if res is None else res, self.act, 0.0, 0.0)
                 return
             yw = scratch[data["yw"]]
@@ -660,7 +671,7 @@ class Conv2d(Op):
                     res2d = packed_view(buf, lo)
                     res_nchw = None
         sp, nc = bd["kp"]
-        koff, wdata, yw2, act2 = bd["koff"], choice.packed[2], k.EMPTY2, 0
+        koff, wdata, yw2, act2 = bd["koff"], data["wdata"], k.EMPTY2, 0
         if "sib" in data:
             si, lsib, sib = data["sib"]
             sp, nc = sib["kp"]
@@ -699,7 +710,7 @@ class Conv2d(Op):
                                  k.EMPTY1, self.act, 0, 0.0, 0.0, k.EMPTYI2, k.EMPTYI, k.EMPTYI, k.EMPTY1, 0)
             k.crop_batch(yw, IS, RS, cs, y, k.EMPTY1, k.EMPTY4, 0, 0.0, 0.0)
             return
-        k.csr_conv_kpanel(sp, bd["koff"], choice.packed[2], xf, yw, nc, ng, cg)
+        k.csr_conv_kpanel(sp, bd["koff"], data["wdata"], xf, yw, nc, ng, cg)
         k.crop_batch(yw, IS, RS, cs, y, bias, k.EMPTY4 if res_nchw is None else res_nchw, self.act, 0.0, 0.0)
 
     def _pack_like(self, x, lay, buf):
