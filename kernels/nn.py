@@ -817,13 +817,26 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                 for j in range(Skp):
                     Vt[d * Skp + j] = np.float32(0.0)
             vs = _vbcast(scale)
-            # feature-major inputs: prefetch the next task's q, k, v rows (this thread's next head
-            # when runs are contiguous per thread), one head dim per QK tile, so that its copies
-            # read L2 rather than L3 / DRAM (a hint: no measurable effect on the loaded dev host)
-            pfd = D if (ldq != 1 or ldkv != 1 or t + 1 >= ntask) else 0
+            # prefetch the next task's q, k, v (this thread's next head when runs are contiguous
+            # per thread), spread over the QK tiles, so that its copies read L2 rather than L3 /
+            # DRAM: contiguous runs are a head dim over tokens (feature-major) or a token's head
+            # slice (torch layout). A hint only.
+            pf = t + 1 < ntask
             nb = (t + 1) // H
-            nq = nb * Sq + ((t + 1 - nb * H) * D) * cs
-            nk = nb * Sk + ((t + 1 - nb * H) * D) * cs
+            nc0 = (t + 1 - nb * H) * D
+            if ldq == 1:
+                qR, qL, qS, qo0 = D, Sq, cs, nb * Sq + nc0 * cs
+            else:
+                qR, qL, qS, qo0 = Sq, D, ldq, nb * Sq * ldq + nc0 * cs
+            if ldkv == 1:
+                kR, kL, kS, ko0 = D, Sk, cs, nb * Sk + nc0 * cs
+            else:
+                kR, kL, kS, ko0 = Sk, D, ldkv, nb * Sk * ldkv + nc0 * cs
+            ntile = (Sqp // QB) * (Skp // 8)
+            qper = (qR + ntile - 1) // ntile
+            kper = (kR + ntile - 1) // ntile
+            pq = 0
+            pk = 0
             for i0 in range(0, Sqp, QB):
                 # S^T = K Q^T * scale + mask, 8 keys x 2 query vectors per register tile; running max
                 m0 = _vbcast(_NINF32)
@@ -831,15 +844,18 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                 m2 = m0
                 m3 = m0
                 for j0 in range(0, Skp, 8):
-                    if pfd < D:
-                        for i in range(0, Sq, 16):
-                            _vprefetch(q, nq + i)
-                        for j in range(0, Sk, 16):
-                            _vprefetch(k, nk + j)
-                            _vprefetch(v, nk + j)
-                        nq += cs
-                        nk += cs
-                        pfd += 1
+                    if pf:
+                        for _ in range(qper):
+                            if pq < qR:
+                                for i in range(0, qL, 16):
+                                    _vprefetch(q, qo0 + pq * qS + i)
+                                pq += 1
+                        for _ in range(kper):
+                            if pk < kR:
+                                for j in range(0, kL, 16):
+                                    _vprefetch(k, ko0 + pk * kS + j)
+                                    _vprefetch(v, ko0 + pk * kS + j)
+                                pk += 1
                     a00 = _vzero()
                     a01 = _vzero()
                     a10 = _vzero()
