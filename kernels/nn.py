@@ -352,22 +352,22 @@ def embedding_into(ids, table, out):
 
 # --- numpy references --------------------------------------------------------------------------
 def layernorm_ref(x, w=None, b=None, eps=1e-5):
-    from ..runtime.reference import layernorm
+    from .ref import layernorm
     return layernorm(x, w, b, eps)
 
 
 def softmax_ref(x, mask=None, axis=-1):
-    from ..runtime.reference import softmax
+    from .ref import softmax
     return softmax(x, mask, axis)
 
 
 def gelu_ref(x, approximate="none"):
-    from ..runtime.reference import gelu as g
+    from .ref import gelu as g
     return g(x, approximate)
 
 
 def act_ref(y, act_code, lo=0.0, hi=0.0):
-    from ..runtime.reference import activation
+    from .ref import activation
     from .table import ACTIVATIONS
     name = {v: k for k, v in ACTIVATIONS.items()}[act_code]
     return activation(np.asarray(y, np.float32), name, lo, hi)
@@ -1091,7 +1091,7 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
 def attention_ref(q, k, v, mask, scale, H):
     """numpy reference of ``attention_heads``: q [B, Sq, H*D], k, v [B, Sk, H*D], mask None or
     broadcastable to [B, 1, 1, Sk]; returns [B, Sq, H*D] float32."""
-    from ..runtime.reference import softmax
+    from .ref import softmax
 
     B, Sq, HD = q.shape
     Sk, D = k.shape[1], HD // H

@@ -10,12 +10,11 @@ evaluates one op (attrs with defaults filled in; weights as dense float32 arrays
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..errors import InputError, UnsupportedOpError
 from ..formats import optable
+from ..kernels.ref import _erf, activation, gelu, layernorm, sigmoid, softmax  # noqa: F401 (re-exported)
 
 REF: dict = {}
 
@@ -29,51 +28,6 @@ def ref(*names):
 
 
 # --- elementwise ---------------------------------------------------------------------------
-def _erf(x):
-    try:
-        from scipy.special import erf
-        return erf(x).astype(x.dtype, copy=False)
-    except ImportError:  # pragma: no cover
-        return np.vectorize(math.erf, otypes=[x.dtype])(x)
-
-
-def gelu(x, approximate="none"):
-    x = np.asarray(x, dtype=np.float32)
-    if approximate == "tanh":
-        c = np.float32(math.sqrt(2.0 / math.pi))
-        return (np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))).astype(np.float32)
-    return (np.float32(0.5) * x * (np.float32(1) + _erf(x / np.float32(math.sqrt(2.0))))).astype(np.float32)
-
-
-def sigmoid(x):
-    x = np.asarray(x, dtype=np.float32)
-    with np.errstate(over="ignore"):
-        return (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(np.float32)
-
-
-def activation(y, act, lo=None, hi=None):
-    """The fused activations of ``linear`` / ``conv2d`` (names as kernels.table.ACTIVATIONS)."""
-    if act in ("none", None):
-        return y
-    if act == "relu":
-        return np.maximum(y, np.float32(0))
-    if act == "relu6":
-        return np.clip(y, np.float32(0), np.float32(6))
-    if act == "clamp":
-        return np.clip(y, -np.inf if lo is None else lo, np.inf if hi is None else hi).astype(np.float32)
-    if act == "gelu":
-        return gelu(y)
-    if act == "gelu_tanh":
-        return gelu(y, "tanh")
-    if act == "silu":
-        return (y * sigmoid(y)).astype(np.float32)
-    if act == "hardswish":
-        return (y * np.clip(y + np.float32(3), 0, 6) / np.float32(6)).astype(np.float32)
-    if act == "sigmoid":
-        return sigmoid(y)
-    raise UnsupportedOpError(f"unknown fused activation {act!r}", field="activation")
-
-
 _UNARY = {
     "relu": lambda x, a: np.maximum(x, x.dtype.type(0)),
     "gelu": lambda x, a: gelu(x, a.get("approximate", "none")),
@@ -288,31 +242,9 @@ def _expand(attrs, x, env=None):
 
 
 # --- transformer pieces ------------------------------------------------------------------------
-def softmax(x, mask=None, axis=-1):
-    x = x.astype(np.float32)
-    if mask is not None:
-        x = x + mask.astype(np.float32)
-    m = np.max(x, axis=axis, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(x - m)
-        return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
-
-
 @ref("softmax")
 def _softmax(attrs, x, mask=None, env=None):
     return softmax(x, mask, attrs["axis"])
-
-
-def layernorm(x, w=None, b=None, eps=1e-5):
-    x = x.astype(np.float32)
-    mu = x.mean(-1, keepdims=True, dtype=np.float64)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    y = ((x - mu) / np.sqrt(var + eps)).astype(np.float32)
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y.astype(np.float32)
 
 
 @ref("layernorm")
