@@ -96,3 +96,23 @@ def test_embedding(rng, threads):
             out = np.full((ids.size, 6), -1, tab.dtype)
             nn.embedding_into(ids, tab, out)
             np.testing.assert_array_equal(out, nn.embedding_ref(ids, tab))
+
+
+@pytest.mark.parametrize("B,S,H", [(1, 1, 1), (3, 5, 17), (8, 128, 384), (2, 0, 4)])
+def test_masked_mean_rows(B, S, H):
+    from sparsedge.kernels.nn import masked_mean_rows
+
+    rng = np.random.default_rng(B * 100 + S)
+    x = rng.standard_normal((B, S, H)).astype(np.float32)
+    m = (rng.random((B, S)) < 0.7).astype(np.float32)
+    if B > 1:
+        m[1] = 0.0  # all masked: denominator clamps to 1e-9, sum is 0
+    y = np.full((B, H), np.nan, np.float32)
+    masked_mean_rows(x, m, y)
+    ref = np.einsum("bsh,bs->bh", x.astype(np.float64), m) / np.maximum(m.sum(1, keepdims=True), 1e-9)
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-6)
+    if S:
+        x[0, 0, 0] = np.nan
+        m[0, 0] = 0.0
+        masked_mean_rows(x, m, y)
+        assert np.isnan(y[0, 0])  # masked NaN still propagates, as torch's (x * m).sum() does

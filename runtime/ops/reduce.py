@@ -42,7 +42,7 @@ class MaskedMean(Op):
         ax = self.attrs["axis"] % len(xs)
         B, S = prod(xs[:ax]), int(xs[ax])
         return NodePlan(scratch=[((B, S), "float32"), ((B, 1), "float32")], data=(ax, B, S, prod(xs[ax + 1:])),
-                        kernel="numpy.einsum")
+                        kernel="nn.masked_mean_rows" if ins[0][1] == "float32" else "numpy.einsum")
 
     def run(self, ins, outs, scratch, data):
         x, mask = ins
@@ -50,6 +50,11 @@ class MaskedMean(Op):
         m, den = scratch
         np.copyto(m.reshape(x.shape[:ax + 1]), np.broadcast_to(mask, x.shape[:ax + 1]), casting="unsafe")
         y = outs[0].reshape(B, H)
+        if x.dtype == np.float32 and y.dtype == np.float32 and x.flags.c_contiguous and y.flags.c_contiguous:
+            from ...kernels.nn import masked_mean_rows  # parallel, one pass (einsum: 0.32 ms, 8x128x384)
+
+            masked_mean_rows(x.reshape(B, S, H), m, y)
+            return
         np.einsum("bsh,bs->bh", x.reshape(B, S, H), m, out=y)
         np.sum(m, axis=1, keepdims=True, out=den)
         np.maximum(den, np.float32(1e-9), out=den)
