@@ -275,9 +275,13 @@ def _params_from_minmax(lohi, N):
             np.full(N, np.float32(zi), np.float32))
 
 
-def _params(packed, x):
+def _params(packed, x, minmax=None):
+    """(sx, zx, inv, zx as f32), each [N]; minmax: (min(min(x), 0), max(max(x), 0)) when known
+    (dynamic per-tensor only: the same parameters without the min / max pass)."""
     aq = packed["act_quant"]
     N = x.shape[1]
+    if aq is None and packed["granularity"] == "tensor" and minmax is not None:
+        return _params_from_minmax((_F32(min(minmax[0], 0)), _F32(max(minmax[1], 0))), N)
     if aq is None and packed["granularity"] == "tensor" and x.flags.c_contiguous:
         return _tensor_params(x)
     if aq is None:
@@ -1125,7 +1129,7 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
         if tmm.shape[0] == 0:
             return None
         return tmm[0], tmm[1]  # reduced by the kernel
-    sx, zx, inv, zpf = _params(p, x)
+    sx, zx, inv, zpf = _params(p, x, minmax)
     npad = (N + 15) // 16 * 16
     G = max((K + 3) // 4, 1)
     x4 = _scratch_u8(G, npad * 4).reshape(-1)

@@ -241,3 +241,22 @@ def test_groups_epilogue_minmax(rng, threads):
             assert K8.run_vnni(p, x, y, bias, 0, 0.0, 0.0, None) is None  # not asked for
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@needs_vnni
+def test_run_vnni_given_minmax_all_layouts(rng):
+    """run_vnni(minmax=...) (the producer's min / max of x) gives the same bytes as computing it,
+    for the groups, quads and dense layouts."""
+    from sparsedge.formats.quant import DenseI8
+
+    x = (rng.standard_normal((40, 130)) * 3).astype(np.float32)
+    mm = (np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0)))
+    w = rng.standard_normal((12, 40)).astype(np.float32)
+    w[rng.random(w.shape) < 0.6] = 0
+    for wf in (CSRI8.from_dense(w), BSRI8.from_dense(w, block=(2, 2)), DenseI8.from_dense(w)):
+        p = K8.prepare(wf, path="vnni")
+        y0 = np.empty((12, 130), np.float32)
+        y1 = np.full((12, 130), np.nan, np.float32)
+        K8.run_vnni(p, x, y0, None, 0, 0.0, 0.0, None)
+        K8.run_vnni(p, x, y1, None, 0, 0.0, 0.0, None, minmax=mm)
+        assert np.array_equal(y0, y1) and np.array_equal(y0, K8.gemm_ref(wf, x)), wf.kind
