@@ -45,16 +45,55 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import prange
+from numba.extending import intrinsic
 
 from ._jit import jit, pjit
 from .epilogue import EMPTY1, EMPTY2, epilogue_ref, epilogue_tile
-from .simd import VW, vadd, vbcast, vfma, vload, vstore, vzero
-from .table import KernelSpec
+from .simd import VW, f32vec, vadd, vbcast, vfma, vload, vstore, vzero
+from .table import ACT_NONE, ACT_RELU, KernelSpec
 
 EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
 EMPTYI = np.zeros(0, dtype=np.int32)
 EMPTYI2 = np.zeros((0, 5), dtype=np.int32)
+
+
+@intrinsic
+def _vrelu_mask(typingctx, a, m):
+    """select(m != 0, select(a < 0, 0, a), 0) on f32vec values: relu that keeps NaN (like the scalar
+    ``max(y, 0)`` of epilogue_tile) and exact zeros where the mask lane is 0 (NaN / inf included)."""
+    sig = f32vec(f32vec, f32vec)
+
+    def codegen(context, builder, signature, args):
+        a, m = args
+        z = ir.Constant(a.type, None)
+        r = builder.select(builder.fcmp_ordered("<", a, z), z, a)
+        return builder.select(builder.fcmp_unordered("!=", m, z), r, z)
+    return sig, codegen
+
+
+@intrinsic
+def _vmask(typingctx, a, m):
+    """select(m != 0, a, 0) on f32vec values."""
+    sig = f32vec(f32vec, f32vec)
+
+    def codegen(context, builder, signature, args):
+        a, m = args
+        z = ir.Constant(a.type, None)
+        return builder.select(builder.fcmp_unordered("!=", m, z), a, z)
+    return sig, codegen
+
+
+@jit(inline="always")
+def _epv(a, b, res, ri, mask, um, j, relu):
+    """One vector of csr_conv_kpanel_ep's fused epilogue: relu?(a + b + res[ri, j:]) (ri < 0: no
+    residual), masked by mask[j:] when ``um``."""
+    a = vadd(a, b)
+    if ri >= 0:
+        a = vadd(a, vload(res[ri], j))
+    m = vload(mask, j) if um else vbcast(np.float32(1.0))
+    return _vrelu_mask(a, m) if relu else _vmask(a, m)
 
 
 def conv_out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
@@ -1049,6 +1088,91 @@ def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
         vstore(yr, j, vadd(a0, a1))
 
 
+@jit(inline="always")
+def _mkoffa_ep(koff, data, k0, k1, xf, yr, j, nv, acc, b, res, ri, mask, um, relu):
+    """_mkoffa for a row's last K panel with the epilogue in registers before the one store:
+    yr[j:j+nv*VW] = relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by
+    mask[j:] when ``um`` (``_epv``)."""
+    if nv == 8:
+        if acc:
+            a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
+            a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
+            a7 = vload(yr, j + 7 * VW)
+        else:
+            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+            a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+        for k in range(k0, k1):
+            o = koff[k] + j
+            w = vbcast(data[k])
+            a0 = vfma(w, vload(xf, o), a0)
+            a1 = vfma(w, vload(xf, o + VW), a1)
+            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+        vstore(yr, j, _epv(a0, b, res, ri, mask, um, j, relu))
+        vstore(yr, j + VW, _epv(a1, b, res, ri, mask, um, j + VW, relu))
+        vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
+        vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
+        vstore(yr, j + 4 * VW, _epv(a4, b, res, ri, mask, um, j + 4 * VW, relu))
+        vstore(yr, j + 5 * VW, _epv(a5, b, res, ri, mask, um, j + 5 * VW, relu))
+        vstore(yr, j + 6 * VW, _epv(a6, b, res, ri, mask, um, j + 6 * VW, relu))
+        vstore(yr, j + 7 * VW, _epv(a7, b, res, ri, mask, um, j + 7 * VW, relu))
+    elif nv == 4:
+        if acc:
+            a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
+        else:
+            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+        for k in range(k0, k1):
+            o = koff[k] + j
+            w = vbcast(data[k])
+            a0 = vfma(w, vload(xf, o), a0)
+            a1 = vfma(w, vload(xf, o + VW), a1)
+            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        vstore(yr, j, _epv(a0, b, res, ri, mask, um, j, relu))
+        vstore(yr, j + VW, _epv(a1, b, res, ri, mask, um, j + VW, relu))
+        vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
+        vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
+    elif nv == 2:
+        if acc:
+            a0 = vload(yr, j); a1 = vload(yr, j + VW)
+        else:
+            a0 = vzero(); a1 = vzero()
+        b0 = vzero(); b1 = vzero()
+        k = k0
+        while k + 2 <= k1:
+            o = koff[k] + j
+            w = vbcast(data[k])
+            a0 = vfma(w, vload(xf, o), a0)
+            a1 = vfma(w, vload(xf, o + VW), a1)
+            o = koff[k + 1] + j
+            w = vbcast(data[k + 1])
+            b0 = vfma(w, vload(xf, o), b0)
+            b1 = vfma(w, vload(xf, o + VW), b1)
+            k += 2
+        if k < k1:
+            o = koff[k] + j
+            w = vbcast(data[k])
+            a0 = vfma(w, vload(xf, o), a0)
+            a1 = vfma(w, vload(xf, o + VW), a1)
+        vstore(yr, j, _epv(vadd(a0, b0), b, res, ri, mask, um, j, relu))
+        vstore(yr, j + VW, _epv(vadd(a1, b1), b, res, ri, mask, um, j + VW, relu))
+    else:
+        a0 = vload(yr, j) if acc else vzero()
+        a1 = vzero()
+        k = k0
+        while k + 2 <= k1:
+            a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+            a1 = vfma(vbcast(data[k + 1]), vload(xf, koff[k + 1] + j), a1)
+            k += 2
+        if k < k1:
+            a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+        vstore(yr, j, _epv(vadd(a0, a1), b, res, ri, mask, um, j, relu))
+
+
 @pjit
 def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
     """yw[i, j] = sum_k data[k] * xf[koff[k] + j] over row i's weights (koff = roff[indices], int32),
@@ -1114,7 +1238,10 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
     stored, while in cache, run by run (runs[r] = (j0, d0, count, j step, d step), r in rptr[c] ..
     rptr[c+1]): xd[i*dstride + d0 + t*dstep] = yw[i, j0 + t*jstep]; then xd[i*dstride + zmap[:]] = 0 and
     xd[O1*dstride:] = 0: the output handed over in any packed layout (e.g. the phase planes of a
-    stride-2 conv) with its padding zeroed."""
+    stride-2 conv) with its padding zeroed. With act (act2) none or relu the epilogue runs in registers
+    on each row's last K panel before its one store (``_mkoffa_ep``; 1 thread, batch 8, 90%, bias + mask
+    [+ residual]: 64ch 32x32 1.63 -> 1.51 ms [1.76 -> 1.59], 128ch 16x16 1.16 -> 1.14 [1.25 -> 1.18]);
+    other activations take the per-chunk epilogue_tile pass."""
     o1 = yw.shape[0]
     ly = yw.shape[1]
     nbk = sp.shape[1] - 1
@@ -1125,6 +1252,8 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
     ngroups = rbounds.shape[0] - 1
     nch = (n + nc - 1) // nc
     cs = (nch + cgroups - 1) // cgroups
+    fuse1 = act == ACT_NONE or act == ACT_RELU  # epilogue in registers on the last K panel
+    fuse2 = act2 == ACT_NONE or act2 == ACT_RELU
     for t in prange(ngroups * cgroups):
         g = t // cgroups
         cg = t - g * cgroups
@@ -1134,13 +1263,33 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
             jhi = min(n, jlo + nc)
             for cb in range(nbk):
                 acc = cb > 0
+                last = cb == nbk - 1
                 for i in range(r0, r1):
                     k0 = sp[i, cb]
                     k1 = sp[i, cb + 1]
-                    if acc and k0 == k1:
+                    fuse = last and (fuse1 if i < o1 else fuse2)
+                    if acc and k0 == k1 and not fuse:
                         continue
                     yr = yw[i] if i < o1 else yw2[i - o1]
                     j = jlo
+                    if fuse:
+                        bvec = vbcast(bias[i] if nbias != 0 else np.float32(0.0))
+                        ri = i if (i < o1 and nr != 0) else -1
+                        um = i < o1 and nm != 0
+                        relu = (act if i < o1 else act2) == ACT_RELU
+                        while j + 8 * VW <= jhi:
+                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 8, acc, bvec, res, ri, mask, um, relu)
+                            j += 8 * VW
+                        while j + 4 * VW <= jhi:
+                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 4, acc, bvec, res, ri, mask, um, relu)
+                            j += 4 * VW
+                        if j + 2 * VW <= jhi:
+                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 2, acc, bvec, res, ri, mask, um, relu)
+                            j += 2 * VW
+                        while j + VW <= jhi:
+                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 1, acc, bvec, res, ri, mask, um, relu)
+                            j += VW
+                        continue
                     while j + 8 * VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
                         j += 8 * VW
@@ -1156,18 +1305,20 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
             for i in range(r0, r1):
                 bv = bias[i] if nbias != 0 else np.float32(0.0)
                 if i >= o1:
-                    seg = yw2[i - o1, jlo:jhi]
-                    epilogue_tile(seg, bv, seg[0:0], act2, lo, hi)
+                    if not fuse2:
+                        seg = yw2[i - o1, jlo:jhi]
+                        epilogue_tile(seg, bv, seg[0:0], act2, lo, hi)
                     continue
                 seg = yw[i, jlo:jhi]
-                if nr != 0:
-                    epilogue_tile(seg, bv, res[i, jlo:jhi], act, lo, hi)
-                else:
-                    epilogue_tile(seg, bv, seg[0:0], act, lo, hi)
-                if nm != 0:
-                    mk = mask[jlo:jhi]
-                    for q in range(jhi - jlo):
-                        seg[q] = seg[q] if mk[q] != 0 else np.float32(0.0)
+                if not fuse1:
+                    if nr != 0:
+                        epilogue_tile(seg, bv, res[i, jlo:jhi], act, lo, hi)
+                    else:
+                        epilogue_tile(seg, bv, seg[0:0], act, lo, hi)
+                    if nm != 0:
+                        mk = mask[jlo:jhi]
+                        for q in range(jhi - jlo):
+                            seg[q] = seg[q] if mk[q] != 0 else np.float32(0.0)
                 if nd != 0:
                     xo = xd[i * dstride:(i + 1) * dstride]
                     ch = jlo // nc
