@@ -745,7 +745,7 @@ def _tile_ep(yf, ldy, i0, rows, j, nv, ep, bias, rf, ldr, vlo, vhi):
             vstore(yf, yo + v * VW, a)
 
 
-@jit(inline="always")
+@jit
 def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd, ep, bias, rf, ldr, vlo, vhi):
     """r x 1 blocks (r % 8 == 0 or r == 4): Y rows of block row br, columns j0..j1 (a multiple
     of VW) = W @ X, widest register tile first; pd > 0: prefetch X pd floats ahead. ep != 0: each
