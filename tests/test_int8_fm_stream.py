@@ -166,9 +166,9 @@ def test_residual_stream_feature_major(tmp_path, rng, monkeypatch, kind):
         f = {"x": rng.standard_normal((B, S, 32)).astype(F32), "attention_mask": mask}
         given.clear()
         y = s.run(None, f)[0]
-        # l0.ffn1 (after the layernorm), l0.ffn2 (after gelu), l1 q|k|v, l1.ffn1, l1.ffn2; not the
-        # first q|k|v (graph input) nor the o-projs (attention output)
-        assert given == ([] if kind == "csr" else [False, False, True, True, True, False, True, True])
+        # l0.o (the attention kernel's min / max), l0.ffn1 (after the layernorm), l0.ffn2 (after
+        # gelu), l1 q|k|v, l1.o, l1.ffn1, l1.ffn2; not the first q|k|v (graph input)
+        assert given == ([] if kind == "csr" else [False, True, True, True, True, True, True, True])
         y0 = s0.run(None, f)[0]
         assert np.array_equal(y, s1.run(None, f)[0])  # the handed-over min / max are exact
         if kind == "csr":
