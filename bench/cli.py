@@ -114,7 +114,9 @@ def run_suites(args, what) -> int:
            "mode": "quick" if args.quick else "full", "suites": suites, "machine": machine,
            "settings": {"threads": threads,
                         # OpenBLAS worker spinning between interleaved calls (see bench/__init__.py)
-                        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")},
+                        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                        # torch's OpenMP workers: passive waiting between interleaved calls (same reason)
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
            "cases": [], "skipped": []}
     peers_filter = tuple(args.peers.split(",")) if args.peers else None
     # numpy's BLAS (the numpy_dense peer and the runtime's dense layers) gets the same thread

@@ -41,8 +41,8 @@ def interleaved(fns: dict, *, rounds: int = 15, min_rounds: int = 5, round_time:
                 budget: float = 3.0, warmup: int = 1) -> dict:
     """Time ``{name: callable()}`` side by side. Returns ``{name: stats dict}`` of seconds per call.
 
-    Each callable is warmed up (``warmup`` calls, then one timed call to size its inner loop so
-    one round lasts about ``round_time`` s); then ``rounds`` rounds run each callable's inner
+    Each callable is warmed up (``warmup`` calls, then three timed calls: the fastest sizes its
+    inner loop so one round lasts about ``round_time`` s); then ``rounds`` rounds run each callable's inner
     loop once, in an order rotated every round. The round count is cut (not below
     ``min_rounds``) so the whole group stays near ``budget`` seconds.
     """
@@ -53,9 +53,12 @@ def interleaved(fns: dict, *, rounds: int = 15, min_rounds: int = 5, round_time:
         f = fns[n]
         for _ in range(warmup):
             f()
-        t0 = time.perf_counter()
-        f()
-        dt = max(time.perf_counter() - t0, 1e-7)
+        dt = float("inf")
+        for _ in range(3):  # size from the fastest of 3 calls: one cold call (caches / threads
+            t0 = time.perf_counter()  # left cold by the previous implementation) gave too few loops
+            f()
+            dt = min(dt, time.perf_counter() - t0)
+        dt = max(dt, 1e-7)
         loops[n] = max(1, min(1000, int(round_time / dt)))
         est[n] = dt * loops[n]
     per_round = sum(est.values())
