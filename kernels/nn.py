@@ -440,7 +440,7 @@ def _bench():  # pragma: no cover - manual measurement helper
     qkv = g.reshape(3 * HD, n).T.reshape(B, S, 3 * HD)
     q, k, v = (np.ascontiguousarray(qkv[..., i * HD:(i + 1) * HD]) for i in range(3))
     def att():
-        attention_heads(g, g[HD * n:], g[2 * HD * n:], am, np.float32(0.17), ao, B, S, S, H, D, 1, 1, n, n, _NO_MM)
+        attention_heads(g, g[HD * n:], g[2 * HD * n:], am, np.float32(0.17), ao, B, S, S, H, D, 1, 1, n, n)
 
     print(f"attention 8x128, 12 heads x 32: numba {t(att):.3f} ms, "
           f"reference {t(lambda: attention_ref(q, k, v, am[:, None, None, :], 0.17, H), 3):.3f} ms")
@@ -585,7 +585,6 @@ from .simd import vload as _vload  # noqa: E402
 from .simd import vstore as _vstore  # noqa: E402
 from .simd import vprefetch as _vprefetch  # noqa: E402
 from .simd import vzero as _vzero  # noqa: E402
-from ._vnni import minmax_f32 as _minmax_f32  # noqa: E402
 
 
 @jit(inline="always")
@@ -745,7 +744,6 @@ def _vhsum(typingctx, a):
 
 
 _NINF32 = np.float32(-np.inf)
-_NO_MM = np.zeros(0, np.float32)
 
 
 @jit(inline="always")
@@ -759,7 +757,7 @@ def _copy_f32(dst, do, src, so, n):
 
 
 @pjit
-def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, ocs, mm):
+def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, ocs):
     """Multi-head attention core in one parallel pass (no [B, H, Sq, Sk] score buffer):
     for every batch b and head h, ``O = softmax(Q K^T * scale + mask[b % Bm]) V`` with
     ``Q[i, d] = q[(b*Sq + i)*ldq + (h*D + d)*cs]`` (K, V alike from k, v with row stride ``ldkv``,
@@ -767,9 +765,6 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
     q|k|v output, cs = 1) or feature-major [*, B*Sq] (ldq = ldkv = 1, cs = B*S); k, v alike.
     mask: float32 [Bm, Sk] additive (Bm 1 or B) or [0, 0] (none); scale float32.
     out: ocs == 1: [B, Sq, H*D] torch layout; otherwise feature-major [H*D, B*Sq] (ocs = B*Sq).
-    mm: float32 empty, or [>= 48] with a feature-major out: mm[0], mm[1] receive (min(min(out), 0),
-    max(max(out), 0)) (``minmax_f32`` over each task's rows while hot; per-run partials in mm; for
-    the dynamic int8 quantization of out by the next linear).
     Parallel over (b, h). Per task Q^T, K^T [D, S] and V^T [D, Sk] are copied contiguous (L1;
     feature-major inputs: vector row copies; torch layout: scalar transposes, ~0.4 ms slower at
     BERT-small). Everything runs transposed, vectors over queries: S^T
@@ -794,7 +789,6 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
     # 24 contiguous runs of (b, h) tasks (even shares for 1, 2, 3, 4, 6, 8 threads), buffers
     # allocated once per run (numba.get_num_threads() here would make the function uncacheable)
     nch = max(min(24, ntask), 1)
-    wmm = fmo and mm.shape[0] >= 2 * nch
     for c in prange(nch):
         t0 = c * ntask // nch
         t1 = (c + 1) * ntask // nch
@@ -804,8 +798,6 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
         P = np.empty(Skp * QB, np.float32)
         Ob = np.empty(Dp * QB, np.float32)
         Mr = np.zeros(Skp, np.float32)
-        clo = np.float32(0.0)
-        chi = np.float32(0.0)
         for t in range(t0, t1):
             b = t // H
             c0 = (t - b * H) * D
@@ -1115,23 +1107,6 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                             ob = (qb + i0 + i) * HD + c0
                             for d in range(D):
                                 out[ob + d] = Ob[d * QB + i]
-            if wmm and Sq > 0:  # this task's rows of the feature-major output, still in cache
-                for d in range(D):
-                    ob = (c0 + d) * ocs + qb
-                    tl, th = _minmax_f32(out[ob:ob + Sq])
-                    clo = min(clo, tl)
-                    chi = max(chi, th)
-        if wmm:
-            mm[2 * c] = clo
-            mm[2 * c + 1] = chi
-    if wmm:  # reduce the per-run partials (exact in any order)
-        lo = np.float32(0.0)
-        hi = np.float32(0.0)
-        for ci in range(nch):
-            lo = min(lo, mm[2 * ci])
-            hi = max(hi, mm[2 * ci + 1])
-        mm[0] = lo
-        mm[1] = hi
 
 
 def attention_ref(q, k, v, mask, scale, H):

@@ -18,7 +18,7 @@ def _feature_major_values(graph, tensors=None) -> set:
     residual stream of a transformer: the output of a kernel-path linear with a fused residual
     (``_residual``, optionally ``_ln_eps``) read only by kernel-path linears as x or as their fused
     residual (the layernorm then runs over the feature axis, the residual is read feature-major:
-    no transposes between layers)."""
+    no transposes between layers); and a last-axis ``layernorm``'s output read the same way."""
     consumers: dict = {}
     for node in graph.nodes:
         for k, name in enumerate(node.inputs):
@@ -54,6 +54,17 @@ def _feature_major_values(graph, tensors=None) -> set:
                 fm.add(v)
     if tensors is None:
         return fm
+    for node in graph.nodes:  # a last-axis layernorm (BERT's embedding layernorm) read only by
+        # kernel-path linears as x or as their fused residual: it writes [C, N] (transposing its
+        # input first), no transpose in the first q|k|v linear
+        if node.op != "layernorm" or node.attrs.get("axis", -1) != -1:
+            continue
+        v = node.outputs[0]
+        cs = consumers.get(v, [])
+        if v not in outs and cs and all(
+                n.op == "linear" and (k == 0 or (k == 3 and n.attrs.get("_residual"))) and kernel_path(n)
+                for n, k in cs):
+            fm.add(v)
     for node in graph.nodes:  # _attention -> reshape [.., H*D] -> kernel-path linears (x only)
         if node.op != "_attention":
             continue

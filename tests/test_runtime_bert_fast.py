@@ -18,7 +18,6 @@ from sparsedge.runtime.reference import run_reference
 
 F32 = np.float32
 NO_MASK = np.zeros((0, 0), F32)
-NO_MM = np.zeros(0, F32)
 
 
 # --- attention_heads vs attention_ref -----------------------------------------------------------
@@ -46,7 +45,7 @@ def test_attention_heads_matches_reference(B, Sq, Sk, H, D, threads, rng):
             out = np.full((B, Sq, H * D), np.nan, F32)
             m2 = NO_MASK if mk is None else np.ascontiguousarray(mk).reshape(mk.shape[0], Sk)
             attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), m2, F32(0.3), out.reshape(-1),
-                            B, Sq, Sk, H, D, H * D, H * D, 1, 1, NO_MM)
+                            B, Sq, Sk, H, D, H * D, H * D, 1, 1)
             ref = attention_ref(q, k, v, mk, 0.3, H)
             np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
     finally:
@@ -62,7 +61,7 @@ def test_attention_heads_row_strides(rng):
     mask[1, 7:] = -1e4
     out = np.empty((B, S, HD), F32)
     f = qkv.reshape(-1)
-    attention_heads(f, f[HD:], f[2 * HD:], mask, F32(0.25), out.reshape(-1), B, S, S, H, D, 3 * HD, 3 * HD, 1, 1, NO_MM)
+    attention_heads(f, f[HD:], f[2 * HD:], mask, F32(0.25), out.reshape(-1), B, S, S, H, D, 3 * HD, 3 * HD, 1, 1)
     q, k, v = (np.ascontiguousarray(qkv[..., i * HD:(i + 1) * HD]) for i in range(3))
     ref = attention_ref(q, k, v, mask[:, None, None, :], 0.25, H)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
@@ -70,7 +69,7 @@ def test_attention_heads_row_strides(rng):
     n = B * S
     g = np.ascontiguousarray(qkv.reshape(n, 3 * HD).T).reshape(-1)
     out2 = np.full_like(out, np.nan)
-    attention_heads(g, g[HD * n:], g[2 * HD * n:], mask, F32(0.25), out2.reshape(-1), B, S, S, H, D, 1, 1, n, 1, NO_MM)
+    attention_heads(g, g[HD * n:], g[2 * HD * n:], mask, F32(0.25), out2.reshape(-1), B, S, S, H, D, 1, 1, n, 1)
     np.testing.assert_allclose(out2, ref, rtol=1e-5, atol=2e-6)
     # feature-major output [H*D, B*S] (ocs = B*S), from both input layouts; D = 8 (not a vector
     # multiple: the plain loops) as well
@@ -84,7 +83,7 @@ def test_attention_heads_row_strides(rng):
         for args in ((fx, fx[HDx:], fx[2 * HDx:], 3 * HDx, 3 * HDx, 1), (gx, gx[HDx * n:], gx[2 * HDx * n:], 1, 1, n)):
             o3 = np.full((HDx, n), np.nan, F32)
             attention_heads(args[0], args[1], args[2], mask, F32(0.25), o3.reshape(-1), B, S, S, H, Dx, args[3],
-                            args[4], args[5], n, NO_MM)
+                            args[4], args[5], n)
             np.testing.assert_allclose(o3.T.reshape(B, S, HDx), refx, rtol=1e-5, atol=2e-6)
 
 
@@ -98,14 +97,14 @@ def test_attention_heads_special_rows(rng):
     mask[1, 2] = -np.inf          # batch 1: one key -inf -> weight 0, rows finite
     out = np.empty((B, S, H * D), F32)
     attention_heads(q.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D,
-                    H * D, H * D, 1, 1, NO_MM)
+                    H * D, H * D, 1, 1)
     assert np.isnan(out[0]).all()
     ref = attention_ref(q, k, v, mask[:, None, None, :], 1.0, H)
     np.testing.assert_allclose(out[1], ref[1], rtol=1e-5, atol=2e-6)
     q2 = q.copy()
     q2[1, 3, :D] = np.nan           # a NaN query of head 0 gives a NaN row there only
     attention_heads(q2.reshape(-1), k.reshape(-1), v.reshape(-1), mask, F32(1.0), out.reshape(-1), B, S, S, H, D,
-                    H * D, H * D, 1, 1, NO_MM)
+                    H * D, H * D, 1, 1)
     assert np.isnan(out[1, 3, :D]).all() and np.isfinite(out[1, 3, D:]).all()
     assert np.isfinite(np.delete(out[1], 3, axis=0)).all()
 

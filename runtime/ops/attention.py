@@ -18,14 +18,11 @@ output feature-major too (``[H*D, B*S]``): no transpose before the o-proj linear
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from . import NodePlan, Op, register_internal
 
 _NO_MASK = np.zeros((0, 0), dtype=np.float32)
-_NO_MM = np.zeros(0, dtype=np.float32)
 
 
 @register_internal("_attention")
@@ -39,20 +36,6 @@ class Attention(Op):
         self.fm_in = self.qkv and node.inputs[0] in ctx.fm_values
         # output feature-major [H*D, B*Sq] when only (through a reshape) kernel-path linears read it
         self.fm_out = node.outputs[0] in ctx.fm_values
-        # a feature-major output's (min(min(y), 0), max(max(y), 0)), taken by the kernel, handed to
-        # the int8 linears reading it through the reshape (``Linear``'s ``ctx._linear_minmax``:
-        # keyed by the reshape's output name, checked against buffer address and shape)
-        self.mm_key = None
-        if self.fm_out:
-            cs = ctx.consumers(node.outputs[0]) if hasattr(ctx, "consumers") else []
-            if len(cs) == 1 and cs[0][0].op == "reshape":
-                self.mm_key = cs[0][0].outputs[0]
-        if self.mm_key is not None:
-            mm = getattr(ctx, "_linear_minmax", None)
-            if mm is None:
-                mm = threading.local()
-                ctx._linear_minmax = mm
-            self._mm = mm
 
     def plan(self, ins, outs, env):
         return NodePlan(kernel="nn.attention_heads")
@@ -82,15 +65,5 @@ class Attention(Op):
             m2 = _NO_MASK
         else:
             m2 = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, Sk)
-        ocs = B * Sq if self.fm_out and B * Sq > 1 else 1
-        pub = self.mm_key is not None and ocs > 1
-        if pub:
-            mmd = getattr(self._mm, "d", None)
-            if mmd is None:
-                mmd = self._mm.d = {}
-            mmd.pop(self.mm_key, None)
-        o = outs[0].reshape(-1)
-        mm = np.empty(48, np.float32) if pub else _NO_MM
-        attention_heads(q, k, v, m2, self.scale, o, B, Sq, Sk, self.H, self.D, ldq, ldkv, cs, ocs, mm)
-        if pub:
-            mmd[self.mm_key] = (o.ctypes.data, (HD, B * Sq), (mm[0], mm[1]))
+        attention_heads(q, k, v, m2, self.scale, outs[0].reshape(-1), B, Sq, Sk, self.H, self.D, ldq, ldkv, cs,
+                        B * Sq if self.fm_out and B * Sq > 1 else 1)
