@@ -1008,7 +1008,79 @@ def _mkoff1(koff, data, k0, k1, xf, yr, j):
 def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
     """yr[j:j+nv*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...] for nv in 8 / 4 / 2 / 1 (accumulators
     started from yr when acc)."""
-    if nv == 8:
+    if nv == 16:
+        if acc:
+            a0 = vload(yr, j + 0 * VW)
+            a1 = vload(yr, j + 1 * VW)
+            a2 = vload(yr, j + 2 * VW)
+            a3 = vload(yr, j + 3 * VW)
+            a4 = vload(yr, j + 4 * VW)
+            a5 = vload(yr, j + 5 * VW)
+            a6 = vload(yr, j + 6 * VW)
+            a7 = vload(yr, j + 7 * VW)
+            a8 = vload(yr, j + 8 * VW)
+            a9 = vload(yr, j + 9 * VW)
+            a10 = vload(yr, j + 10 * VW)
+            a11 = vload(yr, j + 11 * VW)
+            a12 = vload(yr, j + 12 * VW)
+            a13 = vload(yr, j + 13 * VW)
+            a14 = vload(yr, j + 14 * VW)
+            a15 = vload(yr, j + 15 * VW)
+        else:
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
+            a4 = vzero()
+            a5 = vzero()
+            a6 = vzero()
+            a7 = vzero()
+            a8 = vzero()
+            a9 = vzero()
+            a10 = vzero()
+            a11 = vzero()
+            a12 = vzero()
+            a13 = vzero()
+            a14 = vzero()
+            a15 = vzero()
+        kk = koff[k0:k1]
+        dd = data[k0:k1]
+        for q in range(k1 - k0):
+            o = kk[q] + j
+            w = vbcast(dd[q])
+            a0 = vfma(w, vload(xf, o + 0 * VW), a0)
+            a1 = vfma(w, vload(xf, o + 1 * VW), a1)
+            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+            a8 = vfma(w, vload(xf, o + 8 * VW), a8)
+            a9 = vfma(w, vload(xf, o + 9 * VW), a9)
+            a10 = vfma(w, vload(xf, o + 10 * VW), a10)
+            a11 = vfma(w, vload(xf, o + 11 * VW), a11)
+            a12 = vfma(w, vload(xf, o + 12 * VW), a12)
+            a13 = vfma(w, vload(xf, o + 13 * VW), a13)
+            a14 = vfma(w, vload(xf, o + 14 * VW), a14)
+            a15 = vfma(w, vload(xf, o + 15 * VW), a15)
+        vstore(yr, j + 0 * VW, a0)
+        vstore(yr, j + 1 * VW, a1)
+        vstore(yr, j + 2 * VW, a2)
+        vstore(yr, j + 3 * VW, a3)
+        vstore(yr, j + 4 * VW, a4)
+        vstore(yr, j + 5 * VW, a5)
+        vstore(yr, j + 6 * VW, a6)
+        vstore(yr, j + 7 * VW, a7)
+        vstore(yr, j + 8 * VW, a8)
+        vstore(yr, j + 9 * VW, a9)
+        vstore(yr, j + 10 * VW, a10)
+        vstore(yr, j + 11 * VW, a11)
+        vstore(yr, j + 12 * VW, a12)
+        vstore(yr, j + 13 * VW, a13)
+        vstore(yr, j + 14 * VW, a14)
+        vstore(yr, j + 15 * VW, a15)
+    elif nv == 8:
         if acc:
             a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
             a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
@@ -1016,9 +1088,11 @@ def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
         else:
             a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
             a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-        for k in range(k0, k1):
-            o = koff[k] + j
-            w = vbcast(data[k])
+        kk = koff[k0:k1]
+        dd = data[k0:k1]
+        for q in range(k1 - k0):
+            o = kk[q] + j
+            w = vbcast(dd[q])
             a0 = vfma(w, vload(xf, o), a0)
             a1 = vfma(w, vload(xf, o + VW), a1)
             a2 = vfma(w, vload(xf, o + 2 * VW), a2)
@@ -1040,9 +1114,11 @@ def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
             a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
         else:
             a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-        for k in range(k0, k1):
-            o = koff[k] + j
-            w = vbcast(data[k])
+        kk = koff[k0:k1]
+        dd = data[k0:k1]
+        for q in range(k1 - k0):
+            o = kk[q] + j
+            w = vbcast(dd[q])
             a0 = vfma(w, vload(xf, o), a0)
             a1 = vfma(w, vload(xf, o + VW), a1)
             a2 = vfma(w, vload(xf, o + 2 * VW), a2)
@@ -1093,7 +1169,79 @@ def _mkoffa_ep(koff, data, k0, k1, xf, yr, j, nv, acc, b, res, ri, mask, um, rel
     """_mkoffa for a row's last K panel with the epilogue in registers before the one store:
     yr[j:j+nv*VW] = relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by
     mask[j:] when ``um`` (``_epv``)."""
-    if nv == 8:
+    if nv == 16:
+        if acc:
+            a0 = vload(yr, j + 0 * VW)
+            a1 = vload(yr, j + 1 * VW)
+            a2 = vload(yr, j + 2 * VW)
+            a3 = vload(yr, j + 3 * VW)
+            a4 = vload(yr, j + 4 * VW)
+            a5 = vload(yr, j + 5 * VW)
+            a6 = vload(yr, j + 6 * VW)
+            a7 = vload(yr, j + 7 * VW)
+            a8 = vload(yr, j + 8 * VW)
+            a9 = vload(yr, j + 9 * VW)
+            a10 = vload(yr, j + 10 * VW)
+            a11 = vload(yr, j + 11 * VW)
+            a12 = vload(yr, j + 12 * VW)
+            a13 = vload(yr, j + 13 * VW)
+            a14 = vload(yr, j + 14 * VW)
+            a15 = vload(yr, j + 15 * VW)
+        else:
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
+            a4 = vzero()
+            a5 = vzero()
+            a6 = vzero()
+            a7 = vzero()
+            a8 = vzero()
+            a9 = vzero()
+            a10 = vzero()
+            a11 = vzero()
+            a12 = vzero()
+            a13 = vzero()
+            a14 = vzero()
+            a15 = vzero()
+        kk = koff[k0:k1]
+        dd = data[k0:k1]
+        for q in range(k1 - k0):
+            o = kk[q] + j
+            w = vbcast(dd[q])
+            a0 = vfma(w, vload(xf, o + 0 * VW), a0)
+            a1 = vfma(w, vload(xf, o + 1 * VW), a1)
+            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+            a8 = vfma(w, vload(xf, o + 8 * VW), a8)
+            a9 = vfma(w, vload(xf, o + 9 * VW), a9)
+            a10 = vfma(w, vload(xf, o + 10 * VW), a10)
+            a11 = vfma(w, vload(xf, o + 11 * VW), a11)
+            a12 = vfma(w, vload(xf, o + 12 * VW), a12)
+            a13 = vfma(w, vload(xf, o + 13 * VW), a13)
+            a14 = vfma(w, vload(xf, o + 14 * VW), a14)
+            a15 = vfma(w, vload(xf, o + 15 * VW), a15)
+        vstore(yr, j + 0 * VW, _epv(a0, b, res, ri, mask, um, j + 0 * VW, relu))
+        vstore(yr, j + 1 * VW, _epv(a1, b, res, ri, mask, um, j + 1 * VW, relu))
+        vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
+        vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
+        vstore(yr, j + 4 * VW, _epv(a4, b, res, ri, mask, um, j + 4 * VW, relu))
+        vstore(yr, j + 5 * VW, _epv(a5, b, res, ri, mask, um, j + 5 * VW, relu))
+        vstore(yr, j + 6 * VW, _epv(a6, b, res, ri, mask, um, j + 6 * VW, relu))
+        vstore(yr, j + 7 * VW, _epv(a7, b, res, ri, mask, um, j + 7 * VW, relu))
+        vstore(yr, j + 8 * VW, _epv(a8, b, res, ri, mask, um, j + 8 * VW, relu))
+        vstore(yr, j + 9 * VW, _epv(a9, b, res, ri, mask, um, j + 9 * VW, relu))
+        vstore(yr, j + 10 * VW, _epv(a10, b, res, ri, mask, um, j + 10 * VW, relu))
+        vstore(yr, j + 11 * VW, _epv(a11, b, res, ri, mask, um, j + 11 * VW, relu))
+        vstore(yr, j + 12 * VW, _epv(a12, b, res, ri, mask, um, j + 12 * VW, relu))
+        vstore(yr, j + 13 * VW, _epv(a13, b, res, ri, mask, um, j + 13 * VW, relu))
+        vstore(yr, j + 14 * VW, _epv(a14, b, res, ri, mask, um, j + 14 * VW, relu))
+        vstore(yr, j + 15 * VW, _epv(a15, b, res, ri, mask, um, j + 15 * VW, relu))
+    elif nv == 8:
         if acc:
             a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
             a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
@@ -1101,9 +1249,11 @@ def _mkoffa_ep(koff, data, k0, k1, xf, yr, j, nv, acc, b, res, ri, mask, um, rel
         else:
             a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
             a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-        for k in range(k0, k1):
-            o = koff[k] + j
-            w = vbcast(data[k])
+        kk = koff[k0:k1]
+        dd = data[k0:k1]
+        for q in range(k1 - k0):
+            o = kk[q] + j
+            w = vbcast(dd[q])
             a0 = vfma(w, vload(xf, o), a0)
             a1 = vfma(w, vload(xf, o + VW), a1)
             a2 = vfma(w, vload(xf, o + 2 * VW), a2)
@@ -1125,9 +1275,11 @@ def _mkoffa_ep(koff, data, k0, k1, xf, yr, j, nv, acc, b, res, ri, mask, um, rel
             a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
         else:
             a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-        for k in range(k0, k1):
-            o = koff[k] + j
-            w = vbcast(data[k])
+        kk = koff[k0:k1]
+        dd = data[k0:k1]
+        for q in range(k1 - k0):
+            o = kk[q] + j
+            w = vbcast(dd[q])
             a0 = vfma(w, vload(xf, o), a0)
             a1 = vfma(w, vload(xf, o + VW), a1)
             a2 = vfma(w, vload(xf, o + 2 * VW), a2)
@@ -1182,7 +1334,9 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
     x ``cgroups`` groups of N chunks in parallel (one task per thread: chunk groups on wide grids, so
     each thread reads only its part of the input); per task: for each N chunk of ``nc``, for each
     panel, every row of the group accumulates its weights of that panel into yw (the first panel
-    stores). 8 / 4 / 2 / 1-vector tiles. Measured against the unpanelled kernel (N chunks, rows in parallel), 2 threads, batch 8,
+    stores). 16 / 8 / 4 / 2 / 1-vector tiles (the 16-vector one: 16 FMAs per loaded weight, with
+    KPANEL_NC = 256 one tile per row and chunk); the weight loops run 0-based over slices of koff / data
+    (no negative-index fix-ups in the hot loop). Measured against the unpanelled kernel (N chunks, rows in parallel), 2 threads, batch 8,
     90%: 32x32x64 0.51 -> 0.48 ms, 16x16x128 0.65 -> 0.50, 8x8x256 0.88 -> 0.54, 4x4x512 1.06 -> 0.66
     (that one was L2-bound: every row streamed the whole 460 KB input)."""
     nout = yw.shape[0]
@@ -1207,6 +1361,9 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
                         continue
                     yr = yw[i]
                     j = jlo
+                    while j + 16 * VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 16, acc)
+                        j += 16 * VW
                     while j + 8 * VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
                         j += 8 * VW
@@ -1277,6 +1434,9 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
                         ri = i if (i < o1 and nr != 0) else -1
                         um = i < o1 and nm != 0
                         relu = (act if i < o1 else act2) == ACT_RELU
+                        while j + 16 * VW <= jhi:
+                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 16, acc, bvec, res, ri, mask, um, relu)
+                            j += 16 * VW
                         while j + 8 * VW <= jhi:
                             _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 8, acc, bvec, res, ri, mask, um, relu)
                             j += 8 * VW
@@ -1290,6 +1450,9 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
                             _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 1, acc, bvec, res, ri, mask, um, relu)
                             j += VW
                         continue
+                    while j + 16 * VW <= jhi:
+                        _mkoffa(koff, data, k0, k1, xf, yr, j, 16, acc)
+                        j += 16 * VW
                     while j + 8 * VW <= jhi:
                         _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
                         j += 8 * VW
@@ -1611,9 +1774,10 @@ def batch_tile(kind):
     return VW if kind == "csr" else 2 * VW
 
 
-KPANEL_NC = 128  # csr_conv_kpanel's N chunk (positions)
+KPANEL_NC = 256  # csr_conv_kpanel's N chunk (positions): one 16-vector register tile (128 before: 1 thread,
+# batch 8, 90%, with _mkoffa's 16-vector tile, 64..512ch 32x32..4x4 together 4.32 -> 4.11 ms, same run)
 KPANEL_FLOATS = 8192  # input floats of one K panel's chunk (32 KB: L1)
-KPANEL_CHUNK_SPLIT = 32  # N chunks per thread from which threads split chunks instead of rows
+KPANEL_CHUNK_SPLIT = 16  # N chunks per thread from which threads split chunks instead of rows (4096 positions)
 
 
 def kpanel_plan(packed, geo, C, kh, kw, dh, dw, sh, sw, cs=1):
