@@ -300,6 +300,28 @@ def layernorm_rows(x, w, b, eps, out):
             o[j] = t
 
 
+@pjit(fastmath=False)  # (x + a1) + a2 in this order, each add rounded: numpy's chained adds
+def add_rows_bcast(x, a1, a2, out):
+    """out[r] = (x[r] + a1[r % P1]) + a2[r % P2] for x, out float32 [R, H], a1 [P1, H], a2 [P2, H]
+    or [0, H] / [0, 0] (absent); P1, P2 >= 1 (an addend broadcast over leading axes, as BERT's
+    position [1, S, H] and token-type [H] embeddings added to the word embeddings [B, S, H]).
+    Rows in parallel (numpy's broadcasting adds run on one thread)."""
+    R, H = x.shape
+    P1 = a1.shape[0]
+    P2 = a2.shape[0]
+    for r in prange(R):
+        xr = x[r]
+        o = out[r]
+        b1 = a1[r % P1]
+        if P2 > 0:
+            b2 = a2[r % P2]
+            for j in range(H):
+                o[j] = (xr[j] + b1[j]) + b2[j]
+        else:
+            for j in range(H):
+                o[j] = xr[j] + b1[j]
+
+
 def softmax_inplace(y):
     """y [R, L] float32; softmax over each row in place (numpy: its vectorised exp beat a numba
     loop 0.5 ms vs 1.2 ms on 1536x128). Temporaries: two [R, 1] arrays. An all -inf row -> NaN, as torch."""

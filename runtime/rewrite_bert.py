@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .shapes import INTERNAL
+
+
+def _layernorm_add_shape(ins, attrs):
+    """_layernorm_add(x, weight?, bias?, a1, a2?) -> x's shape (the addends broadcast into x)."""
+    return [list(ins[0])]
+
+
+INTERNAL.setdefault("_layernorm_add", (_layernorm_add_shape, "float32"))
+
+
 def _feature_major_values(graph, tensors=None) -> set:
     """Values produced by a linear and consumed only (as x) by linears, and not graph outputs;
     also a fused q|k|v linear's output read only by its ``_attention`` when the weight is not dense
@@ -57,7 +68,7 @@ def _feature_major_values(graph, tensors=None) -> set:
     for node in graph.nodes:  # a last-axis layernorm (BERT's embedding layernorm) read only by
         # kernel-path linears as x or as their fused residual: it writes [C, N] (transposing its
         # input first), no transpose in the first q|k|v linear
-        if node.op != "layernorm" or node.attrs.get("axis", -1) != -1:
+        if node.op not in ("layernorm", "_layernorm_add") or node.attrs.get("axis", -1) != -1:
             continue
         v = node.outputs[0]
         cs = consumers.get(v, [])
@@ -167,6 +178,50 @@ def _fuse_residual_layernorm(nodes, outputs, sym, tensors) -> list:
         ins = list(lin.inputs[:4]) + wb
         replace[id(ln)] = Node("linear", lin.name, ins, list(ln.outputs), {**lin.attrs, "_ln_eps": eps})
         drop.add(id(lin))
+    # a last-axis layernorm of a chain of (at most 2) float32 adds, each intermediate sum read only
+    # by the next add: ``_layernorm_add`` with x0 and the addends as inputs 3, 4 (attr ``_adds``; BERT's embedding
+    # sum word + position + token type): the sums and the layernorm in one op (the adds were two
+    # single-threaded numpy broadcasts of the whole [B, S, H]); x0 must have the output's shape
+    for ln in nodes:
+        if ln.op != "layernorm" or id(ln) in replace:
+            continue
+        shp = sym.shapes.get(ln.outputs[0])
+        ax = int(ln.attrs.get("axis", -1))
+        if not shp or ax not in (-1, len(shp) - 1):
+            continue
+        v, addends, chain = ln.inputs[0], [], []
+        while len(addends) < 2:
+            a = producer.get(v)
+            if a is None or a.op != "add" or len(a.inputs) != 2 or v in outs or len(consumers.get(v, [])) != 1:
+                break
+            full = [u for u in a.inputs if sym.shapes.get(u) == shp]
+            if not full:
+                break
+            # go on up through an input that is itself an add (x + y commutes exactly)
+            u = next((w for w in full if producer.get(w) is not None and producer[w].op == "add"), full[0])
+            other = a.inputs[1] if u == a.inputs[0] else a.inputs[0]
+            addends.insert(0, other)
+            chain.append(a)
+            v = u
+        if not addends:
+            continue
+
+        def f32(n):  # a float32 value or stored dense float32 constant
+            t = tensors.get(n)
+            if t is not None:
+                return getattr(t, "kind", "") == "dense" and str(getattr(t, "dtype", "")) == "float32"
+            return sym.dtypes.get(n) == "float32"
+
+        if not all(f32(n) for n in [v] + addends):
+            continue
+        wb = (list(ln.inputs[1:3]) + ["", ""])[:2]
+        from ..formats import optable
+
+        eps = float(optable.with_defaults("layernorm", ln.attrs)["eps"])
+        replace[id(ln)] = Node("_layernorm_add", ln.name, [v] + wb + addends, list(ln.outputs),
+                               {"eps": eps, "axis": -1, "_adds": len(addends)})
+        for a in chain:
+            drop.add(id(a))
     if not replace:
         return nodes
     return [replace.get(id(n), n) for n in nodes if id(n) not in drop]

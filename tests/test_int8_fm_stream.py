@@ -77,10 +77,18 @@ def _encoder(nh, d, layers, kind, rng, ln0=False):
              n("mul", "mask_neg", ["m1", "neg"], ["m2"]),
              n("unsqueeze", "mask_u", ["m2"], ["m3"], {"axes": [1, 2]})]
     x = "x"
+    extra = []
     if ln0:
         t["ln0w"] = Dense.from_dense(1 + r(H))
         t["ln0b"] = Dense.from_dense(r(H))
-        nodes.append(n("layernorm", "ln0", ["x", "ln0w", "ln0b"], ["x_ln"], {"eps": 1e-12}))
+        x0 = "x"
+        if ln0 in ("adds", "adds_mid"):  # BERT's embedding sum: x + pos (input) + type (constant)
+            pshape = [1, "seq", H] if ln0 == "adds" else ["batch", 1, H]  # adds_mid: numpy's adds
+            extra = [ValueInfo("pos", "float32", pshape)]
+            t["typ"] = Dense.from_dense(r(H))
+            nodes += [n("add", "add_pos", ["x", "pos"], ["s1"]), n("add", "add_typ", ["s1", "typ"], ["s2"])]
+            x0 = "s2"
+        nodes.append(n("layernorm", "ln0", [x0, "ln0w", "ln0b"], ["x_ln"], {"eps": 1e-12}))
         x = "x_ln"
     for i in range(layers):
         p = f"l{i}."
@@ -119,7 +127,8 @@ def _encoder(nh, d, layers, kind, rng, ln0=False):
             n("add", v("res2"), [v("f1"), v("x1")], [v("f2")]),
             n("layernorm", v("ln2"), [v("f2"), v("lnw2"), v("lnb2")], [v("y")], {"eps": 1e-12})]
         x = v("y")
-    g = Graph([ValueInfo("x", "float32", ["batch", "seq", H]), ValueInfo("attention_mask", "int64", ["batch", "seq"])],
+    g = Graph([ValueInfo("x", "float32", ["batch", "seq", H]), ValueInfo("attention_mask", "int64", ["batch", "seq"])]
+              + extra,
               [ValueInfo(x, "float32", ["batch", "seq", H])], nodes)
     return g, t
 
@@ -186,26 +195,53 @@ def test_residual_stream_feature_major(tmp_path, rng, monkeypatch, kind):
             assert np.mean(np.abs(y - y0) < 1e-5) > 0.99
 
 
-@pytest.mark.parametrize("kind", ["csr", "csr_i8"])
-def test_input_layernorm_feature_major(tmp_path, rng, monkeypatch, kind):
+@pytest.mark.parametrize("kind,ln0", [("csr", True), ("csr_i8", True), ("csr", "adds"), ("csr_i8", "adds"),
+                                       ("csr", "adds_mid")])
+def test_input_layernorm_feature_major(tmp_path, rng, monkeypatch, kind, ln0):
     """A layernorm read only by kernel-path linears (x of the first q|k|v, fused residual of the
     first o-proj) writes [C, N] (row layernorm, then a transpose): the same output, bit for bit,
-    as the layernorm in torch layout (the linears transposing it), and as the reference."""
-    g, t = _encoder(2, 16, 1, kind, rng, ln0=True)
+    as the layernorm in torch layout (the linears transposing it), and as the reference. With
+    adds before it (BERT's embedding sum) they fold into it (``_layernorm_add``; position added per
+    token: the parallel kernel, bit for bit numpy's adds (test_add_rows_bcast); per batch: numpy's
+    adds), against the session without the layernorm fusions."""
+    g, t = _encoder(2, 16, 1, kind, rng, ln0=ln0)
     path = str(tmp_path / "e.sparsedge")
     write_model(path, g, t, {})
     s = Session(path, threads=2)
-    assert "x_ln" in s._fm and "layernorm" in [n.op for n in s._exec.nodes]
+    ops = [n.op for n in s._exec.nodes]
+    assert "x_ln" in s._fm and ("layernorm" if ln0 is True else "_layernorm_add") in ops
+    assert "add" not in ops
+    orig_fus = _session._fuse_residual_layernorm
+    monkeypatch.setattr(_session, "_fuse_residual_layernorm", lambda nodes, *a: nodes)
+    su = Session(path, threads=2)  # no layernorm fusions at all: the adds and layernorm as stored
+    assert "add" in [n.op for n in su._exec.nodes] or ln0 is True
+    monkeypatch.setattr(_session, "_fuse_residual_layernorm", orig_fus)
     orig_fmv = _session._feature_major_values
     monkeypatch.setattr(_session, "_feature_major_values", lambda gr, tn=None: orig_fmv(gr, tn) - {"x_ln"})
     s0 = Session(path, threads=2)
     assert "x_ln" not in s0._fm
     model = read_model(path)
+    from sparsedge.kernels import nn as _nn
+
+    used = []
+    orig_arb = _nn.add_rows_bcast
+    monkeypatch.setattr(_nn, "add_rows_bcast", lambda *a: (used.append(1), orig_arb(*a)))
     for B, S in ((2, 8), (1, 1), (3, 33)):
         mask = np.ones((B, S), np.int64)
         mask[-1, (S + 1) // 2:] = 0
         f = {"x": rng.standard_normal((B, S, 32)).astype(F32), "attention_mask": mask}
+        if ln0 == "adds":
+            f["pos"] = rng.standard_normal((1, S, 32)).astype(F32)
+        elif ln0 == "adds_mid":
+            f["pos"] = rng.standard_normal((B, 1, 32)).astype(F32)
         y = s.run(None, f)[0]
         assert np.array_equal(y, s0.run(None, f)[0])
+        # the parallel adds (s and s0) when the position addend broadcasts over leading axes only
+        kern = ln0 == "adds" or (ln0 == "adds_mid" and B == 1)
+        assert len(used) == (2 if kern else 0), (B, S)
+        used.clear()
+        if ln0 is not True and kind == "csr":  # (int8: the unfused residual layernorms differ in float order)
+            ref_unfused = su.run(None, f)[0]
+            np.testing.assert_allclose(y, ref_unfused, rtol=1e-5, atol=1e-5)
         if kind == "csr":
             np.testing.assert_allclose(y, run_reference(model, f)[g.outputs[0].name], rtol=1e-4, atol=1e-4)

@@ -116,3 +116,17 @@ def test_masked_mean_rows(B, S, H):
         m[0, 0] = 0.0
         masked_mean_rows(x, m, y)
         assert np.isnan(y[0, 0])  # masked NaN still propagates, as torch's (x * m).sum() does
+
+
+@pytest.mark.parametrize("R,H,P1,P2", [(1, 1, 1, 0), (7, 5, 7, 1), (12, 33, 4, 3), (0, 4, 1, 1), (256, 48, 128, 1)])
+def test_add_rows_bcast(rng, threads, R, H, P1, P2):
+    """(x + a1[r % P1]) + a2[r % P2], bit for bit as numpy's two broadcasting adds."""
+    x = rng.standard_normal((R, H)).astype(np.float32)
+    a1 = rng.standard_normal((P1, H)).astype(np.float32)
+    a2 = rng.standard_normal((P2, H)).astype(np.float32) if P2 else np.zeros((0, 0), np.float32)
+    out = np.full((R, H), np.nan, np.float32)
+    nn.add_rows_bcast(x, a1, a2, out)
+    ref = x + a1[np.arange(R) % P1]
+    if P2:
+        ref = ref + a2[np.arange(R) % P2]
+    assert np.array_equal(out, ref)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import NodePlan, Op, register
+from . import NodePlan, Op, register, register_internal
 from ._common import EMPTY_F32, split0
 
 
@@ -19,17 +19,21 @@ class LayerNorm(Op):
         # ``rewrite_bert._feature_major_values``): no transposes in the linears reading it
         fmv = getattr(ctx, "fm_values", None) or ()
         self.fm_out = node.outputs[0] in fmv and int(self.attrs.get("axis", -1)) == -1
+        # runtime-internal: attr ``_adds`` = k, inputs 3 .. 3+k-1 are addends: the op normalises
+        # ((x + a1) + a2) (``rewrite_bert._fuse_residual_layernorm``: BERT's embedding sum)
+        self.nadd = int(self.attrs.get("_adds", 0))
 
     def default_kernel(self):
         return "nn.layernorm_rows"
 
     def plan(self, ins, outs, env):
+        k = "nn.add_rows_bcast+" if self.nadd else ""
         if not self.fm_out:
-            return NodePlan(kernel="nn.layernorm_rows")
+            return NodePlan(kernel=k + "nn.layernorm_rows")
         shp = tuple(ins[0][0])
         H = shp[-1] if shp else 1
         N = int(np.prod(shp[:-1], dtype=np.int64)) if len(shp) > 1 else 1
-        return NodePlan(scratch=[((N, H), "float32")], kernel="nn.layernorm_rows+transpose2d")
+        return NodePlan(scratch=[((N, H), "float32")], kernel=k + "nn.layernorm_rows+transpose2d")
 
     def run(self, ins, outs, scratch, data):
         from ...kernels.nn import layernorm_rows
@@ -37,6 +41,26 @@ class LayerNorm(Op):
         x, y = ins[0], outs[0]
         w = ins[1] if len(ins) > 1 and ins[1] is not None else EMPTY_F32
         b = ins[2] if len(ins) > 2 and ins[2] is not None else EMPTY_F32
+        if self.nadd:  # the fused adds first: into the row layernorm's buffer, normalised in place
+            from ...kernels.nn import add_rows_bcast
+
+            H = x.shape[-1]
+            N = x.size // H if H else 0
+            if N == 0 or H == 0:
+                return
+            t = scratch[0] if self.fm_out else y.reshape(N, H)
+            adds = ins[3:3 + self.nadd]
+            rows = _row_periods(x, adds)
+            if rows is not None and x.dtype == np.float32:
+                a1 = np.ascontiguousarray(adds[0]).reshape(rows[0], H)
+                a2 = np.ascontiguousarray(adds[1]).reshape(rows[1], H) if self.nadd > 1 else _NO_MASK
+                add_rows_bcast(np.ascontiguousarray(x).reshape(N, H), a1, a2, t)
+            else:  # other broadcasts / dtypes: numpy's adds, as the unfused graph
+                acc = x
+                for a in adds:
+                    acc = acc + a
+                np.copyto(t, np.asarray(acc).reshape(N, H), casting="unsafe")
+            x = t.reshape(x.shape)
         ax = self.attrs["axis"] % x.ndim
         if ax != x.ndim - 1:  # rare: normalise over a middle axis
             from ..reference import eval_node
@@ -61,6 +85,28 @@ class LayerNorm(Op):
             return
         layernorm_rows(x.reshape(-1, H), w.astype(np.float32, copy=False), b.astype(np.float32, copy=False),
                        float(self.attrs["eps"]), y.reshape(-1, H))
+
+
+@register_internal("_layernorm_add")
+class LayerNormAdd(LayerNorm):
+    """_layernorm_add(x, weight?, bias?, a1, a2?): layernorm((x + a1) + a2) over the last axis
+    (``rewrite_bert._fuse_residual_layernorm``: BERT's embedding sum and layernorm in one op; the
+    adds in one parallel pass, ``kernels.nn.add_rows_bcast``, into the layernorm's buffer)."""
+
+
+def _row_periods(x, adds):
+    """Per addend the row period P (x's row r adds addend row r % P: an addend broadcast over
+    leading axes only, float32), or None (numpy's adds)."""
+    shp = x.shape
+    rows = []
+    for a in adds:
+        s = tuple(a.shape)
+        while len(s) > 1 and s[0] == 1:
+            s = s[1:]
+        if a.dtype != np.float32 or not s or len(s) > len(shp) or s != shp[len(shp) - len(s):]:
+            return None
+        rows.append(int(np.prod(s[:-1], dtype=np.int64)) if len(s) > 1 else 1)
+    return rows
 
 
 @register("batchnorm")
