@@ -9,16 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shapes import INTERNAL
-
-
-def _layernorm_add_shape(ins, attrs):
-    """_layernorm_add(x, weight?, bias?, a1, a2?) -> x's shape (the addends broadcast into x)."""
-    return [list(ins[0])]
-
-
-INTERNAL.setdefault("_layernorm_add", (_layernorm_add_shape, "float32"))
-
 
 def _feature_major_values(graph, tensors=None) -> set:
     """Values produced by a linear and consumed only (as x) by linears, and not graph outputs;

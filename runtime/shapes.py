@@ -153,7 +153,12 @@ def _attention_shape(ins, attrs):
     return [list(q[:2]) + [int(attrs["heads"]), int(attrs["head_dim"])]]
 
 
-INTERNAL = {"_attention": (_attention_shape, "float32")}
+def _layernorm_add_shape(ins, attrs):
+    """_layernorm_add(x, weight?, bias?, a1, a2?) -> x's shape (the addends broadcast into x)."""
+    return [list(ins[0])]
+
+
+INTERNAL = {"_attention": (_attention_shape, "float32"), "_layernorm_add": (_layernorm_add_shape, "float32")}
 
 
 def _infer_internal(node, shapes, dtypes, concrete, file):
