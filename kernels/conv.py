@@ -1006,7 +1006,7 @@ def _mkoff1(koff, data, k0, k1, xf, yr, j):
 
 @jit(inline="always")
 def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
-    """yr[j:j+nv*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...] for nv in 8 / 4 / 2 / 1 (accumulators
+    """yr[j:j+nv*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...] for nv in 16 / 8 / 4 / 2 / 1 (accumulators
     started from yr when acc)."""
     if nv == 16:
         if acc:
