@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import peers as P
+from .peers import aligned_empty
 from .timing import interleaved
 
 UNSTRUCTURED = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -200,7 +201,7 @@ def _im2col_fn(x4, k=3):
     pad = k // 2
     b, ci, h, wd = x4.shape
     xb = np.pad(x4, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    cols = np.empty((ci * k * k, b * h * wd), np.float32)
+    cols = aligned_empty((ci * k * k, b * h * wd))
 
     def im2col():
         v = np.lib.stride_tricks.sliding_window_view(xb, (k, k), axis=(2, 3))
@@ -272,9 +273,11 @@ def _run_group(shape, pat, specs, rng, threads, pool_len, budget, min_rounds, pe
     if shape.conv3x3:
         x4 = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
         im2col = _im2col_fn(x4)
-        x = im2col().copy()
+        x = im2col()
     else:
-        x = rng.standard_normal((shape.inp, shape.n)).astype(np.float32)
+        # X as the runtime's arena hands it over (64-byte aligned), the same array for every implementation
+        x = aligned_empty((shape.inp, shape.n))
+        x[...] = rng.standard_normal((shape.inp, shape.n))
         im2col = None
     w0 = weights[0]
     nnz = int(np.count_nonzero(w0))
@@ -304,7 +307,8 @@ def _run_group(shape, pat, specs, rng, threads, pool_len, budget, min_rounds, pe
             t1 = time.perf_counter()
             packed = [s.prepare(wf) for wf in wfs]
             t2 = time.perf_counter()
-            y = np.zeros((shape.out, x.shape[1]), np.float32)
+            y = aligned_empty((shape.out, x.shape[1]))  # the arena's alignment, like x
+            y[...] = 0
             s.run(packed[0], x, y, None, 0, 0.0, 0.0, None)  # compile (or load from cache)
             t3 = time.perf_counter()
             err = float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))

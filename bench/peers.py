@@ -41,6 +41,17 @@ def installed() -> dict:
             "ort_f32": ortv, "ort_int8": ortv if _try("onnxruntime.quantization") is not None else None}
 
 
+def aligned_empty(shape, dtype=np.float32, align=64) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an ``align``-byte boundary: the
+    runtime hands kernels activations from its arena, whose buffers are 64-byte aligned
+    (runtime/planner.py ALIGN); numpy's own allocation is only 16-byte aligned."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    raw = np.empty(n + align, np.uint8)
+    o = (-raw.ctypes.data) % align
+    return raw[o:o + n].view(dt).reshape(shape)
+
+
 @contextlib.contextmanager
 def blas_threads(n: int | None):
     """Limit numpy's BLAS threads to ``n`` (threadpoolctl when installed; else a no-op)."""
@@ -153,7 +164,7 @@ def gemm_peers(pool: list, x: np.ndarray, threads: int | None, *, sparse: bool, 
              and (sparse or p not in SPARSE_ONLY)]
     out_dim, n = pool[0].shape[0], x.shape[1]
     fns = {}
-    y = np.empty((out_dim, n), np.float32)
+    y = aligned_empty((out_dim, n))  # 64-byte aligned like sparsedge's output (the runtime's arena)
     if "numpy_dense" in names:
         nw = _cycler(pool)
         fns["numpy_dense"] = lambda: np.matmul(nw(), x, out=y)
