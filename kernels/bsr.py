@@ -45,7 +45,7 @@ from numba.extending import intrinsic
 from ._jit import jit, pjit
 from .csr import reference
 from .epilogue import act_scalar, epilogue_tile, none1, none2
-from .simd import VW, vadd, vbcast, vfma, vload, vmax, vmin, vprefetch, vstore, vzero
+from .simd import VW, vadd, vbcast, vbcastl, vfma, vload, vmax, vmin, vprefetch, vstore, vzero
 from .table import ACT_CLAMP, ACT_NONE, ACT_RELU, ACT_RELU6, KernelSpec
 
 JT = 2 * VW  # generic kernel's register tile: 2 vectors of output columns per row
@@ -246,46 +246,48 @@ def _mk4(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
 
 
 @jit(inline="always")
-def _mk8x3(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
-    """8 rows (rows base..base+7 of the block) x 3 vectors at column j of the flat X / Y;
-    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+def _mk8x3(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j):
+    """8 rows x 3 vectors at column j of the flat X / Y; idx: the block row's block columns; the
+    8 values of block kk for these rows at ddf[kk * ldd + base:] (ddf: all values flat, ldd = r,
+    base = first block * r + row offset in the block); register accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
     a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero(); a2_4 = vzero(); a2_5 = vzero(); a2_6 = vzero(); a2_7 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
         x1 = vload(xf, xo + 1 * VW)
         x2 = vload(xf, xo + 2 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
         a2_0 = vfma(w, x2, a2_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
         a2_1 = vfma(w, x2, a2_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
         a2_2 = vfma(w, x2, a2_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
         a2_3 = vfma(w, x2, a2_3)
-        w = vbcast(dd[kk, base + 4])
+        w = vbcastl(ddf, o + 4)
         a0_4 = vfma(w, x0, a0_4)
         a1_4 = vfma(w, x1, a1_4)
         a2_4 = vfma(w, x2, a2_4)
-        w = vbcast(dd[kk, base + 5])
+        w = vbcastl(ddf, o + 5)
         a0_5 = vfma(w, x0, a0_5)
         a1_5 = vfma(w, x1, a1_5)
         a2_5 = vfma(w, x2, a2_5)
-        w = vbcast(dd[kk, base + 6])
+        w = vbcastl(ddf, o + 6)
         a0_6 = vfma(w, x0, a0_6)
         a1_6 = vfma(w, x1, a1_6)
         a2_6 = vfma(w, x2, a2_6)
-        w = vbcast(dd[kk, base + 7])
+        w = vbcastl(ddf, o + 7)
         a0_7 = vfma(w, x0, a0_7)
         a1_7 = vfma(w, x1, a1_7)
         a2_7 = vfma(w, x2, a2_7)
@@ -332,12 +334,13 @@ def _mk8x3(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
 
 
 @jit(inline="always")
-def _mk8x3p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
+def _mk8x3p(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j, pd):
     """As _mk8x3, plus a prefetch of each X row pd floats ahead (a later tile of the same row)."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
     a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero(); a2_4 = vzero(); a2_5 = vzero(); a2_6 = vzero(); a2_7 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
         x1 = vload(xf, xo + 1 * VW)
@@ -345,35 +348,35 @@ def _mk8x3p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
         vprefetch(xf, xo + pd + 0 * VW)
         vprefetch(xf, xo + pd + 1 * VW)
         vprefetch(xf, xo + pd + 2 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
         a2_0 = vfma(w, x2, a2_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
         a2_1 = vfma(w, x2, a2_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
         a2_2 = vfma(w, x2, a2_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
         a2_3 = vfma(w, x2, a2_3)
-        w = vbcast(dd[kk, base + 4])
+        w = vbcastl(ddf, o + 4)
         a0_4 = vfma(w, x0, a0_4)
         a1_4 = vfma(w, x1, a1_4)
         a2_4 = vfma(w, x2, a2_4)
-        w = vbcast(dd[kk, base + 5])
+        w = vbcastl(ddf, o + 5)
         a0_5 = vfma(w, x0, a0_5)
         a1_5 = vfma(w, x1, a1_5)
         a2_5 = vfma(w, x2, a2_5)
-        w = vbcast(dd[kk, base + 6])
+        w = vbcastl(ddf, o + 6)
         a0_6 = vfma(w, x0, a0_6)
         a1_6 = vfma(w, x1, a1_6)
         a2_6 = vfma(w, x2, a2_6)
-        w = vbcast(dd[kk, base + 7])
+        w = vbcastl(ddf, o + 7)
         a0_7 = vfma(w, x0, a0_7)
         a1_7 = vfma(w, x1, a1_7)
         a2_7 = vfma(w, x2, a2_7)
@@ -420,37 +423,39 @@ def _mk8x3p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
 
 
 @jit(inline="always")
-def _mk8x2(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+def _mk8x2(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j):
     """8 rows (rows base..base+7 of the block) x 2 vectors at column j of the flat X / Y;
-    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    idx: the block row's block columns; block kk's values at ddf[kk * ldd + base:] (flat); register
+    accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero(); a1_4 = vzero(); a1_5 = vzero(); a1_6 = vzero(); a1_7 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
         x1 = vload(xf, xo + 1 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
-        w = vbcast(dd[kk, base + 4])
+        w = vbcastl(ddf, o + 4)
         a0_4 = vfma(w, x0, a0_4)
         a1_4 = vfma(w, x1, a1_4)
-        w = vbcast(dd[kk, base + 5])
+        w = vbcastl(ddf, o + 5)
         a0_5 = vfma(w, x0, a0_5)
         a1_5 = vfma(w, x1, a1_5)
-        w = vbcast(dd[kk, base + 6])
+        w = vbcastl(ddf, o + 6)
         a0_6 = vfma(w, x0, a0_6)
         a1_6 = vfma(w, x1, a1_6)
-        w = vbcast(dd[kk, base + 7])
+        w = vbcastl(ddf, o + 7)
         a0_7 = vfma(w, x0, a0_7)
         a1_7 = vfma(w, x1, a1_7)
     if 0 < rows:
@@ -488,28 +493,30 @@ def _mk8x2(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
 
 
 @jit(inline="always")
-def _mk8x1(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+def _mk8x1(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j):
     """8 rows (rows base..base+7 of the block) x 1 vectors at column j of the flat X / Y;
-    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    idx: the block row's block columns; block kk's values at ddf[kk * ldd + base:] (flat); register
+    accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero(); a0_4 = vzero(); a0_5 = vzero(); a0_6 = vzero(); a0_7 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
-        w = vbcast(dd[kk, base + 4])
+        w = vbcastl(ddf, o + 4)
         a0_4 = vfma(w, x0, a0_4)
-        w = vbcast(dd[kk, base + 5])
+        w = vbcastl(ddf, o + 5)
         a0_5 = vfma(w, x0, a0_5)
-        w = vbcast(dd[kk, base + 6])
+        w = vbcastl(ddf, o + 6)
         a0_6 = vfma(w, x0, a0_6)
-        w = vbcast(dd[kk, base + 7])
+        w = vbcastl(ddf, o + 7)
         a0_7 = vfma(w, x0, a0_7)
     if 0 < rows:
         yo = (i0 + 0) * ldy + j
@@ -538,35 +545,37 @@ def _mk8x1(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
 
 
 @jit(inline="always")
-def _mk4x4(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+def _mk4x4(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j):
     """4 rows (rows base..base+3 of the block) x 4 vectors at column j of the flat X / Y;
-    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    idx: the block row's block columns; block kk's values at ddf[kk * ldd + base:] (flat); register
+    accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
     a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero()
     a3_0 = vzero(); a3_1 = vzero(); a3_2 = vzero(); a3_3 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
         x1 = vload(xf, xo + 1 * VW)
         x2 = vload(xf, xo + 2 * VW)
         x3 = vload(xf, xo + 3 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
         a2_0 = vfma(w, x2, a2_0)
         a3_0 = vfma(w, x3, a3_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
         a2_1 = vfma(w, x2, a2_1)
         a3_1 = vfma(w, x3, a3_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
         a2_2 = vfma(w, x2, a2_2)
         a3_2 = vfma(w, x3, a3_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
         a2_3 = vfma(w, x2, a2_3)
@@ -598,13 +607,14 @@ def _mk4x4(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
 
 
 @jit(inline="always")
-def _mk4x4p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
+def _mk4x4p(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j, pd):
     """As _mk4x4, plus a prefetch of each X row pd floats ahead (a later tile of the same row)."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
     a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero()
     a3_0 = vzero(); a3_1 = vzero(); a3_2 = vzero(); a3_3 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
         x1 = vload(xf, xo + 1 * VW)
@@ -614,22 +624,22 @@ def _mk4x4p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
         vprefetch(xf, xo + pd + 1 * VW)
         vprefetch(xf, xo + pd + 2 * VW)
         vprefetch(xf, xo + pd + 3 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
         a2_0 = vfma(w, x2, a2_0)
         a3_0 = vfma(w, x3, a3_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
         a2_1 = vfma(w, x2, a2_1)
         a3_1 = vfma(w, x3, a3_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
         a2_2 = vfma(w, x2, a2_2)
         a3_2 = vfma(w, x3, a3_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
         a2_3 = vfma(w, x2, a2_3)
@@ -661,25 +671,27 @@ def _mk4x4p(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j, pd):
 
 
 @jit(inline="always")
-def _mk4x2(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+def _mk4x2(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j):
     """4 rows (rows base..base+3 of the block) x 2 vectors at column j of the flat X / Y;
-    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    idx: the block row's block columns; block kk's values at ddf[kk * ldd + base:] (flat); register
+    accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
     a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
         x1 = vload(xf, xo + 1 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
         a1_0 = vfma(w, x1, a1_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
         a1_1 = vfma(w, x1, a1_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
         a1_2 = vfma(w, x1, a1_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
         a1_3 = vfma(w, x1, a1_3)
     if 0 < rows:
@@ -701,20 +713,22 @@ def _mk4x2(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
 
 
 @jit(inline="always")
-def _mk4x1(idx, dd, base, xf, ldx, yf, ldy, i0, rows, j):
+def _mk4x1(idx, ddf, base, ldd, xf, ldx, yf, ldy, i0, rows, j):
     """4 rows (rows base..base+3 of the block) x 1 vectors at column j of the flat X / Y;
-    idx / dd: the block row's indices / data; register accumulators; stores rows < rows."""
+    idx: the block row's block columns; block kk's values at ddf[kk * ldd + base:] (flat); register
+    accumulators; stores rows < rows."""
     a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
     for kk in range(idx.shape[0]):
+        o = kk * ldd + base  # block kk's values at ddf[o:o + r]: one address register for the broadcasts
         xo = idx[kk] * ldx + j
         x0 = vload(xf, xo + 0 * VW)
-        w = vbcast(dd[kk, base + 0])
+        w = vbcastl(ddf, o + 0)
         a0_0 = vfma(w, x0, a0_0)
-        w = vbcast(dd[kk, base + 1])
+        w = vbcastl(ddf, o + 1)
         a0_1 = vfma(w, x0, a0_1)
-        w = vbcast(dd[kk, base + 2])
+        w = vbcastl(ddf, o + 2)
         a0_2 = vfma(w, x0, a0_2)
-        w = vbcast(dd[kk, base + 3])
+        w = vbcastl(ddf, o + 3)
         a0_3 = vfma(w, x0, a0_3)
     if 0 < rows:
         yo = (i0 + 0) * ldy + j
@@ -746,37 +760,36 @@ def _tile_ep(yf, ldy, i0, rows, j, nv, ep, bias, rf, ldr, vlo, vhi):
 
 
 @jit
-def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd, ep, bias, rf, ldr, vlo, vhi):
-    """r x 1 blocks (r % 8 == 0 or r == 4): Y rows of block row br, columns j0..j1 (a multiple
+def _rowtiles(indptr, indices, df, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd, ep, bias, rf, ldr, vlo, vhi):
+    """r x 1 blocks (r % 8 == 0 or r == 4), values flat in df: Y rows of block row br, columns j0..j1 (a multiple
     of VW) = W @ X, widest register tile first; pd > 0: prefetch X pd floats ahead. ep != 0: each
     tile gets its epilogue (``_tile_ep``) right after its store, with bias [>= out] and residual rf
     (flat, row stride ldr; zeros when absent), clamped to [vlo, vhi] when ep & 4."""
     k0 = indptr[br]
     k1 = indptr[br + 1]
     idx = indices[k0:k1]
-    dd = d2[k0:k1]
     i0 = br * r
     rows = min(r, nout - i0)
     j = j0
     if r == 4:
         if pd > 0:
             while j + 4 * VW <= j1:
-                _mk4x4p(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j, pd)
+                _mk4x4p(idx, df, k0 * r + 0, r, xf, ldx, yf, ldy, i0, rows, j, pd)
                 if ep != 0:
                     _tile_ep(yf, ldy, i0, rows, j, 4, ep, bias, rf, ldr, vlo, vhi)
                 j += 4 * VW
         while j + 4 * VW <= j1:
-            _mk4x4(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            _mk4x4(idx, df, k0 * r + 0, r, xf, ldx, yf, ldy, i0, rows, j)
             if ep != 0:
                 _tile_ep(yf, ldy, i0, rows, j, 4, ep, bias, rf, ldr, vlo, vhi)
             j += 4 * VW
         while j + 2 * VW <= j1:
-            _mk4x2(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            _mk4x2(idx, df, k0 * r + 0, r, xf, ldx, yf, ldy, i0, rows, j)
             if ep != 0:
                 _tile_ep(yf, ldy, i0, rows, j, 2, ep, bias, rf, ldr, vlo, vhi)
             j += 2 * VW
         while j + VW <= j1:
-            _mk4x1(idx, dd, 0, xf, ldx, yf, ldy, i0, rows, j)
+            _mk4x1(idx, df, k0 * r + 0, r, xf, ldx, yf, ldy, i0, rows, j)
             if ep != 0:
                 _tile_ep(yf, ldy, i0, rows, j, 1, ep, bias, rf, ldr, vlo, vhi)
             j += VW
@@ -784,25 +797,25 @@ def _rowtiles(indptr, indices, d2, r, br, xf, ldx, yf, ldy, nout, j0, j1, pd, ep
         if pd > 0:
             while j + 3 * VW <= j1:
                 for g in range(0, rows, 8):
-                    _mk8x3p(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j, pd)
+                    _mk8x3p(idx, df, k0 * r + g, r, xf, ldx, yf, ldy, i0 + g, rows - g, j, pd)
                 if ep != 0:
                     _tile_ep(yf, ldy, i0, rows, j, 3, ep, bias, rf, ldr, vlo, vhi)
                 j += 3 * VW
         while j + 3 * VW <= j1:
             for g in range(0, rows, 8):
-                _mk8x3(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+                _mk8x3(idx, df, k0 * r + g, r, xf, ldx, yf, ldy, i0 + g, rows - g, j)
             if ep != 0:
                 _tile_ep(yf, ldy, i0, rows, j, 3, ep, bias, rf, ldr, vlo, vhi)
             j += 3 * VW
         while j + 2 * VW <= j1:
             for g in range(0, rows, 8):
-                _mk8x2(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+                _mk8x2(idx, df, k0 * r + g, r, xf, ldx, yf, ldy, i0 + g, rows - g, j)
             if ep != 0:
                 _tile_ep(yf, ldy, i0, rows, j, 2, ep, bias, rf, ldr, vlo, vhi)
             j += 2 * VW
         while j + VW <= j1:
             for g in range(0, rows, 8):
-                _mk8x1(idx, dd, g, xf, ldx, yf, ldy, i0 + g, rows - g, j)
+                _mk8x1(idx, df, k0 * r + g, r, xf, ldx, yf, ldy, i0 + g, rows - g, j)
             if ep != 0:
                 _tile_ep(yf, ldy, i0, rows, j, 1, ep, bias, rf, ldr, vlo, vhi)
             j += VW
@@ -819,8 +832,9 @@ def _task(indptr, indices, d2, r, b0, b1, xs, ld, x, y, jlo, jhi, tail, pd, ep, 
     yf = y.reshape(-1)
     vlo = vbcast(flo)
     vhi = vbcast(fhi)
+    df = d2.reshape(-1)  # the values flat (block k's r values at df[k * r:(k + 1) * r])
     for br in range(b0, b1):
-        _rowtiles(indptr, indices, d2, r, br, xs, ld, yf, n, nout, jlo, jhi, pd, ep, bz, rf, ldr, vlo, vhi)
+        _rowtiles(indptr, indices, df, r, br, xs, ld, yf, n, nout, jlo, jhi, pd, ep, bz, rf, ldr, vlo, vhi)
         if actpass or tail < n:
             _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi if actpass else jlo, tail,
                           bias, res, act, lo, hi)
@@ -856,6 +870,21 @@ def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, 
                 epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 
 
+@jit(inline="always")
+def _task_range(indptr, nnz, nbr, nvc, n, ch, g, nch, nrg, ntile, tw):
+    """Task (N chunk ch, block-row group g) of ``bsr_spmm_r1``: Y columns jlo..jhi in register
+    tiles, scalar tail from ``tail``, block rows b0..b1 (groups hold equal shares of the blocks)."""
+    jlo = ((ch * ntile) // nch) * tw
+    jhi = (((ch + 1) * ntile) // nch) * tw
+    tail = n
+    if ch == nch - 1:
+        jhi = nvc
+        tail = nvc
+    b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
+    b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
+    return jlo, jhi, tail, b0, b1
+
+
 @pjit
 def _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, pd, ep,
                 bz, rf, ldr, flo, fhi, actpass, cp, xbuf, xoff, npad, ctr):
@@ -881,14 +910,7 @@ def _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, n
         while t < ntask:
             ch = t // nrg
             g = t - ch * nrg
-            jlo = ((ch * ntile) // nch) * tw
-            jhi = (((ch + 1) * ntile) // nch) * tw
-            tail = n
-            if ch == nch - 1:
-                jhi = nvc
-                tail = nvc
-            b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
-            b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
+            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, ch, g, nch, nrg, ntile, tw)
             _task(indptr, indices, d2, r, b0, b1, xs, ld, x, y, jlo, jhi, tail, pd, ep, bz, rf, ldr, flo, fhi,
                   actpass, bias, res, act, lo, hi)
             # dynamic hand-out: a worker that starts late or is preempted takes fewer tasks
@@ -919,17 +941,7 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
     # epilogue: bias / residual / relu / relu6 / clamp on each register tile right after its
     # store (still in L1); other activations in a second pass per block row
     ep = 0
-    bz = bias
-    if bias.shape[0] == 0:
-        bz = np.zeros(nbr * r, np.float32)
-    else:
-        ep = 1
-    rf = res.reshape(-1)
-    ldr = res.shape[1]
-    if res.shape[0] == 0:
-        rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
-        ldr = 0
-    else:
+    if bias.shape[0] != 0 or res.shape[0] != 0:
         ep = 1
     flo = np.float32(-np.inf)
     fhi = np.float32(np.inf)
@@ -947,6 +959,17 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
         fhi = np.float32(hi)
     elif act != ACT_NONE:
         actpass = True
+    # the in-register epilogue reads a bias and a residual row: zeros stand in for absent ones
+    # (allocated only when the epilogue runs at all)
+    bz = bias
+    if bias.shape[0] == 0 and ep != 0:
+        bz = np.zeros(nbr * r, np.float32)
+    rf = res.reshape(-1)
+    ldr = res.shape[1]
+    if res.shape[0] == 0:
+        ldr = 0
+        if ep != 0:
+            rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
     # X rows not 64-byte aligned: each worker reads its own aligned copy when it uses every X row
     # often enough (split vector loads measured ~12% slower, ffn_n128 1 thread)
     npad = (n + VW - 1) // VW * VW
@@ -954,6 +977,16 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
           and nnz >= COPY_MIN_USES * nin * nw)
     xbuf = np.empty(nw * nin * npad + VW if cp else 0, np.float32)
     xoff = ((64 - xbuf.ctypes.data % 64) % 64) // 4 if cp else 0
+    if nw == 1 and not cp:
+        # one thread: the tasks in order, in the calling thread (no parallel region)
+        xf = x.reshape(-1)
+        for t in range(nch * nrg):
+            ch = t // nrg
+            g = t - ch * nrg
+            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, ch, g, nch, nrg, ntile, tw)
+            _task(indptr, indices, d2, r, b0, b1, xf, n, x, y, jlo, jhi, tail, pd, ep, bz, rf, ldr, flo, fhi,
+                  actpass, bias, res, act, lo, hi)
+        return
     ctr = np.zeros(16, np.int64)  # the task counter (own cache line)
     _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, pd, ep,
                 bz, rf, ldr, flo, fhi, actpass, cp, xbuf, xoff, npad, ctr)

@@ -13,6 +13,9 @@ this is consistent per machine.
 
 * ``vload(a, i)`` / ``vstore(a, i, v)``: VW floats at ``a[i:i+VW]`` (1-D float32 array,
   contiguous; unaligned access; no bounds check: callers guarantee ``i + VW <= len(a)``).
+* ``vbcastl(a, i)``: ``a[i]`` (1-D float32 array) in all lanes, loaded through a plain pointer
+  offset: unlike ``vbcast(a[i])`` with a signed run-time ``i``, no negative-index fix-up per
+  element, so ``a[o + 0]``, ``a[o + 1]``, ... share one address register (no bounds check).
 * ``vzero()``, ``vbcast(s)`` (float32 scalar to all lanes), ``vfma(a, b, c)`` = a*b + c
   (``llvm.fmuladd``: fused where the CPU has FMA, mul+add otherwise).
 * ``vadd(a, b)``, ``vmul(a, b)``; ``vmax(a, b)`` / ``vmin(a, b)`` (``llvm.maxnum`` /
@@ -102,6 +105,20 @@ def vbcast(typingctx, s):
 
     def codegen(context, builder, signature, args):
         v = builder.insert_element(ir.Constant(_V, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
+        return builder.shuffle_vector(v, ir.Constant(_V, ir.Undefined), mask)
+    return sig, codegen
+
+
+@intrinsic
+def vbcastl(typingctx, arr, idx):
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+        return None
+    sig = f32vec(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        s = builder.load(_elem_ptr(context, builder, signature.args[0], args[0], args[1]), align=4)
+        v = builder.insert_element(ir.Constant(_V, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
         mask = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
         return builder.shuffle_vector(v, ir.Constant(_V, ir.Undefined), mask)
     return sig, codegen
