@@ -69,13 +69,14 @@ import math
 import threading
 import time
 
+import numba as _nb
 import numpy as np
 from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
-from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4, vnni_gather4_deq,
-                    vnni_pairs, vnni_pairs_deq, vnni_tile)
+from ._vnni import (amx_block, amx_config, fetch_add, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4,
+                    vnni_gather4_deq, vnni_pairs, vnni_pairs_deq, vnni_tile, quant_chunks, spin_until)
 from .epilogue import _act_inplace, act_ref, act_scalar, epilogue_tile
 from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SIGMOID,
                     ACT_SILU, KernelSpec)
@@ -261,18 +262,23 @@ def _tensor_params(x):
 
 
 @jit(fastmath=False)  # IEEE float32 division and rounding, as act_params
-def _params_from_minmax(lohi, N):
-    """(sx, zx, inv, zx as f32), each [N], from lohi = (min(min(x), 0), max(max(x), 0))."""
-    lo, hi = lohi
+def _scalar_params(lo, hi):
+    """(sx, zx int32, 1 / sx, zx as float32) from lo = min(min(x), 0), hi = max(max(x), 0)."""
     sc = (hi - lo) / np.float32(255.0)
     if not (sc > np.float32(0.0)) or not np.isfinite(sc):
         sc = np.float32(1.0)
     z = np.rint(-lo / sc)
     z = min(max(z, np.float32(0.0)), np.float32(255.0))
     zi = np.int32(z)
-    iv = np.float32(1.0) / sc
+    return sc, zi, np.float32(1.0) / sc, np.float32(zi)
+
+
+@jit(fastmath=False)  # IEEE float32 division and rounding, as act_params
+def _params_from_minmax(lohi, N):
+    """(sx, zx, inv, zx as f32), each [N], from lohi = (min(min(x), 0), max(max(x), 0))."""
+    sc, zi, iv, zf = _scalar_params(lohi[0], lohi[1])
     return (np.full(N, sc, np.float32), np.full(N, zi, np.int32), np.full(N, iv, np.float32),
-            np.full(N, np.float32(zi), np.float32))
+            np.full(N, zf, np.float32))
 
 
 def _params(packed, x, minmax=None):
@@ -569,71 +575,124 @@ def _quant_perm(x, inv, zpf, xq, pairs):
                 permute_chunks(False, xf, k * npad, tmp, 0, npad // 64)
 
 
-@pjit
-def _quant_perm_dyn(x, xq, pairs, mm):
-    """Dynamic per-tensor quantization in one call: the parameters of ``_tensor_params`` (serial
-    vectorized min / max) then ``_quant_perm`` with scalar 1/scale and zero point. mm float32:
-    empty, or [2] = (min(min(x), 0), max(max(x), 0)) already known (computed by the producer of x
-    in its epilogue: the min / max pass is skipped; the same parameters, min / max being exact).
-    Returns (sx f32 [N], zx i32 [N])."""
+_QW = 16  # workers of ``_quant_perm_dyn`` (>= threads; idle ones find no chunk to claim)
+
+
+@jit(inline="always")
+def _quant_rows(xf, N, qf, npad, k0, k1, iv, zf, pairs):
+    """Rows k0..k1-1 of flat x [K, N] quantized (scalar 1/scale, zero point) into flat
+    xq [K, npad] (``quant_chunks``: column-permuted per 64, zeros past N)."""
+    for k in range(k0, k1):
+        if pairs:
+            quant_chunks(True, qf, k * npad, xf, k * N, N, iv, zf, npad // 64)
+        else:
+            quant_chunks(False, qf, k * npad, xf, k * N, N, iv, zf, npad // 64)
+
+
+_SPIN = 256  # pauses (~15 us) a worker waits for a chunk another worker claimed, then does it itself
+
+
+@jit(inline="always")
+def _quant_phase(w, x, xq, mm, pairs, st, qc, owner, mlo, mhi, rb):
+    """Dynamic per-tensor quantization of x into xq (``_quant_perm_dyn``'s layout and parameters) as
+    the first phase of a parallel call, worker w; when it returns, every chunk is quantized.
+    Row chunks of rb rows are claimed from st[0]; the worker takes their min / max (mlo, mhi;
+    done flags st[16 + c]), collects every chunk's (redoing a chunk whose claimer has not
+    finished after ``_SPIN`` pauses: preempted or not started), derives the parameters, quantizes
+    its own chunks first (in its cache), takes chunks nobody started (claims qc[c]), then makes
+    sure of the rest the same way (done flags st[16 + nch + c]). Redone work writes the same
+    values. Returns the scalar (sx, zx), the same in every worker."""
     K, N = x.shape
     npad = xq.shape[1]
+    xf = x.reshape(-1)
+    qf = xq.reshape(-1)
+    nch = qc.shape[0]
+    have = mm.shape[0] >= 2
+    md = 16
+    qd = 16 + nch
+    c = fetch_add(st, 0, 1)
+    while c < nch:
+        owner[c] = w
+        if not have:
+            mlo[c], mhi[c] = minmax_f32(xf[c * rb * N:min(c * rb + rb, K) * N])
+            fetch_add(st, md + c, 1)
+        c = fetch_add(st, 0, 1)
     lo = np.float32(0.0)
     hi = np.float32(0.0)
-    if mm.shape[0] >= 2:
+    if have:
         lo = min(lo, mm[0])
         hi = max(hi, mm[1])
     else:
-        # min / max in parallel over row blocks (the serial pass took 0.22 ms for BERT's 1536 x 1024
-        # ff2 input on 2 threads, more than the quantization after it); exact in any order
-        nmb = min(max((K * N) // 65536, 1), 64)
-        mlo = np.zeros(nmb, np.float32)
-        mhi = np.zeros(nmb, np.float32)
-        for i in prange(nmb):
-            k0 = K * i // nmb
-            k1 = K * (i + 1) // nmb
-            if k1 > k0:
-                mlo[i], mhi[i] = minmax_f32(x[k0:k1])
-        for i in range(nmb):
+        for i in range(nch):
+            if not spin_until(st, md + i, 1, _SPIN):
+                mlo[i], mhi[i] = minmax_f32(xf[i * rb * N:min(i * rb + rb, K) * N])
+                fetch_add(st, md + i, 1)
             lo = min(lo, mlo[i])
             hi = max(hi, mhi[i])
-    sx, zx, inv, zpf = _params_from_minmax((lo, hi), N)
-    iv = inv[0] if N > 0 else _F32(1.0)
-    zf = zpf[0] if N > 0 else _F32(0.0)
-    nb = (K + 31) // 32
-    xf = xq.reshape(-1)
-    for b in prange(nb):
-        tmp = np.empty(npad, np.uint8)
-        for k in range(b * 32, min(b * 32 + 32, K)):
-            r = x[k]
-            for n in range(N):
-                tmp[n] = np.uint8(_q(r[n], iv, zf))
-            for n in range(N, npad):
-                tmp[n] = 0
-            if pairs:
-                permute_chunks(True, xf, k * npad, tmp, 0, npad // 64)
-            else:
-                permute_chunks(False, xf, k * npad, tmp, 0, npad // 64)
-    return sx, zx
+    sc, zi, iv, zf = _scalar_params(lo, hi)
+    for sweep in range(2):  # own chunks first (in this core's cache), then anyone's not started
+        for j in range(nch):
+            i = j if sweep == 0 else nch - 1 - j  # steal from the end, away from the owner's order
+            if (sweep == 1 or owner[i] == w) and qc[i] == 0 and fetch_add(qc, i, 1) == 0:
+                _quant_rows(xf, N, qf, npad, i * rb, min(i * rb + rb, K), iv, zf, pairs)
+                fetch_add(st, qd + i, 1)
+    for i in range(nch):
+        if not spin_until(st, qd + i, 1, _SPIN):
+            _quant_rows(xf, N, qf, npad, i * rb, min(i * rb + rb, K), iv, zf, pairs)
+            fetch_add(st, qd + i, 1)
+    return sc, zi
+
+
+@pjit
+def _quant_perm_dyn(x, xq, pairs, mm):
+    """Dynamic per-tensor quantization of x float32 [K, N] (C-contiguous) into xq uint8 [K, npad]
+    (``_quant_perm``'s permuted layout) in one parallel call (``_quant_phase``). mm float32: empty,
+    or [2] = (min(min(x), 0), max(max(x), 0)) already known (computed by the producer of x in its
+    epilogue: the min / max pass is skipped; the same parameters, min / max being exact). Returns
+    (sx f32 [N], zx i32 [N]), the parameters of ``_tensor_params``. (``_groups_vnni`` runs the
+    same phase itself, before its GEMM tasks.)"""
+    K, N = x.shape
+    rb = max(4096 // max(N, 1), 1)
+    nch = (K + rb - 1) // rb
+    st = np.zeros(16 + 2 * nch, np.int64)
+    qc = np.zeros(nch, np.int64)
+    owner = np.full(nch, -1, np.int64)
+    mlo = np.zeros(nch, np.float32)
+    mhi = np.zeros(nch, np.float32)
+    scs = np.zeros(_QW, np.float32)
+    zis = np.zeros(_QW, np.int32)
+    for w in prange(_QW):
+        scs[w], zis[w] = _quant_phase(w, x, xq, mm, pairs, st, qc, owner, mlo, mhi, rb)
+    return np.full(N, scs[0], np.float32), np.full(N, zis[0], np.int32)
+
+
+_QUANT_PERM_DYN = _quant_perm_dyn
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
-def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, bpad, sx, sw, bias, residual, act,
-                 lo, hi, y, pt, tmm):
+def _groups_vnni(R, gptr, gidx, gw, out, x, mm, dyn, xq, rowsum, czx, cz, czx32, sxp, czp, sx, sw, bias, residual,
+                 act, lo, hi, y, pt, tmm, nw):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
     groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] (uint16 or int32) with int8 weights
     gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
     (``_quant_perm``). R in (1, 4, 8). czx32 int32 [N] (= -zx) selects the int32 dequantize (when
     it is exact), empty: the float64 one. With the int32 dequantize y = v + bias is stored
     straight from the registers (``vnni_pairs_deq`` / ``vnni_gather4_deq``; sxp, czp: sx, czx32
-    zero-padded to npad; bpad: bias or -0.0 [out]), then residual and activation are applied to
+    zero-padded to npad; bias or -0.0 per row), then residual and activation are applied to
     the task's rows while hot (the reference's order); otherwise int32 sums and ``_deq_row``.
     pt: per-tensor activation parameters (sx, czx32 the same for every column): R = 1 passes the
     scalars to ``vnni_pairs_deq`` (no per-column correction loads). tmm float32 [2 * ntask] or
     empty: with the int32 dequantize, task t writes (min(min, 0), max(max, 0)) of its final rows to
     tmm[2t], tmm[2t + 1], reduced at the end into tmm[0], tmm[1] (y's min / max for the next
     linear's dynamic quantization, taken hot).
-    Task: TR rows (16 rows for R = 1, one row group otherwise) x all columns, dequantized hot."""
+    dyn: dynamic per-tensor quantization of x float32 [K, N] (C-contiguous, K <= _K_I32) into xq
+    inside this call (``_quant_phase``; mm as in ``_quant_perm_dyn``; sxp, czp, sx, czx32 are then
+    built per worker, the arguments ignored), so the call is one parallel region: the threads
+    that arrive first quantize, and every worker goes on to the GEMM tasks as soon as the last
+    chunk is quantized. Otherwise xq is already quantized and x, mm are not read.
+    Work split: nw workers (the thread count) take tasks -- TR rows (16 rows for R = 1, one row
+    group otherwise) x all columns, dequantized hot -- from an atomic counter: a worker that
+    starts late (a sleeping pool thread) or is preempted takes fewer tasks."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
     xf = xq.reshape(-1)
@@ -643,93 +702,116 @@ def _groups_vnni(R, gptr, gidx, gw, out, xq, rowsum, czx, cz, czx32, sxp, czp, b
     N = y.shape[1]
     yf = y.reshape(-1)
     rf = residual.reshape(-1)
-    fuse = czx32.shape[0] > 0
+    fuse = dyn or czx32.shape[0] > 0
     hb = bias.shape[0] > 0
     hr = residual.shape[0] > 0
-    for t in prange(ntask):
+    bpad = bias
+    if not hb and R > 1:  # x + (-0.0) == x for every x: no bias is an exact no-op add
+        bpad = np.full(out, -0.0, np.float32)
+    K = x.shape[0] if dyn else 0
+    rb = max(4096 // max(N, 1), 1)
+    nch = (K + rb - 1) // rb
+    st = np.zeros(16 + 2 * nch, np.int64)  # [0] chunk claims, [8] task counter, [16:] chunk done flags
+    qc = np.zeros(nch, np.int64)
+    owner = np.full(nch, -1, np.int64)
+    mlo = np.zeros(nch, np.float32)
+    mhi = np.zeros(nch, np.float32)
+    for w in prange(nw):
+        sxl = sxp
+        czl = czp
+        if dyn:
+            sc, zi = _quant_phase(w, x, xq, mm, R == 1, st, qc, owner, mlo, mhi, rb)
+            sxl = np.zeros(npad, np.float32)
+            czl = np.zeros(npad, np.int32)
+            for n in range(N):
+                sxl[n] = sc
+                czl[n] = -zi
         acc = np.empty((0 if fuse else R * TB, npad), np.int32)  # (an allocation per task costs)
         af = acc.reshape(-1)
-        b0 = t * TB
-        b1 = min(b0 + TB, nrb)
-        for b in range(b0, b1):
-            g0 = gptr[b]
-            g1 = gptr[b + 1]
-            ao = (b - b0) * R * npad
-            if fuse and R == 1:  # x + (-0.0) == x for every x: no bias is an exact no-op add
-                rs = rowsum[b]
-                swo = sw[b]
-                bb = bias[b] if hb else _F32(-0.0)
-                c0 = 0
-                if pt:
-                    sx0 = sxp[0]
-                    cz0 = czp[0]
-                    while c0 + 256 <= npad:
-                        vnni_pairs_deq(4, yf, b * N + c0, N - c0, sx0, cz0, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
+        t = fetch_add(st, 8, 1)
+        while t < ntask:
+            b0 = t * TB
+            b1 = min(b0 + TB, nrb)
+            for b in range(b0, b1):
+                g0 = gptr[b]
+                g1 = gptr[b + 1]
+                ao = (b - b0) * R * npad
+                if fuse and R == 1:
+                    rs = rowsum[b]
+                    swo = sw[b]
+                    bb = bias[b] if hb else _F32(-0.0)
+                    c0 = 0
+                    if pt:
+                        sx0 = sxl[0]
+                        cz0 = czl[0]
+                        while c0 + 256 <= npad:
+                            vnni_pairs_deq(4, yf, b * N + c0, N - c0, sx0, cz0, c0, rs, swo, bb, xf, npad, c0, gidx,
+                                           gw, g0, g1)
+                            c0 += 256
+                    while c0 + 256 <= npad:  # 16 accumulators: measured 5-10% faster than 8 (BERT shapes)
+                        vnni_pairs_deq(4, yf, b * N + c0, N - c0, sxl, czl, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
                                        g0, g1)
                         c0 += 256
-                while c0 + 256 <= npad:  # 16 accumulators: measured 5-10% faster than 8 (BERT shapes)
-                    vnni_pairs_deq(4, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
-                                   g0, g1)
-                    c0 += 256
-                if c0 + 128 <= npad:
-                    vnni_pairs_deq(2, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
-                                   g0, g1)
-                    c0 += 128
-                if c0 < npad:
-                    vnni_pairs_deq(1, yf, b * N + c0, N - c0, sxp, czp, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
-                                   g0, g1)
-            elif R == 1:  # gw holds the pair weights [ng, 4, 4] (vnni_pairs)
-                c0 = 0
-                while c0 + 128 <= npad:
-                    vnni_pairs(2, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
-                    c0 += 128
-                if c0 < npad:
-                    vnni_pairs(1, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
-            elif fuse:
-                o0 = b * R
-                nrow = min(R, out - o0)
-                for c0 in range(0, npad, 64):
-                    if R == 4:
-                        vnni_gather4_deq(4, 1, 0, 4, yf, o0 * N + c0, N, nrow, N - c0, sxp, czp, c0, rowsum, sw, bpad,
-                                         o0, xf, npad, c0, gidx, gw, g0, g1)
-                    else:
-                        vnni_gather4_deq(8, 1, 0, 2, yf, o0 * N + c0, N, nrow, N - c0, sxp, czp, c0, rowsum, sw, bpad,
-                                         o0, xf, npad, c0, gidx, gw, g0, g1)
-                        vnni_gather4_deq(8, 1, 2, 4, yf, o0 * N + c0, N, nrow, N - c0, sxp, czp, c0, rowsum, sw, bpad,
-                                         o0, xf, npad, c0, gidx, gw, g0, g1)
-            elif R == 4:
-                for c0 in range(0, npad, 64):
-                    vnni_gather4(4, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                    if c0 + 128 <= npad:
+                        vnni_pairs_deq(2, yf, b * N + c0, N - c0, sxl, czl, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
+                                       g0, g1)
+                        c0 += 128
+                    if c0 < npad:
+                        vnni_pairs_deq(1, yf, b * N + c0, N - c0, sxl, czl, c0, rs, swo, bb, xf, npad, c0, gidx, gw,
+                                       g0, g1)
+                elif R == 1:  # gw holds the pair weights [ng, 4, 4] (vnni_pairs)
+                    c0 = 0
+                    while c0 + 128 <= npad:
+                        vnni_pairs(2, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
+                        c0 += 128
+                    if c0 < npad:
+                        vnni_pairs(1, af, ao + c0, xf, npad, c0, gidx, gw, g0, g1)
+                elif fuse:
+                    o0 = b * R
+                    nrow = min(R, out - o0)
+                    for c0 in range(0, npad, 64):
+                        if R == 4:
+                            vnni_gather4_deq(4, 1, 0, 4, yf, o0 * N + c0, N, nrow, N - c0, sxl, czl, c0, rowsum, sw,
+                                             bpad, o0, xf, npad, c0, gidx, gw, g0, g1)
+                        else:
+                            vnni_gather4_deq(8, 1, 0, 2, yf, o0 * N + c0, N, nrow, N - c0, sxl, czl, c0, rowsum, sw,
+                                             bpad, o0, xf, npad, c0, gidx, gw, g0, g1)
+                            vnni_gather4_deq(8, 1, 2, 4, yf, o0 * N + c0, N, nrow, N - c0, sxl, czl, c0, rowsum, sw,
+                                             bpad, o0, xf, npad, c0, gidx, gw, g0, g1)
+                elif R == 4:
+                    for c0 in range(0, npad, 64):
+                        vnni_gather4(4, 1, 0, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                else:
+                    for c0 in range(0, npad, 64):
+                        vnni_gather4(8, 1, 0, 2, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+                        vnni_gather4(8, 1, 2, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
+            nr = min((b1 - b0) * R, out - b0 * R)
+            if fuse:  # (v + bias) was stored; + residual, then the activation, on the task's hot rows
+                # (contiguous in y: one flat segment; the vectorized 1-D activation loops)
+                seg = yf[b0 * R * N:(b0 * R + nr) * N]
+                if hr:
+                    rseg = rf[b0 * R * N:(b0 * R + nr) * N]
+                    for j in range(nr * N):
+                        seg[j] = seg[j] + rseg[j]
+                if act != ACT_NONE:
+                    _act_inplace(seg, act, lo, hi)
+                if tmm.shape[0] > 0:
+                    tmm[2 * t], tmm[2 * t + 1] = minmax_f32(seg)
+            elif czx32.shape[0] > 0:
+                _deq_rows_i32(acc, 0, nr, b0 * R, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
             else:
-                for c0 in range(0, npad, 64):
-                    vnni_gather4(8, 1, 0, 2, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
-                    vnni_gather4(8, 1, 2, 4, af, ao + c0, npad, xf, npad, c0, gidx, gw, g0, g1)
-        nr = min((b1 - b0) * R, out - b0 * R)
-        if fuse:  # (v + bias) was stored; + residual, then the activation, on the task's hot rows
-            # (contiguous in y: one flat segment; the vectorized 1-D activation loops)
-            seg = yf[b0 * R * N:(b0 * R + nr) * N]
-            if hr:
-                rseg = rf[b0 * R * N:(b0 * R + nr) * N]
-                for j in range(nr * N):
-                    seg[j] = seg[j] + rseg[j]
-            if act != ACT_NONE:
-                _act_inplace(seg, act, lo, hi)
-            if tmm.shape[0] > 0:
-                tmm[2 * t], tmm[2 * t + 1] = minmax_f32(seg)
-        elif czx32.shape[0] > 0:
-            _deq_rows_i32(acc, 0, nr, b0 * R, rowsum, czx32, sx, sw, bias, residual, act, lo, hi, y)
-        else:
-            for rr in range(nr):
-                o = b0 * R + rr
-                _deq_row(acc[rr], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
+                for rr in range(nr):
+                    o = b0 * R + rr
+                    _deq_row(acc[rr], y[o], o, rowsum, zw, False, czx, cz, sx, sw, bias, residual, act, lo, hi)
+            t = fetch_add(st, 8, 1)
     if tmm.shape[0] > 0:  # reduced into tmm[0], tmm[1]
-        mlo = np.float32(0.0)
-        mhi = np.float32(0.0)
+        mlo_ = np.float32(0.0)
+        mhi_ = np.float32(0.0)
         for i in range(ntask):
-            mlo = min(mlo, tmm[2 * i])
-            mhi = max(mhi, tmm[2 * i + 1])
-        tmm[0] = mlo
-        tmm[1] = mhi
+            mlo_ = min(mlo_, tmm[2 * i])
+            mhi_ = max(mhi_, tmm[2 * i + 1])
+        tmm[0] = mlo_
+        tmm[1] = mhi_
 
 
 @pjit(fastmath=False)  # no FMA contraction: bit-identical to the reference
@@ -1101,31 +1183,42 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
         return
     bias, residual = _opt(bias, residual)
     if p.get("layout") == "groups":
+        R = p["R"]
         xq = _scratch_u8(K, (N + 63) // 64 * 64)
-        if p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous:
-            mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
-            sx, zx = _quant_perm_dyn(x, xq, p["R"] == 1, mm)
-        else:
-            sx, zx, inv, zpf = _params(p, x)
-            _quant_perm(x, inv, zpf, xq, p["R"] == 1)
-        npad = xq.shape[1]
-        czp = np.zeros(npad, np.int32)
-        np.negative(zx, out=czp[:N])
-        sxp = np.zeros(npad, _F32)
-        sxp[:N] = sx
-        if K <= _K_I32:  # int32 register dequantize: the float64 correction arrays are not read
-            czx32, czx, cz = czp[:N], _EMPTY_F64, _EMPTY_F64
-        else:
-            czx32, czx, cz = _EMPTY_I32, -zx.astype(np.float64), np.zeros(N, np.float64)
-        bpad = bias if bias.shape[0] > 0 or p["R"] == 1 else np.full(out, -0.0, _F32)
+        if residual.shape[0] > 0 and not residual.flags.c_contiguous:
+            residual = np.ascontiguousarray(residual)
         tmm = _EMPTY_F32
-        if want_minmax and czx32.shape[0] > 0:
-            tb = 16 if p["R"] == 1 else 1
+        if want_minmax and K <= _K_I32:
+            tb = 16 if R == 1 else 1
             tmm = np.zeros(2 * ((p["gptr"].shape[0] - 1 + tb - 1) // tb), _F32)
-        _groups_vnni(p["R"], p["gptr"], p["gidx"], p["gw"], out, xq, p["rowsum"], czx, cz,
-                     czx32, sxp, czp, bpad, sx, p["sw"], bias,
-                     residual if residual.flags.c_contiguous else np.ascontiguousarray(residual), act, _F32(lo),
-                     _F32(hi), y, p["granularity"] == "tensor" or p["act_quant"] is not None, tmm)
+        nw = _nb.get_num_threads()
+        if (p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous and K <= _K_I32
+                and _quant_perm_dyn is _QUANT_PERM_DYN):
+            # the common case in one parallel call: quantization, then the GEMM tasks
+            # (an observer that wraps ``_quant_perm_dyn`` gets the two-call form below: the same bytes)
+            mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
+            _groups_vnni(R, p["gptr"], p["gidx"], p["gw"], out, x, mm, True, xq, p["rowsum"], _EMPTY_F64, _EMPTY_F64,
+                         _EMPTY_I32, _EMPTY_F32, _EMPTY_I32, _EMPTY_F32, p["sw"], bias, residual, act, _F32(lo),
+                         _F32(hi), y, True, tmm, nw)
+        else:
+            if p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous:
+                mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
+                sx, zx = _quant_perm_dyn(x, xq, R == 1, mm)
+            else:
+                sx, zx, inv, zpf = _params(p, x)
+                _quant_perm(x, inv, zpf, xq, R == 1)
+            npad = xq.shape[1]
+            czp = np.zeros(npad, np.int32)
+            np.negative(zx, out=czp[:N])
+            sxp = np.zeros(npad, _F32)
+            sxp[:N] = sx
+            if K <= _K_I32:  # int32 register dequantize: the float64 correction arrays are not read
+                czx32, czx, cz = czp[:N], _EMPTY_F64, _EMPTY_F64
+            else:
+                czx32, czx, cz = _EMPTY_I32, -zx.astype(np.float64), np.zeros(N, np.float64)
+            _groups_vnni(R, p["gptr"], p["gidx"], p["gw"], out, _EMPTY_F32_2D, _EMPTY_F32, False, xq, p["rowsum"],
+                         czx, cz, czx32, sxp, czp, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y,
+                         p["granularity"] == "tensor" or p["act_quant"] is not None, tmm, nw)
         if tmm.shape[0] == 0:
             return None
         return tmm[0], tmm[1]  # reduced by the kernel
