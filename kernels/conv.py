@@ -45,44 +45,16 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import prange
-from numba.extending import intrinsic
 
 from ._jit import jit, pjit
 from .epilogue import EMPTY1, EMPTY2, epilogue_ref, epilogue_tile
-from .simd import VW, f32vec, vadd, vbcast, vfma, vload, vstore, vzero
+from .simd import VW, vadd, vbcast, vfma, vload, vmask, vrelu_mask, vstore, vzero
 from .table import ACT_NONE, ACT_RELU, KernelSpec
 
 EMPTY4 = np.zeros((0, 0, 0, 0), dtype=np.float32)
 EMPTYI = np.zeros(0, dtype=np.int32)
 EMPTYI2 = np.zeros((0, 5), dtype=np.int32)
-
-
-@intrinsic
-def _vrelu_mask(typingctx, a, m):
-    """select(m != 0, select(a < 0, 0, a), 0) on f32vec values: relu that keeps NaN (like the scalar
-    ``max(y, 0)`` of epilogue_tile) and exact zeros where the mask lane is 0 (NaN / inf included)."""
-    sig = f32vec(f32vec, f32vec)
-
-    def codegen(context, builder, signature, args):
-        a, m = args
-        z = ir.Constant(a.type, None)
-        r = builder.select(builder.fcmp_ordered("<", a, z), z, a)
-        return builder.select(builder.fcmp_unordered("!=", m, z), r, z)
-    return sig, codegen
-
-
-@intrinsic
-def _vmask(typingctx, a, m):
-    """select(m != 0, a, 0) on f32vec values."""
-    sig = f32vec(f32vec, f32vec)
-
-    def codegen(context, builder, signature, args):
-        a, m = args
-        z = ir.Constant(a.type, None)
-        return builder.select(builder.fcmp_unordered("!=", m, z), a, z)
-    return sig, codegen
 
 
 @jit(inline="always")
@@ -93,7 +65,7 @@ def _epv(a, b, res, ri, mask, um, j, relu):
     if ri >= 0:
         a = vadd(a, vload(res[ri], j))
     m = vload(mask, j) if um else vbcast(np.float32(1.0))
-    return _vrelu_mask(a, m) if relu else _vmask(a, m)
+    return vrelu_mask(a, m) if relu else vmask(a, m)
 
 
 def conv_out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:

@@ -15,11 +15,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir as _ir
 from numba import prange
+from numba.core import types as _nt
+from numba.extending import intrinsic as _intrinsic
 
 from ._jit import jit, pjit
 from .epilogue import _act_inplace as _epi_act
 from .epilogue import tanh_f32
+from .simd import VW as _VW
+from .simd import vadd as _vadd
+from .simd import vbcast as _vbcast
+from .simd import vexp, vhsum, vmaxo, vrcp, vsub
+from .simd import vfma as _vfma
+from .simd import vload as _vload
+from .simd import vmul as _vmul
+from .simd import vprefetch as _vprefetch
+from .simd import vstore as _vstore
+from .simd import vzero as _vzero
 from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_RELU, ACT_RELU6, ACT_SIGMOID,
                     ACT_SILU)
 
@@ -262,24 +275,24 @@ def layernorm_rows(x, w, b, eps, out):
                 j += 2 * _VW
             if j < H:
                 a0 = _vadd(a0, _vload(row, j))
-            mu = _vhsum(_vadd(a0, a1)) / np.float32(H)
+            mu = vhsum(_vadd(a0, a1)) / np.float32(H)
             vmu = _vbcast(mu)
             a0 = _vzero()
             a1 = _vzero()
             j = 0
             while j + 2 * _VW <= H:
-                d0 = _vsub(_vload(row, j), vmu)
-                d1 = _vsub(_vload(row, j + _VW), vmu)
+                d0 = vsub(_vload(row, j), vmu)
+                d1 = vsub(_vload(row, j + _VW), vmu)
                 a0 = _vfma(d0, d0, a0)
                 a1 = _vfma(d1, d1, a1)
                 j += 2 * _VW
             if j < H:
-                d0 = _vsub(_vload(row, j), vmu)
+                d0 = vsub(_vload(row, j), vmu)
                 a0 = _vfma(d0, d0, a0)
-            inv = np.float32(1.0 / math.sqrt(np.float64(_vhsum(_vadd(a0, a1))) / H + eps))
+            inv = np.float32(1.0 / math.sqrt(np.float64(vhsum(_vadd(a0, a1))) / H + eps))
             vin = _vbcast(inv)
             for j in range(0, H, _VW):
-                t = _vmul(_vsub(_vload(row, j), vmu), vin)
+                t = _vmul(vsub(_vload(row, j), vmu), vin)
                 _vstore(o, j, _vfma(t, _vload(w, j), _vload(b, j)))
             continue
         s = 0.0
@@ -469,9 +482,6 @@ def _bench():  # pragma: no cover - manual measurement helper
 
 
 # --- softmax: one fused, parallel, vectorizable pass per row ----------------------------------
-from llvmlite import ir as _ir  # noqa: E402
-from numba.core import types as _nt  # noqa: E402
-from numba.extending import intrinsic as _intrinsic  # noqa: E402
 
 
 @_intrinsic
@@ -600,13 +610,6 @@ def softmax_rows(x, mask, rows_per_mask, scale, y):
 
 
 # --- attention: softmax(q k^T * scale + mask) v per (batch, head), no transposed copies ---------
-from .simd import VW as _VW  # noqa: E402
-from .simd import vbcast as _vbcast  # noqa: E402
-from .simd import vfma as _vfma  # noqa: E402
-from .simd import vload as _vload  # noqa: E402
-from .simd import vstore as _vstore  # noqa: E402
-from .simd import vprefetch as _vprefetch  # noqa: E402
-from .simd import vzero as _vzero  # noqa: E402
 
 
 @jit(inline="always")
@@ -650,119 +653,7 @@ def _softmax_inplace_row(yr, L, mask, mi, hm, scale):
 
 
 # --- attention in the transposed orientation: scores S^T [keys, queries], vectors over queries ---
-from numba.core import cgutils as _cgutils  # noqa: E402
 
-from .simd import F32Vec as _F32Vec  # noqa: E402
-from .simd import _V as _SV  # noqa: E402
-from .simd import f32vec as _f32vec  # noqa: E402
-from .simd import vadd as _vadd  # noqa: E402
-from .simd import vmul as _vmul  # noqa: E402
-
-
-def _vconst(x):
-    return _ir.Constant(_SV, [float(np.float32(x))] * _VW)
-
-
-def _vfn(builder, name, nargs):
-    return _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_SV, [_SV] * nargs),
-                                           f"llvm.{name}.v{_VW}f32")
-
-
-# exp(r) ~ 1 + r + r^2 (Q2 + Q3 r + Q4 r^2 + Q5 r^3) on [-ln2/2, ln2/2]: a degree-5 minimax fit
-# (relative error 1.1e-7; 1.7e-7 evaluated in float32), two FMAs fewer than Cephes' degree 7
-_Q2, _Q3 = np.float32(0.499992311000824), np.float32(0.16667114198207855)
-_Q4, _Q5 = np.float32(0.041890114545822144), np.float32(0.008312525227665901)
-_EXP_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
-_LN2_F32 = np.float32(0.6931471805599453)
-
-
-@_intrinsic
-def _vexp(typingctx, v):
-    """exp of every lane of an f32vec for arguments <= 0 (softmax feeds x - max), in vector IR:
-    k = round(x / ln 2) by the 1.5 * 2**23 trick (the low bits of the sum are k: no floor /
-    convert), r = x - k ln2 in one FMA step, exp(r) - 1 by a degree-5 polynomial, result
-    (exp(r) - 1) 2^k + 2^k. Relative error <= 2e-7 for x >= -10, <= 4.1e-7 down to -87.3
-    (measured against float64). 0 below -87.3 and for -inf (no denormals), NaN for NaN (no
-    clamp: a NaN flows through the arithmetic)."""
-    if not isinstance(v, _F32Vec):
-        return None
-
-    def codegen(context, builder, signature, args):
-        x = args[0]
-        fma = _vfn(builder, "fmuladd", 3)
-        t = builder.call(fma, [x, _vconst(_LOG2E), _vconst(_EXP_MAGIC)])
-        kf = builder.fsub(t, _vconst(_EXP_MAGIC))
-        r = builder.call(fma, [kf, _vconst(-_LN2_F32), x])  # one step: k ln2 error <= |k| 2e-9
-        r2 = builder.fmul(r, r)
-        p = builder.call(fma, [_vconst(_Q5), r, _vconst(_Q4)])
-        p = builder.call(fma, [p, r, _vconst(_Q3)])
-        p = builder.call(fma, [p, r, _vconst(_Q2)])
-        p = builder.call(fma, [p, r2, r])  # exp(r) - 1
-        vi = _ir.VectorType(_ir.IntType(32), _VW)
-        # bits(t) = bits(magic) + k; bits(magic) << 23 vanishes mod 2**32, so 2**k = (bits(t) + 127) << 23
-        ki = builder.shl(builder.add(builder.bitcast(t, vi), _ir.Constant(vi, [127] * _VW)),
-                         _ir.Constant(vi, [23] * _VW))
-        pw = builder.bitcast(ki, _SV)
-        e = builder.call(fma, [p, pw, pw])  # (exp(r) - 1) 2^k + 2^k
-        return builder.select(builder.fcmp_ordered("<", x, _vconst(_EXP_LO)), _vconst(0.0), e)
-
-    return _f32vec(v), codegen
-
-
-@_intrinsic
-def _vmaxo(typingctx, a, b):
-    """a > b ? a : b lane-wise (x86 ``maxps`` semantics, one instruction: a NaN in a is ignored)."""
-    if not (isinstance(a, _F32Vec) and isinstance(b, _F32Vec)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
-
-    return _f32vec(a, b), codegen
-
-
-@_intrinsic
-def _vsub(typingctx, a, b):
-    """a - b lane-wise."""
-    if not (isinstance(a, _F32Vec) and isinstance(b, _F32Vec)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fsub(args[0], args[1])
-
-    return _f32vec(a, b), codegen
-
-
-@_intrinsic
-def _vrcp(typingctx, a):
-    """1 / a lane-wise (a true division)."""
-    if not isinstance(a, _F32Vec):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fdiv(_vconst(1.0), args[0])
-
-    return _f32vec(a), codegen
-
-
-@_intrinsic
-def _vhsum(typingctx, a):
-    """Sum of the lanes of an f32vec (a shuffle tree) as a float32 scalar."""
-    if not isinstance(a, _F32Vec):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v = args[0]
-        vi = _ir.VectorType(_ir.IntType(32), _VW)
-        h = _VW // 2
-        while h >= 1:
-            hi = builder.shuffle_vector(v, _ir.Constant(_SV, _ir.Undefined),
-                                        _ir.Constant(vi, [i + h if i < h else i for i in range(_VW)]))
-            v = builder.fadd(v, hi)
-            h //= 2
-        return builder.extract_element(v, _ir.Constant(_ir.IntType(32), 0))
-
-    return _nt.float32(a), codegen
 
 
 _NINF32 = np.float32(-np.inf)
@@ -950,71 +841,71 @@ def attention_heads(q, k, v, mask, scale, out, B, Sq, Sk, H, D, ldq, ldkv, cs, o
                     x1 = _vfma(a01, vs, w)
                     _vstore(P, po, x0)
                     _vstore(P, po + _VW, x1)
-                    m0 = _vmaxo(x0, m0)
-                    m1 = _vmaxo(x1, m1)
+                    m0 = vmaxo(x0, m0)
+                    m1 = vmaxo(x1, m1)
                     w = _vbcast(Mr[j0 + 1])
                     x0 = _vfma(a10, vs, w)
                     x1 = _vfma(a11, vs, w)
                     _vstore(P, po + QB, x0)
                     _vstore(P, po + QB + _VW, x1)
-                    m2 = _vmaxo(x0, m2)
-                    m3 = _vmaxo(x1, m3)
+                    m2 = vmaxo(x0, m2)
+                    m3 = vmaxo(x1, m3)
                     w = _vbcast(Mr[j0 + 2])
                     x0 = _vfma(a20, vs, w)
                     x1 = _vfma(a21, vs, w)
                     _vstore(P, po + 2 * QB, x0)
                     _vstore(P, po + 2 * QB + _VW, x1)
-                    m0 = _vmaxo(x0, m0)
-                    m1 = _vmaxo(x1, m1)
+                    m0 = vmaxo(x0, m0)
+                    m1 = vmaxo(x1, m1)
                     w = _vbcast(Mr[j0 + 3])
                     x0 = _vfma(a30, vs, w)
                     x1 = _vfma(a31, vs, w)
                     _vstore(P, po + 3 * QB, x0)
                     _vstore(P, po + 3 * QB + _VW, x1)
-                    m2 = _vmaxo(x0, m2)
-                    m3 = _vmaxo(x1, m3)
+                    m2 = vmaxo(x0, m2)
+                    m3 = vmaxo(x1, m3)
                     w = _vbcast(Mr[j0 + 4])
                     x0 = _vfma(a40, vs, w)
                     x1 = _vfma(a41, vs, w)
                     _vstore(P, po + 4 * QB, x0)
                     _vstore(P, po + 4 * QB + _VW, x1)
-                    m0 = _vmaxo(x0, m0)
-                    m1 = _vmaxo(x1, m1)
+                    m0 = vmaxo(x0, m0)
+                    m1 = vmaxo(x1, m1)
                     w = _vbcast(Mr[j0 + 5])
                     x0 = _vfma(a50, vs, w)
                     x1 = _vfma(a51, vs, w)
                     _vstore(P, po + 5 * QB, x0)
                     _vstore(P, po + 5 * QB + _VW, x1)
-                    m2 = _vmaxo(x0, m2)
-                    m3 = _vmaxo(x1, m3)
+                    m2 = vmaxo(x0, m2)
+                    m3 = vmaxo(x1, m3)
                     w = _vbcast(Mr[j0 + 6])
                     x0 = _vfma(a60, vs, w)
                     x1 = _vfma(a61, vs, w)
                     _vstore(P, po + 6 * QB, x0)
                     _vstore(P, po + 6 * QB + _VW, x1)
-                    m0 = _vmaxo(x0, m0)
-                    m1 = _vmaxo(x1, m1)
+                    m0 = vmaxo(x0, m0)
+                    m1 = vmaxo(x1, m1)
                     w = _vbcast(Mr[j0 + 7])
                     x0 = _vfma(a70, vs, w)
                     x1 = _vfma(a71, vs, w)
                     _vstore(P, po + 7 * QB, x0)
                     _vstore(P, po + 7 * QB + _VW, x1)
-                    m2 = _vmaxo(x0, m2)
-                    m3 = _vmaxo(x1, m3)
+                    m2 = vmaxo(x0, m2)
+                    m3 = vmaxo(x1, m3)
                 # softmax over keys, lane-wise (each lane is one query); normalised after P V
-                m0 = _vmaxo(m2, m0)
-                m1 = _vmaxo(m3, m1)
+                m0 = vmaxo(m2, m0)
+                m1 = vmaxo(m3, m1)
                 s0 = _vzero()
                 s1 = _vzero()
                 for j in range(Sk):
-                    e0 = _vexp(_vsub(_vload(P, j * QB), m0))
-                    e1 = _vexp(_vsub(_vload(P, j * QB + _VW), m1))
+                    e0 = vexp(vsub(_vload(P, j * QB), m0))
+                    e1 = vexp(vsub(_vload(P, j * QB + _VW), m1))
                     _vstore(P, j * QB, e0)
                     _vstore(P, j * QB + _VW, e1)
                     s0 = _vadd(s0, e0)
                     s1 = _vadd(s1, e1)
-                r0 = _vrcp(s0)
-                r1 = _vrcp(s1)
+                r0 = vrcp(s0)
+                r1 = vrcp(s1)
                 if Sk == 0:  # no keys: zeros (an empty softmax times an empty V), not 0 * inf
                     r0 = _vzero()
                     r1 = r0
