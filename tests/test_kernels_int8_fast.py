@@ -260,3 +260,63 @@ def test_run_vnni_given_minmax_all_layouts(rng):
         K8.run_vnni(p, x, y0, None, 0, 0.0, 0.0, None)
         K8.run_vnni(p, x, y1, None, 0, 0.0, 0.0, None, minmax=mm)
         assert np.array_equal(y0, y1) and np.array_equal(y0, K8.gemm_ref(wf, x)), wf.kind
+
+
+@needs_vnni
+@pytest.mark.parametrize("pairs", [False, True])
+def test_quant_phase_redoes_unfinished_chunks(rng, pairs):
+    """_quant_phase (the quantization phase of the fused groups call) never waits unboundedly:
+    chunks claimed by a worker that never finishes them (simulated: claim counters advanced, done
+    flags never set) are redone after _SPIN pauses -- the same parameters and bytes as
+    _quant_perm. Edge columns: N = 1, one below / above 64, 130."""
+    for K, N in [(70, 1), (33, 63), (9, 65), (40, 130)]:
+        x = (rng.standard_normal((K, N)) * 3).astype(np.float32)
+        npad = (N + 63) // 64 * 64
+        rb = max(4096 // N, 1) if N < 64 else 4  # several chunks
+        nch = (K + rb - 1) // rb
+        for have_mm in (False, True):
+            st = np.zeros(16 + 2 * nch, np.int64)
+            st[0] = 2  # chunks 0 and 1 taken by a vanished worker: their min / max never arrive
+            qc = np.zeros(nch, np.int64)
+            qc[nch - 1] = 1  # the last chunk's quantization claimed and never done
+            owner = np.full(nch, -1, np.int64)
+            mm = np.array([min(x.min(), 0), max(x.max(), 0)], np.float32) if have_mm else np.zeros(0, np.float32)
+            xq = np.full((K, npad), 77, np.uint8)
+            sc, zi = K8._quant_phase(0, x, xq, mm, pairs, st, qc, owner, np.zeros(nch, np.float32),
+                                     np.zeros(nch, np.float32), rb)
+            s2, z2 = K8.act_params(x)
+            assert sc == s2[0] and zi == z2[0]
+            want = np.empty((K, npad), np.uint8)
+            K8._quant_perm(x, (np.float32(1) / s2).astype(np.float32), z2.astype(np.float32), want, pairs)
+            assert np.array_equal(xq, want), (K, N, have_mm)
+            assert np.all(st[16 + nch:] >= 1)  # every chunk marked quantized
+
+
+@needs_vnni
+@pytest.mark.parametrize("block", [None, (8, 1)])
+def test_groups_fused_quant_matches_two_calls(rng, monkeypatch, block):
+    """The fused call (quantization inside the GEMM's parallel region) and the two-call form taken
+    when ``_quant_perm_dyn`` is wrapped give the same bytes, with a given min / max too; 1 and 2
+    threads, N = 2, 64 and 200 (one and several column passes)."""
+    orig = K8._quant_perm_dyn
+    for out, k, n in [(37, 50, 200), (16, 9, 64), (5, 70, 2)]:
+        wf = _sparse(rng, out, k, 0.3, block)
+        p = K8.prepare(wf, path="vnni")
+        x = (rng.standard_normal((k, n)) * 2).astype(np.float32)
+        mm = (np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0)))
+        ref = K8.gemm_ref(wf, x)
+        for threads in (1, 2):
+            numba.set_num_threads(_threads(threads))
+            try:
+                for given in (None, mm):
+                    calls = []
+                    monkeypatch.setattr(K8, "_quant_perm_dyn", orig)
+                    y0 = np.full((out, n), np.nan, np.float32)
+                    K8.run_vnni(p, x, y0, None, 0, 0.0, 0.0, None, minmax=given)
+                    monkeypatch.setattr(K8, "_quant_perm_dyn", lambda *a: calls.append(1) or orig(*a))
+                    y1 = np.full((out, n), np.nan, np.float32)
+                    K8.run_vnni(p, x, y1, None, 0, 0.0, 0.0, None, minmax=given)
+                    assert calls == [1]  # the two-call form ran
+                    assert np.array_equal(y0, ref) and np.array_equal(y1, ref), (out, k, n, threads, given)
+            finally:
+                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
