@@ -2,7 +2,8 @@
 
 Every intermediate value (and every op scratch buffer) gets an offset in one byte arena; values
 whose lifetimes do not overlap share memory (greedy best-fit by decreasing size over lifetime
-intervals, 64-byte aligned). View ops (reshape, flatten, squeeze, unsqueeze) alias their input
+intervals, 64-byte aligned). Values a node never writes in their planned layout (handed over in
+another one, ``NodePlan.unwritten``) take no memory. View ops (reshape, flatten, squeeze, unsqueeze) alias their input
 and extend its lifetime. Graph outputs produced by a non-view op are written into fresh arrays
 (returned to the caller, never aliased with the arena); outputs that are views, inputs or
 constants are copied at the end. ``Plan.peak_bytes`` = arena + output arrays.
@@ -40,6 +41,7 @@ class Plan:
     slots: dict = field(default_factory=dict)  # value -> offset in arena
     scratch_slots: list = field(default_factory=list)  # per node: list of (offset, shape, dtype)
     fresh: set = field(default_factory=set)  # graph outputs written into fresh arrays
+    unwritten: set = field(default_factory=set)  # values no node writes in this layout (NodePlan.unwritten)
     alias: dict = field(default_factory=dict)  # view value -> root value it aliases
     arena_bytes: int = 0
     output_bytes: int = 0
@@ -97,6 +99,11 @@ def build_plan(key, graph, ops, shp, node_plans, const_names) -> Plan:
                 else:
                     p.alias[name] = p.alias.get(src, src)
                 continue
+            if k in node_plans[i].unwritten:
+                if name in outputs:
+                    raise RuntimeError(f"internal: node {node.name} hands graph output {name} over in another layout")
+                p.unwritten.add(name)
+                continue
             if name in outputs:
                 p.fresh.add(name)
                 p.output_bytes += _nbytes(p.shapes[name], p.dtypes[name])
@@ -141,5 +148,8 @@ def arena_views(plan: Plan, arena: np.ndarray) -> tuple:
         return arena[off:off + n].view(np.dtype(dtype)).reshape(shape)
 
     vals = {v: view(o, plan.shapes[v], plan.dtypes[v]) for v, o in plan.slots.items()}
+    for v in plan.unwritten:  # no memory: a read-only NaN array of the shape (writes raise)
+        dt = np.dtype(plan.dtypes[v])
+        vals[v] = np.broadcast_to(np.array(np.nan if dt.kind == "f" else 0, dt), plan.shapes[v])
     scr = [[view(o, s, dt) for o, s, dt in node] for node in plan.scratch_slots]
     return vals, scr

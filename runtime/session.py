@@ -274,7 +274,8 @@ class Session:
     def plan_info(self, input_shapes: dict) -> dict:
         p = self._plan(self._norm_shapes(input_shapes))
         return {"arena_bytes": p.arena_bytes, "output_bytes": p.output_bytes, "peak_bytes": p.peak_bytes,
-                "no_reuse_bytes": p.naive_bytes, "values_in_arena": len(p.slots)}
+                "no_reuse_bytes": p.naive_bytes, "values_in_arena": len(p.slots),
+                "values_handed_over": sorted(p.unwritten)}
 
     # --- run -----------------------------------------------------------------------------------
     def _validate_feeds(self, feeds) -> dict:

@@ -85,10 +85,12 @@ def _run(path, x, threads, overrides=None):
         y = s.run(None, x)
         y2 = s.run(None, x)  # a reused arena: stale data must not leak into the padding
         kern = {name: k for name, _, k, _ in s.last_profile}
+        info = s.plan_info({k: v.shape for k, v in x.items()})
     finally:
         s.close()
     for a, b in zip(y, y2):
         np.testing.assert_array_equal(a, b)
+    _run.info = info
     return y, kern
 
 
@@ -123,11 +125,18 @@ def test_handoff_matches_reference(tmp_path, C, H, W, batch, pool, h_kernel):
         if pool == "stem":
             assert "maxpool fused" in kern["s"] and "fused" in kern["pool"], kern
             assert "packed in" in kern["a"], kern
+        # values handed over packed (and the stem conv's unpooled output) take no arena memory
+        handed = set(_run.info["values_handed_over"])
+        assert {"a", "b", "d", "e", "dn"} <= handed and not handed & {"f", "h"}, handed
+        assert ({"sr", "p"} <= handed) == (pool == "stem"), handed
+    info = _run.info
     try:
         rconv.HANDOFF = False
         y0, kern0 = _run(path, x, 2)
     finally:
         rconv.HANDOFF = True
+    assert _run.info["values_handed_over"] == [], _run.info
+    assert info["values_in_arena"] < _run.info["values_in_arena"], (info, _run.info)
     assert not any(w in k for k in kern0.values() for w in ("packed", "unpack", "scattered", "with ")), kern0
     for a, b in zip(y, y0):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,10 @@ class NodePlan:
     # ``scratch`` in run()'s scratch list; live from the first to the last node naming the key.
     # The planner sets ``data["_first_shared"]`` (a set of keys) on the first user when data is a dict.
     shared: list = field(default_factory=list)
+    # indices of outputs this node never writes in their planned buffer, because the value is handed
+    # over in another layout that its readers read (the packed conv hand-off): the planner gives them
+    # no arena memory and a read-only NaN view of the shape (an unexpected reader would see NaN)
+    unwritten: tuple = ()
 
 
 class Op:

@@ -219,7 +219,8 @@ class Conv2d(Op):
     def plan(self, ins, outs, env):
         main = self._absorber(ins[0][0])
         if main is not None:
-            return NodePlan(data=("absorbed", main.name), kernel=f"computed with {main.name} (1x1 as its center tap)")
+            return NodePlan(data=("absorbed", main.name), kernel=f"computed with {main.name} (1x1 as its center tap)",
+                            unwritten=(0,))  # main writes it packed only
         np_ = self._plan(ins, outs, env)
         if self.has_res and not isinstance(np_.data, dict):
             lres = packed_value(self.ctx, self.node.inputs[3], outs[0][0])
@@ -544,8 +545,10 @@ class Conv2d(Op):
             parts.append(f"with {data['sib'][2]['op'].name}")
         if "pool" in data:
             parts.append("maxpool fused, packed out")
+        # a packed output, or a conv that pools each plane itself, never writes its NCHW output
+        unwritten = (0,) if data["out"] is not None or "pool" in data else ()
         return NodePlan(scratch=scratch, shared=shared_l, data=data,
-                        kernel=f"{choice.name}+{'+'.join(parts)}")
+                        kernel=f"{choice.name}+{'+'.join(parts)}", unwritten=unwritten)
 
     DIRECT_NOTE = "direct shifted conv"
 

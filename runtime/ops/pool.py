@@ -70,7 +70,7 @@ class MaxPool(Op):
         from .conv import fused_pool
 
         if fused_pool(self.ctx, self.name, ins[0][0]) and tuple(outs[0][0]) == self.out_shape(ins[0][0]):
-            return NodePlan(data="fused", kernel="fused into the producing conv")
+            return NodePlan(data="fused", kernel="fused into the producing conv", unwritten=(0,))  # packed only
         return NodePlan(data=_offsets(ins[0][0], outs[0][0], self.attrs, self.attrs["dilation"]), kernel="numpy")
 
     def run(self, ins, outs, scratch, data):
