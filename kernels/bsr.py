@@ -26,11 +26,18 @@ specializations serve every block shape:
   separate pass over the block row's output cost 15-25% on the 1x1-conv shape); other
   activations run in a second pass per block row. Columns beyond a multiple of VW are
   accumulated in memory.
-* ``bsr_spmm`` (any other r x c: 1x4, 1x16, 4x4, ...): (N chunk, block row) pairs in parallel,
-  chunk-major, N chunks of equal width sized so a chunk of X stays in L2; register-blocked
-  8 / 4 / 1-row x 2-vector micro-kernels that feed a block's c X rows through the same
-  accumulators. Edge blocks: rows >= out are computed on the zero padding but never stored;
-  X rows >= in are never read.
+* ``bsr_spmm`` (any other r x c: 1x4, 1x16, 4x4, ...): the same work split and atomic-counter
+  hand-out as ``bsr_spmm_r1`` ((N chunk, block-row group) tasks, chunk-major, groups of equal
+  non-zero share, ``GEN_GROUPS_PER_THREAD`` per thread), N chunks of whole register tiles sized so
+  a chunk of X stays in L2. Per block row, rows in groups of 4 get 4-row x 4 / 2 / 1-vector tiles
+  (16 accumulators: 4 X loads and 4 broadcasts per 16 FMAs); the other rows (1 x c blocks) get
+  1-row x 8-vector tiles (8 independent accumulators, 8 X loads and 1 broadcast per 8 FMAs), then
+  4 / 2 / 1-vector tiles whose accumulators are split over the block's columns (8 / 8 / 4 chains).
+  A block's c X rows are consecutive: one index per block, flat X / Y / value addressing
+  (``vbcastl``). 1-row x 2-vector tiles (2 chains per row) measured 2x slower on ffn_n128.
+  Edge blocks: rows >= out are computed on the zero padding but never stored; X rows >= in are
+  never read. Epilogue per block row on the chunk's columns right after its tiles; columns beyond
+  a multiple of VW accumulated in memory.
 * ``bsr_spmv`` (N = 1): per block row an r-vector accumulator; bytes per weight are
   (4 + 4*r*c) / (r*c) per stored block entry, i.e. close to 4 B for tall blocks. The 4x1 / 8x1 /
   16x1 loops prefetch W ``GEMV_PF`` blocks ahead (batch 1 is DRAM-bound when W does not fit in cache).
@@ -48,10 +55,10 @@ from .epilogue import act_scalar, epilogue_tile, none1, none2
 from .simd import VW, vadd, vbcast, vbcastl, vfma, vload, vmax, vmin, vprefetch, vstore, vzero
 from .table import ACT_CLAMP, ACT_NONE, ACT_RELU, ACT_RELU6, KernelSpec
 
-JT = 2 * VW  # generic kernel's register tile: 2 vectors of output columns per row
 L2_FLOATS = 1 << 18  # 1 MB of floats: X chunk budget of the generic kernel; X above this gets prefetch
 X_CHUNK_FLOATS = 1 << 20  # 4 MB of floats: r x 1 kernel splits N into chunks above this X size
 GEMV_PF = 64  # batch-1 r x 1 kernels prefetch W this many blocks ahead (DRAM-streamed: 16-18% faster)
+GEN_GROUPS_PER_THREAD = 4  # generic GEMM: nnz-balanced block-row groups per thread per N chunk
 GROUPS_PER_THREAD = 2  # r x 1 GEMM: nnz-balanced block-row groups per thread, handed out on demand
 COPY_MIN_USES = 4  # r x 1 GEMM: per-thread aligned X copy when each thread uses each X row >= this often
 
@@ -128,121 +135,6 @@ def _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, j0, m):
             for j in range(m):
                 yr[j] += v0 * x0[j]
             cc += 1
-
-
-@jit
-def _mk8(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
-    """8 rows (block rows base..base+7) x 2 vectors at column j; stores rows < rows."""
-    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero(); b4 = vzero(); b5 = vzero(); b6 = vzero(); b7 = vzero()
-    for k in range(k0, k1):
-        col0 = indices[k] * c
-        cw = min(c, nin - col0)
-        dk = d2[k]
-        for cc in range(cw):
-            xr = x[col0 + cc]
-            x0 = vload(xr, j)
-            x1 = vload(xr, j + VW)
-            w = vbcast(dk[(base + 0) * c + cc])
-            a0 = vfma(w, x0, a0)
-            b0 = vfma(w, x1, b0)
-            w = vbcast(dk[(base + 1) * c + cc])
-            a1 = vfma(w, x0, a1)
-            b1 = vfma(w, x1, b1)
-            w = vbcast(dk[(base + 2) * c + cc])
-            a2 = vfma(w, x0, a2)
-            b2 = vfma(w, x1, b2)
-            w = vbcast(dk[(base + 3) * c + cc])
-            a3 = vfma(w, x0, a3)
-            b3 = vfma(w, x1, b3)
-            w = vbcast(dk[(base + 4) * c + cc])
-            a4 = vfma(w, x0, a4)
-            b4 = vfma(w, x1, b4)
-            w = vbcast(dk[(base + 5) * c + cc])
-            a5 = vfma(w, x0, a5)
-            b5 = vfma(w, x1, b5)
-            w = vbcast(dk[(base + 6) * c + cc])
-            a6 = vfma(w, x0, a6)
-            b6 = vfma(w, x1, b6)
-            w = vbcast(dk[(base + 7) * c + cc])
-            a7 = vfma(w, x0, a7)
-            b7 = vfma(w, x1, b7)
-    if 0 < rows:
-        yr = y[i0 + 0]
-        vstore(yr, j, a0)
-        vstore(yr, j + VW, b0)
-    if 1 < rows:
-        yr = y[i0 + 1]
-        vstore(yr, j, a1)
-        vstore(yr, j + VW, b1)
-    if 2 < rows:
-        yr = y[i0 + 2]
-        vstore(yr, j, a2)
-        vstore(yr, j + VW, b2)
-    if 3 < rows:
-        yr = y[i0 + 3]
-        vstore(yr, j, a3)
-        vstore(yr, j + VW, b3)
-    if 4 < rows:
-        yr = y[i0 + 4]
-        vstore(yr, j, a4)
-        vstore(yr, j + VW, b4)
-    if 5 < rows:
-        yr = y[i0 + 5]
-        vstore(yr, j, a5)
-        vstore(yr, j + VW, b5)
-    if 6 < rows:
-        yr = y[i0 + 6]
-        vstore(yr, j, a6)
-        vstore(yr, j + VW, b6)
-    if 7 < rows:
-        yr = y[i0 + 7]
-        vstore(yr, j, a7)
-        vstore(yr, j + VW, b7)
-
-
-@jit
-def _mk4(indices, d2, k0, k1, base, c, nin, x, y, i0, rows, j):
-    """4 rows (block rows base..base+3) x 2 vectors at column j; stores rows < rows."""
-    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-    b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
-    for k in range(k0, k1):
-        col0 = indices[k] * c
-        cw = min(c, nin - col0)
-        dk = d2[k]
-        for cc in range(cw):
-            xr = x[col0 + cc]
-            x0 = vload(xr, j)
-            x1 = vload(xr, j + VW)
-            w = vbcast(dk[(base + 0) * c + cc])
-            a0 = vfma(w, x0, a0)
-            b0 = vfma(w, x1, b0)
-            w = vbcast(dk[(base + 1) * c + cc])
-            a1 = vfma(w, x0, a1)
-            b1 = vfma(w, x1, b1)
-            w = vbcast(dk[(base + 2) * c + cc])
-            a2 = vfma(w, x0, a2)
-            b2 = vfma(w, x1, b2)
-            w = vbcast(dk[(base + 3) * c + cc])
-            a3 = vfma(w, x0, a3)
-            b3 = vfma(w, x1, b3)
-    if 0 < rows:
-        yr = y[i0 + 0]
-        vstore(yr, j, a0)
-        vstore(yr, j + VW, b0)
-    if 1 < rows:
-        yr = y[i0 + 1]
-        vstore(yr, j, a1)
-        vstore(yr, j + VW, b1)
-    if 2 < rows:
-        yr = y[i0 + 2]
-        vstore(yr, j, a2)
-        vstore(yr, j + VW, b2)
-    if 3 < rows:
-        yr = y[i0 + 3]
-        vstore(yr, j, a3)
-        vstore(yr, j + VW, b3)
-
 
 
 @jit(inline="always")
@@ -993,113 +885,394 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
 
 
 @jit
-def _mk1(indices, d2, k0, k1, base, c, nin, x, y, i0, j):
-    """One row (block row ``base``) x 2 vectors at column j; the block's c columns feed 4 chains."""
+def _g1x8(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+    """One output row x 8 vectors at column j (8 independent accumulators); block kk of the row's
+    slice idx has this row's c values at df[kk * rc + base:]; X row q at xf[q * ldx:]; stores at yf[yo:]."""
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
+        cw = min(c, nin - col0)
+        o = kk * rc + base
+        xo = col0 * ldx + j
+        for cc in range(cw):
+            w = vbcastl(df, o + cc)
+            a0 = vfma(w, vload(xf, xo + 0 * VW), a0)
+            a1 = vfma(w, vload(xf, xo + 1 * VW), a1)
+            a2 = vfma(w, vload(xf, xo + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, xo + 3 * VW), a3)
+            a4 = vfma(w, vload(xf, xo + 4 * VW), a4)
+            a5 = vfma(w, vload(xf, xo + 5 * VW), a5)
+            a6 = vfma(w, vload(xf, xo + 6 * VW), a6)
+            a7 = vfma(w, vload(xf, xo + 7 * VW), a7)
+            xo += ldx
+    vstore(yf, yo + 0 * VW, a0)
+    vstore(yf, yo + 1 * VW, a1)
+    vstore(yf, yo + 2 * VW, a2)
+    vstore(yf, yo + 3 * VW, a3)
+    vstore(yf, yo + 4 * VW, a4)
+    vstore(yf, yo + 5 * VW, a5)
+    vstore(yf, yo + 6 * VW, a6)
+    vstore(yf, yo + 7 * VW, a7)
+
+
+@jit
+def _g1x4(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+    """As _g1x8 for 4 vectors; even / odd block columns feed two accumulator sets (8 chains)."""
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
     b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
-    off = base * c
-    for k in range(k0, k1):
-        col0 = indices[k] * c
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
         cw = min(c, nin - col0)
-        dk = d2[k]
+        o = kk * rc + base
+        xo = col0 * ldx + j
+        cc = 0
+        while cc + 2 <= cw:
+            w = vbcastl(df, o + cc)
+            u = vbcastl(df, o + cc + 1)
+            a0 = vfma(w, vload(xf, xo + 0 * VW), a0)
+            a1 = vfma(w, vload(xf, xo + 1 * VW), a1)
+            a2 = vfma(w, vload(xf, xo + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, xo + 3 * VW), a3)
+            b0 = vfma(u, vload(xf, xo + ldx + 0 * VW), b0)
+            b1 = vfma(u, vload(xf, xo + ldx + 1 * VW), b1)
+            b2 = vfma(u, vload(xf, xo + ldx + 2 * VW), b2)
+            b3 = vfma(u, vload(xf, xo + ldx + 3 * VW), b3)
+            xo += 2 * ldx
+            cc += 2
+        if cc < cw:
+            w = vbcastl(df, o + cc)
+            a0 = vfma(w, vload(xf, xo + 0 * VW), a0)
+            a1 = vfma(w, vload(xf, xo + 1 * VW), a1)
+            a2 = vfma(w, vload(xf, xo + 2 * VW), a2)
+            a3 = vfma(w, vload(xf, xo + 3 * VW), a3)
+    vstore(yf, yo + 0 * VW, vadd(a0, b0))
+    vstore(yf, yo + 1 * VW, vadd(a1, b1))
+    vstore(yf, yo + 2 * VW, vadd(a2, b2))
+    vstore(yf, yo + 3 * VW, vadd(a3, b3))
+
+
+@jit
+def _g1x2(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+    """As _g1x8 for 2 vectors; block columns cc % 4 feed four accumulator sets (8 chains)."""
+    a0 = vzero(); a1 = vzero(); b0 = vzero(); b1 = vzero()
+    e0 = vzero(); e1 = vzero(); f0 = vzero(); f1 = vzero()
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
+        cw = min(c, nin - col0)
+        o = kk * rc + base
+        xo = col0 * ldx + j
         cc = 0
         while cc + 4 <= cw:
-            xr = x[col0 + cc]
-            w = vbcast(dk[off + cc])
-            a0 = vfma(w, vload(xr, j), a0)
-            b0 = vfma(w, vload(xr, j + VW), b0)
-            xr = x[col0 + cc + 1]
-            w = vbcast(dk[off + cc + 1])
-            a1 = vfma(w, vload(xr, j), a1)
-            b1 = vfma(w, vload(xr, j + VW), b1)
-            xr = x[col0 + cc + 2]
-            w = vbcast(dk[off + cc + 2])
-            a2 = vfma(w, vload(xr, j), a2)
-            b2 = vfma(w, vload(xr, j + VW), b2)
-            xr = x[col0 + cc + 3]
-            w = vbcast(dk[off + cc + 3])
-            a3 = vfma(w, vload(xr, j), a3)
-            b3 = vfma(w, vload(xr, j + VW), b3)
+            w = vbcastl(df, o + cc)
+            a0 = vfma(w, vload(xf, xo), a0)
+            a1 = vfma(w, vload(xf, xo + VW), a1)
+            w = vbcastl(df, o + cc + 1)
+            b0 = vfma(w, vload(xf, xo + ldx), b0)
+            b1 = vfma(w, vload(xf, xo + ldx + VW), b1)
+            w = vbcastl(df, o + cc + 2)
+            e0 = vfma(w, vload(xf, xo + 2 * ldx), e0)
+            e1 = vfma(w, vload(xf, xo + 2 * ldx + VW), e1)
+            w = vbcastl(df, o + cc + 3)
+            f0 = vfma(w, vload(xf, xo + 3 * ldx), f0)
+            f1 = vfma(w, vload(xf, xo + 3 * ldx + VW), f1)
+            xo += 4 * ldx
             cc += 4
         while cc < cw:
-            xr = x[col0 + cc]
-            w = vbcast(dk[off + cc])
-            a0 = vfma(w, vload(xr, j), a0)
-            b0 = vfma(w, vload(xr, j + VW), b0)
+            w = vbcastl(df, o + cc)
+            a0 = vfma(w, vload(xf, xo), a0)
+            a1 = vfma(w, vload(xf, xo + VW), a1)
+            xo += ldx
             cc += 1
-    yr = y[i0]
-    vstore(yr, j, vadd(vadd(a0, a1), vadd(a2, a3)))
-    vstore(yr, j + VW, vadd(vadd(b0, b1), vadd(b2, b3)))
+    vstore(yf, yo, vadd(vadd(a0, b0), vadd(e0, f0)))
+    vstore(yf, yo + VW, vadd(vadd(a1, b1), vadd(e1, f1)))
 
 
+@jit
+def _g1x1(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+    """As _g1x8 for 1 vector; block columns cc % 4 feed four accumulators."""
+    a0 = vzero(); b0 = vzero(); e0 = vzero(); f0 = vzero()
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
+        cw = min(c, nin - col0)
+        o = kk * rc + base
+        xo = col0 * ldx + j
+        cc = 0
+        while cc + 4 <= cw:
+            a0 = vfma(vbcastl(df, o + cc), vload(xf, xo), a0)
+            b0 = vfma(vbcastl(df, o + cc + 1), vload(xf, xo + ldx), b0)
+            e0 = vfma(vbcastl(df, o + cc + 2), vload(xf, xo + 2 * ldx), e0)
+            f0 = vfma(vbcastl(df, o + cc + 3), vload(xf, xo + 3 * ldx), f0)
+            xo += 4 * ldx
+            cc += 4
+        while cc < cw:
+            a0 = vfma(vbcastl(df, o + cc), vload(xf, xo), a0)
+            xo += ldx
+            cc += 1
+    vstore(yf, yo, vadd(vadd(a0, b0), vadd(e0, f0)))
 
 
-@pjit
-def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi):
-    """Y = act(W @ X + bias + res), any r x c; d2 = data.reshape(nblk, r*c). bias [out] / res [out, N] or empty."""
+@jit
+def _g4x4(idx, df, base, rc, c, nin, xf, ldx, yf, yo, ldy, rows, j):
+    """4 output rows (values of block kk at df[kk * rc + base + q * c:], q = 0..3) x 4 vectors at
+    column j; stores rows < rows at yf[yo + q * ldy:]."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
+    a2_0 = vzero(); a2_1 = vzero(); a2_2 = vzero(); a2_3 = vzero()
+    a3_0 = vzero(); a3_1 = vzero(); a3_2 = vzero(); a3_3 = vzero()
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
+        cw = min(c, nin - col0)
+        o = kk * rc + base
+        xo = col0 * ldx + j
+        for cc in range(cw):
+            x0 = vload(xf, xo + 0 * VW)
+            x1 = vload(xf, xo + 1 * VW)
+            x2 = vload(xf, xo + 2 * VW)
+            x3 = vload(xf, xo + 3 * VW)
+            w = vbcastl(df, o + cc)
+            a0_0 = vfma(w, x0, a0_0)
+            a1_0 = vfma(w, x1, a1_0)
+            a2_0 = vfma(w, x2, a2_0)
+            a3_0 = vfma(w, x3, a3_0)
+            w = vbcastl(df, o + c + cc)
+            a0_1 = vfma(w, x0, a0_1)
+            a1_1 = vfma(w, x1, a1_1)
+            a2_1 = vfma(w, x2, a2_1)
+            a3_1 = vfma(w, x3, a3_1)
+            w = vbcastl(df, o + 2 * c + cc)
+            a0_2 = vfma(w, x0, a0_2)
+            a1_2 = vfma(w, x1, a1_2)
+            a2_2 = vfma(w, x2, a2_2)
+            a3_2 = vfma(w, x3, a3_2)
+            w = vbcastl(df, o + 3 * c + cc)
+            a0_3 = vfma(w, x0, a0_3)
+            a1_3 = vfma(w, x1, a1_3)
+            a2_3 = vfma(w, x2, a2_3)
+            a3_3 = vfma(w, x3, a3_3)
+            xo += ldx
+    vstore(yf, yo + 0 * VW, a0_0)
+    vstore(yf, yo + 1 * VW, a1_0)
+    vstore(yf, yo + 2 * VW, a2_0)
+    vstore(yf, yo + 3 * VW, a3_0)
+    if 1 < rows:
+        vstore(yf, yo + ldy + 0 * VW, a0_1)
+        vstore(yf, yo + ldy + 1 * VW, a1_1)
+        vstore(yf, yo + ldy + 2 * VW, a2_1)
+        vstore(yf, yo + ldy + 3 * VW, a3_1)
+    if 2 < rows:
+        vstore(yf, yo + 2 * ldy + 0 * VW, a0_2)
+        vstore(yf, yo + 2 * ldy + 1 * VW, a1_2)
+        vstore(yf, yo + 2 * ldy + 2 * VW, a2_2)
+        vstore(yf, yo + 2 * ldy + 3 * VW, a3_2)
+    if 3 < rows:
+        vstore(yf, yo + 3 * ldy + 0 * VW, a0_3)
+        vstore(yf, yo + 3 * ldy + 1 * VW, a1_3)
+        vstore(yf, yo + 3 * ldy + 2 * VW, a2_3)
+        vstore(yf, yo + 3 * ldy + 3 * VW, a3_3)
+
+
+@jit
+def _g4x2(idx, df, base, rc, c, nin, xf, ldx, yf, yo, ldy, rows, j):
+    """As _g4x4 for 2 vectors."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    a1_0 = vzero(); a1_1 = vzero(); a1_2 = vzero(); a1_3 = vzero()
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
+        cw = min(c, nin - col0)
+        o = kk * rc + base
+        xo = col0 * ldx + j
+        for cc in range(cw):
+            x0 = vload(xf, xo + 0 * VW)
+            x1 = vload(xf, xo + 1 * VW)
+            w = vbcastl(df, o + cc)
+            a0_0 = vfma(w, x0, a0_0)
+            a1_0 = vfma(w, x1, a1_0)
+            w = vbcastl(df, o + c + cc)
+            a0_1 = vfma(w, x0, a0_1)
+            a1_1 = vfma(w, x1, a1_1)
+            w = vbcastl(df, o + 2 * c + cc)
+            a0_2 = vfma(w, x0, a0_2)
+            a1_2 = vfma(w, x1, a1_2)
+            w = vbcastl(df, o + 3 * c + cc)
+            a0_3 = vfma(w, x0, a0_3)
+            a1_3 = vfma(w, x1, a1_3)
+            xo += ldx
+    vstore(yf, yo + 0 * VW, a0_0)
+    vstore(yf, yo + 1 * VW, a1_0)
+    if 1 < rows:
+        vstore(yf, yo + ldy + 0 * VW, a0_1)
+        vstore(yf, yo + ldy + 1 * VW, a1_1)
+    if 2 < rows:
+        vstore(yf, yo + 2 * ldy + 0 * VW, a0_2)
+        vstore(yf, yo + 2 * ldy + 1 * VW, a1_2)
+    if 3 < rows:
+        vstore(yf, yo + 3 * ldy + 0 * VW, a0_3)
+        vstore(yf, yo + 3 * ldy + 1 * VW, a1_3)
+
+
+@jit
+def _g4x1(idx, df, base, rc, c, nin, xf, ldx, yf, yo, ldy, rows, j):
+    """As _g4x4 for 1 vector."""
+    a0_0 = vzero(); a0_1 = vzero(); a0_2 = vzero(); a0_3 = vzero()
+    for kk in range(idx.shape[0]):
+        col0 = idx[kk] * c
+        cw = min(c, nin - col0)
+        o = kk * rc + base
+        xo = col0 * ldx + j
+        for cc in range(cw):
+            x0 = vload(xf, xo)
+            a0_0 = vfma(vbcastl(df, o + cc), x0, a0_0)
+            a0_1 = vfma(vbcastl(df, o + c + cc), x0, a0_1)
+            a0_2 = vfma(vbcastl(df, o + 2 * c + cc), x0, a0_2)
+            a0_3 = vfma(vbcastl(df, o + 3 * c + cc), x0, a0_3)
+            xo += ldx
+    vstore(yf, yo, a0_0)
+    if 1 < rows:
+        vstore(yf, yo + ldy, a0_1)
+    if 2 < rows:
+        vstore(yf, yo + 2 * ldy, a0_2)
+    if 3 < rows:
+        vstore(yf, yo + 3 * ldy, a0_3)
+
+
+@jit
+def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias, res, act, lo, hi, ep):
+    """One task of ``bsr_spmm``: block rows b0..b1, Y columns jlo..jhi (a multiple of VW) in
+    register tiles (4-row groups of the block: 4 / 2 / 1 vectors; other rows one at a time:
+    8 / 4 / 2 / 1 vectors), then the epilogue on those columns when ep, and columns tail..N
+    (fewer than VW) accumulated in memory with their epilogue."""
     nout = y.shape[0]
     nin = x.shape[0]
-    n = x.shape[1]
+    n = y.shape[1]
     nb = bias.shape[0]
     nr = res.shape[0]
-    nbr = indptr.shape[0] - 1
-    nvec = (n // JT) * JT
-    # N chunks of equal width (a multiple of JT) sized so a chunk of X (nin rows) stays in L2
-    # while every block row uses it; the parallel loop runs chunk-major over (chunk, block row)
-    ncmax = max(JT, (L2_FLOATS // max(nin, 1)) // JT * JT)
-    nch = max(1, (n + ncmax - 1) // ncmax)
-    nc = ((n + nch - 1) // nch + JT - 1) // JT * JT
-    nch = max(1, (n + nc - 1) // nc)
-    for t in prange(nch * nbr):
-        ch = t // nbr
-        br = t - ch * nbr
-        jlo = ch * nc
-        jhi = min(n, jlo + nc)
+    yf = y.reshape(-1)
+    rc = r * c
+    for br in range(b0, b1):
         k0 = indptr[br]
         k1 = indptr[br + 1]
+        idx = indices[k0:k1]
         i0 = br * r
         rows = min(r, nout - i0)
-        # register-blocked part: JT columns at a time, groups of 8 / 4 / 1 rows
-        je = min(jhi, nvec)
-        for j in range(jlo, je, JT):
-            g = 0
-            while g < rows:
-                if r - g >= 8:
-                    _mk8(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, rows - g, j)
-                    g += 8
-                elif r - g >= 4:
-                    _mk4(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, rows - g, j)
-                    g += 4
-                else:
-                    _mk1(indices, d2, k0, k1, g, c, nin, x, y, i0 + g, j)
-                    g += 1
-        # fused epilogue over this chunk's vector columns, while they are still in L1/L2
-        if je > jlo:
+        g = 0
+        while g + 4 <= r and g < rows:
+            base = k0 * rc + g * c
+            yo = (i0 + g) * n
+            j = jlo
+            while j + 4 * VW <= jhi:
+                _g4x4(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rows - g, j)
+                j += 4 * VW
+            if j + 2 * VW <= jhi:
+                _g4x2(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rows - g, j)
+                j += 2 * VW
+            if j + VW <= jhi:
+                _g4x1(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rows - g, j)
+            g += 4
+        while g < rows:
+            base = k0 * rc + g * c
+            yo = (i0 + g) * n
+            j = jlo
+            while j + 8 * VW <= jhi:
+                _g1x8(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                j += 8 * VW
+            if j + 4 * VW <= jhi:
+                _g1x4(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                j += 4 * VW
+            if j + 2 * VW <= jhi:
+                _g1x2(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                j += 2 * VW
+            if j + VW <= jhi:
+                _g1x1(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+            g += 1
+        if ep and jhi > jlo:
             for ii in range(rows):
                 i = i0 + ii
                 b = bias[i] if nb != 0 else np.float32(0.0)
-                yr = y[i, jlo:je]
+                yr = y[i, jlo:jhi]
                 if nr != 0:
-                    epilogue_tile(yr, b, res[i, jlo:je], act, lo, hi)
+                    epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
                 else:
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
-        # remainder columns (< JT, in the last chunk): accumulate in memory
-        if nvec < n and jhi == n:
-            m = n - nvec
+        if tail < n:
+            m = n - tail
             for ii in range(rows):
                 i = i0 + ii
-                yr = y[i, nvec:n]
+                yr = y[i, tail:n]
                 for j in range(m):
                     yr[j] = np.float32(0.0)
                 if c == 1:
-                    _tile_c1(indices, d2, k0, k1, ii, x, yr, nvec, m)
+                    _tile_c1(indices, d2, k0, k1, ii, x, yr, tail, m)
                 else:
-                    _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, nvec, m)
+                    _tile_cn(indices, d2, k0, k1, ii, c, nin, x, yr, tail, m)
                 b = bias[i] if nb != 0 else np.float32(0.0)
                 if nr != 0:
-                    epilogue_tile(yr, b, res[i, nvec:n], act, lo, hi)
+                    epilogue_tile(yr, b, res[i, tail:n], act, lo, hi)
                 else:
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+
+
+@jit(inline="always")
+def _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw):
+    """Task t of ``bsr_spmm`` (chunk-major): Y columns jlo..jhi in register tiles, scalar tail from
+    ``tail`` (last chunk only), block rows b0..b1 (groups of equal non-zero share)."""
+    ch = t // nrg
+    g = t - ch * nrg
+    jlo = ((ch * ntile) // nch) * tw
+    jhi = (((ch + 1) * ntile) // nch) * tw
+    tail = n
+    if ch == nch - 1:
+        jhi = nvc
+        tail = nvc
+    b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
+    b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
+    return jlo, jhi, tail, b0, b1
+
+
+@pjit
+def _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, ep, nw, nch, nrg, ntile, tw, ctr):
+    """The parallel part of ``bsr_spmm``: nw workers take tasks from the shared counter ctr[0]."""
+    n = x.shape[1]
+    nbr = indptr.shape[0] - 1
+    nnz = indptr[nbr]
+    nvc = (n // VW) * VW
+    xf = x.reshape(-1)
+    df = d2.reshape(-1)
+    ntask = nch * nrg
+    for wk in prange(nw):
+        t = _fetch_add(ctr, 0, 1)
+        while t < ntask:
+            jlo, jhi, tail, b0, b1 = _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
+            _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias, res, act, lo, hi, ep)
+            t = _fetch_add(ctr, 0, 1)
+
+
+@jit
+def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nt):
+    """Y = act(W @ X + bias + res), any r x c; d2 = data.reshape(nblk, r*c). x [in, N], y [out, N]
+    C-contiguous float32; bias [out] / res [out, N] or empty; nt: the caller's thread count."""
+    nin = x.shape[0]
+    n = x.shape[1]
+    nbr = indptr.shape[0] - 1
+    nvc = (n // VW) * VW
+    tw = 4 * VW if r >= 4 else 8 * VW  # widest register tile of the block's row groups
+    ntile = nvc // tw
+    # N chunks (whole tiles) sized so a chunk of X (nin rows) stays in L2 while every block row uses it
+    ncmax = max(1, L2_FLOATS // max(nin * tw, 1))  # tiles per chunk
+    nch = max(1, min(ntile, (ntile + ncmax - 1) // ncmax))
+    nrg = max(1, min(nbr, GEN_GROUPS_PER_THREAD * nt))
+    ep = bias.shape[0] != 0 or res.shape[0] != 0 or act != ACT_NONE
+    nw = max(1, min(nt, nch * nrg))
+    if nw == 1:
+        nnz = indptr[nbr]
+        xf = x.reshape(-1)
+        df = d2.reshape(-1)
+        for t in range(nch * nrg):
+            jlo, jhi, tail, b0, b1 = _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
+            _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias, res, act, lo, hi, ep)
+        return
+    ctr = np.zeros(16, np.int64)
+    _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, ep, nw, nch, nrg, ntile, tw, ctr)
+
 
 
 @jit
@@ -1215,7 +1388,14 @@ def _run_gemm(p, x, y, bias, act, lo, hi, residual):
         if yc is not y:
             y[...] = yc
     else:
-        bsr_spmm(p[0], p[1], p[2], r, c, x, y, none1(bias), none2(residual), int(act), float(lo), float(hi))
+        # the generic kernel views X / Y as flat arrays: C-contiguous (no copy when they are)
+        x = np.ascontiguousarray(x)
+        residual = None if residual is None else np.ascontiguousarray(residual)
+        yc = y if y.flags.c_contiguous else np.empty(y.shape, np.float32)
+        bsr_spmm(p[0], p[1], p[2], r, c, x, yc, none1(bias), none2(residual), int(act), float(lo), float(hi),
+                 numba.get_num_threads())
+        if yc is not y:
+            y[...] = yc
 
 
 def _run_gemv(p, x, y, bias, act, lo, hi, residual):
@@ -1236,7 +1416,7 @@ for _r, _c in BLOCKS:
                                      + " register tiles (rows x vectors), bias / residual / relu / relu6 / clamp on each "
                                      "tile in L1; aligned per-worker X copy when X is misaligned; X prefetch when X > L2")
                               if _fast else
-                              "bsr_spmm: (N chunk, block row) in parallel; 8x2 / 4x2 / 1x2 register tiles (rows x vectors)"))
+                              "bsr_spmm: nnz-balanced (N chunk, block-row group) tasks taken on demand; 4x4 / 1x8 register tiles (rows x vectors)"))
     KERNELS.append(KernelSpec(name=f"bsr{_r}x{_c}_f32_spmv", op="gemv", fmt="bsr", dtype="float32",
                               block=(_r, _c), prepare=_prepare, run=_run_gemv, reference=reference, min_n=1,
                               max_n=1, notes="batch 1; register accumulators for 4x1 / 8x1 / 16x1, generic loop otherwise"))

@@ -86,3 +86,77 @@ def test_non_contiguous_arrays(rng):
     row.run(row.prepare(fmt), x, y, None, 0, 0.0, 0.0, res)
     np.testing.assert_allclose(y, w.astype(np.float64) @ x + res, rtol=1e-4, atol=1e-3)
     assert np.isnan(yb[:, 1::2]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the generic kernel ``bsr_spmm`` (every block that is not r x 1): 4-row x 4 / 2 / 1-vector tiles
+# for rows in groups of 4, 1-row x 8 / 4 / 2 / 1-vector tiles for the others, scalar column tail
+
+VW = bsr.VW
+# N: below one vector (tail only), one vector, 2 vectors + tail, 4 vectors, every tile width of
+# the 1-row path (8 + 4 + 2 + 1 vectors) plus a tail, several 8-vector tiles
+GEN_NS = [1, VW - 3, VW, 2 * VW + 5, 4 * VW, 15 * VW + 7, 16 * VW]
+# blocks of the table's generic rows plus shapes that mix 4-row groups with single rows (6x2,
+# 5x3), 8-row and 16-row blocks with c > 1, and 2x2; out / in not multiples of the block
+GEN_BLOCKS = [(1, 4), (1, 16), (4, 4), (2, 2), (6, 2), (5, 3), (8, 4), (16, 16)]
+
+
+def _gen_run(p, x, y, bias, res, act, nt):
+    r, c = p[3], p[4]
+    bsr.bsr_spmm(p[0], p[1], p[2], r, c, x, y, bsr.none1(bias), bsr.none2(res), act, 0.0, 0.0, nt)
+
+
+@pytest.mark.parametrize("block", GEN_BLOCKS, ids=[f"{r}x{c}" for r, c in GEN_BLOCKS])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_generic_edges(block, threads, rng):
+    """Edge shapes of the generic kernel against w @ x: out / in not multiples of the block, N below /
+    above / not a multiple of every tile, empty block rows, all-zero and fully dense weights, bias +
+    residual + relu in the epilogue; 1 and 2 threads, and a thread count above the pool size."""
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        r, c = block
+        out, inn = 4 * r + 3 if r > 1 else 37, 5 * c + 3
+        for kind in ("sparse", "zero", "dense"):
+            density = {"sparse": 0.35, "zero": 0.0, "dense": 1.0}[kind]
+            w, fmt = _weight(rng, block, out, inn, density=density)
+            if kind == "dense":  # _weight empties every third block row: fill them too
+                w = rng.standard_normal((out, inn)).astype(np.float32)
+                fmt = BSR.from_dense(w, block=block)
+            p = bsr._prepare(fmt)
+            for n in GEN_NS:
+                x = rng.standard_normal((inn, n)).astype(np.float32)
+                ref = w.astype(np.float64) @ x
+                y = np.full((out, n), np.nan, np.float32)
+                _gen_run(p, x, y, None, None, 0, numba.get_num_threads())
+                np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
+                bias = rng.standard_normal(out).astype(np.float32)
+                res = rng.standard_normal((out, n)).astype(np.float32)
+                y[:] = np.nan
+                _gen_run(p, x, y, bias, res, table.ACT_RELU, 7 if n == GEN_NS[-2] else numba.get_num_threads())
+                np.testing.assert_allclose(y, np.maximum(ref + bias[:, None] + res, 0), rtol=1e-4,
+                                           atol=1e-4 * (1 + np.sqrt(inn)))
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("block", [(1, 4), (4, 4)], ids=["1x4", "4x4"])
+def test_generic_table_row_strided_and_n1(block, rng):
+    """The table rows of the generic kernel: strided X / Y / residual (copied to contiguous), and
+    N = 1 through both the gemm row and the spmv row."""
+    gemm = next(k for k in ROWS if k.block == block)
+    gemv = next(k for k in bsr.KERNELS if k.op == "gemv" and k.block == block)
+    w, fmt = _weight(rng, block, 23, 45, density=0.4)
+    packed = gemm.prepare(fmt)
+    xb = rng.standard_normal((45, 2 * 70)).astype(np.float32)
+    rb = rng.standard_normal((23, 2 * 70)).astype(np.float32)
+    x, res = xb[:, ::2], rb[:, ::2]
+    yb = np.full((23, 2 * 70), np.nan, np.float32)
+    y = yb[:, ::2]
+    gemm.run(packed, x, y, None, 0, 0.0, 0.0, res)
+    np.testing.assert_allclose(y, w.astype(np.float64) @ x + res, rtol=1e-4, atol=1e-3)
+    assert np.isnan(yb[:, 1::2]).all()
+    x1 = rng.standard_normal((45, 1)).astype(np.float32)
+    for row in (gemm, gemv):
+        y1 = np.full((23, 1), np.nan, np.float32)
+        row.run(row.prepare(fmt), x1, y1, None, 0, 0.0, 0.0, None)
+        np.testing.assert_allclose(y1, w.astype(np.float64) @ x1, rtol=1e-4, atol=1e-3)
