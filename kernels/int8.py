@@ -40,7 +40,11 @@ picks amx > vnni > portable, ``extra["priority"]`` says the same to the runtime)
   for csr, 8 or 4 for bsr) the distinct input features holding a non-zero, taken 4 at a time in
   any order (``_groups``; the last group padded with zero weights), weights int8 [ng, R, 4].
   Activations quantized to uint8 ``[in, Npad64]`` (64-byte aligned rows, columns permuted inside
-  each 64 so the register interleaves come out in natural order). Per group the 4 activation
+  each 64 so the register interleaves come out in natural order); dynamic per-tensor
+  quantization runs inside the GEMM's own parallel call (``_quant_phase``: chunked min / max and
+  quantization claimed by the threads that arrive first, bounded waits), then the workers take
+  GEMM tasks from an atomic counter (one parallel region per call; a pool thread that wakes late
+  or is preempted takes less work instead of holding up a static half). Per group the 4 activation
   rows are byte-interleaved in registers: bsr (``vnni_gather4``) punpck bw + wd into 16 columns x
   4 features per zmm, shared by the R rows; csr (``vnni_pairs``) as 2 pairs, punpck bw only and
   2 vpdpbusd per pair ("even"/"odd" weight dwords) -- vpdpbusd issues on ports 0 and 5, shuffles
@@ -589,11 +593,23 @@ def _quant_rows(xf, N, qf, npad, k0, k1, iv, zf, pairs):
             quant_chunks(False, qf, k * npad, xf, k * N, N, iv, zf, npad // 64)
 
 
+@jit(inline="always")
+def _given_minmax(mm):
+    """(given, min(mm[0], 0), max(mm[1], 0)) of an optional min / max array (empty: not given)."""
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    have = mm.shape[0] >= 2
+    if have:
+        lo = min(lo, mm[0])
+        hi = max(hi, mm[1])
+    return have, lo, hi
+
+
 _SPIN = 256  # pauses (~15 us) a worker waits for a chunk another worker claimed, then does it itself
 
 
 @jit(inline="always")
-def _quant_phase(w, x, xq, mm, pairs, st, qc, owner, mlo, mhi, rb):
+def _quant_phase(w, x, xq, have, lo0, hi0, pairs, st, qc, owner, mlo, mhi, rb):
     """Dynamic per-tensor quantization of x into xq (``_quant_perm_dyn``'s layout and parameters) as
     the first phase of a parallel call, worker w; when it returns, every chunk is quantized.
     Row chunks of rb rows are claimed from st[0]; the worker takes their min / max (mlo, mhi;
@@ -601,13 +617,15 @@ def _quant_phase(w, x, xq, mm, pairs, st, qc, owner, mlo, mhi, rb):
     finished after ``_SPIN`` pauses: preempted or not started), derives the parameters, quantizes
     its own chunks first (in its cache), takes chunks nobody started (claims qc[c]), then makes
     sure of the rest the same way (done flags st[16 + nch + c]). Redone work writes the same
-    values. Returns the scalar (sx, zx), the same in every worker."""
+    values. have: (lo0, hi0) = (min(min(x), 0), max(max(x), 0)) are given (no min / max pass);
+    else both 0. (The caller reads its mm array outside the parallel loop: numba's parfor hoists
+    a guarded ``mm[0]`` out of its branch, an out-of-bounds read of an empty array.) Returns
+    the scalar (sx, zx), the same in every worker."""
     K, N = x.shape
     npad = xq.shape[1]
     xf = x.reshape(-1)
     qf = xq.reshape(-1)
     nch = qc.shape[0]
-    have = mm.shape[0] >= 2
     md = 16
     qd = 16 + nch
     c = fetch_add(st, 0, 1)
@@ -617,12 +635,9 @@ def _quant_phase(w, x, xq, mm, pairs, st, qc, owner, mlo, mhi, rb):
             mlo[c], mhi[c] = minmax_f32(xf[c * rb * N:min(c * rb + rb, K) * N])
             fetch_add(st, md + c, 1)
         c = fetch_add(st, 0, 1)
-    lo = np.float32(0.0)
-    hi = np.float32(0.0)
-    if have:
-        lo = min(lo, mm[0])
-        hi = max(hi, mm[1])
-    else:
+    lo = lo0
+    hi = hi0
+    if not have:
         for i in range(nch):
             if not spin_until(st, md + i, 1, _SPIN):
                 mlo[i], mhi[i] = minmax_f32(xf[i * rb * N:min(i * rb + rb, K) * N])
@@ -654,6 +669,7 @@ def _quant_perm_dyn(x, xq, pairs, mm):
     K, N = x.shape
     rb = max(4096 // max(N, 1), 1)
     nch = (K + rb - 1) // rb
+    have, lo0, hi0 = _given_minmax(mm)
     st = np.zeros(16 + 2 * nch, np.int64)
     qc = np.zeros(nch, np.int64)
     owner = np.full(nch, -1, np.int64)
@@ -662,7 +678,7 @@ def _quant_perm_dyn(x, xq, pairs, mm):
     scs = np.zeros(_QW, np.float32)
     zis = np.zeros(_QW, np.int32)
     for w in prange(_QW):
-        scs[w], zis[w] = _quant_phase(w, x, xq, mm, pairs, st, qc, owner, mlo, mhi, rb)
+        scs[w], zis[w] = _quant_phase(w, x, xq, have, lo0, hi0, pairs, st, qc, owner, mlo, mhi, rb)
     return np.full(N, scs[0], np.float32), np.full(N, zis[0], np.int32)
 
 
@@ -711,6 +727,7 @@ def _groups_vnni(R, gptr, gidx, gw, out, x, mm, dyn, xq, rowsum, czx, cz, czx32,
     K = x.shape[0] if dyn else 0
     rb = max(4096 // max(N, 1), 1)
     nch = (K + rb - 1) // rb
+    have, lo0, hi0 = _given_minmax(mm)
     st = np.zeros(16 + 2 * nch, np.int64)  # [0] chunk claims, [8] task counter, [16:] chunk done flags
     qc = np.zeros(nch, np.int64)
     owner = np.full(nch, -1, np.int64)
@@ -720,7 +737,7 @@ def _groups_vnni(R, gptr, gidx, gw, out, x, mm, dyn, xq, rowsum, czx, cz, czx32,
         sxl = sxp
         czl = czp
         if dyn:
-            sc, zi = _quant_phase(w, x, xq, mm, R == 1, st, qc, owner, mlo, mhi, rb)
+            sc, zi = _quant_phase(w, x, xq, have, lo0, hi0, R == 1, st, qc, owner, mlo, mhi, rb)
             sxl = np.zeros(npad, np.float32)
             czl = np.zeros(npad, np.int32)
             for n in range(N):

@@ -282,7 +282,8 @@ def test_quant_phase_redoes_unfinished_chunks(rng, pairs):
             owner = np.full(nch, -1, np.int64)
             mm = np.array([min(x.min(), 0), max(x.max(), 0)], np.float32) if have_mm else np.zeros(0, np.float32)
             xq = np.full((K, npad), 77, np.uint8)
-            sc, zi = K8._quant_phase(0, x, xq, mm, pairs, st, qc, owner, np.zeros(nch, np.float32),
+            have, lo0, hi0 = K8._given_minmax(mm)  # float32 in the kernels (Python floats here)
+            sc, zi = K8._quant_phase(0, x, xq, have, np.float32(lo0), np.float32(hi0), pairs, st, qc, owner, np.zeros(nch, np.float32),
                                      np.zeros(nch, np.float32), rb)
             s2, z2 = K8.act_params(x)
             assert sc == s2[0] and zi == z2[0]
