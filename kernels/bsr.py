@@ -36,8 +36,11 @@ specializations serve every block shape:
   A block's c X rows are consecutive: one index per block, flat X / Y / value addressing
   (``vbcastl``). 1-row x 2-vector tiles (2 chains per row) measured 2x slower on ffn_n128.
   Edge blocks: rows >= out are computed on the zero padding but never stored; X rows >= in are
-  never read. Epilogue per block row on the chunk's columns right after its tiles; columns beyond
-  a multiple of VW accumulated in memory.
+  never read. Fused epilogue as in ``bsr_spmm_r1`` (``_tile_ep`` on each tile right after its
+  store: bias + residual + relu / relu6 / clamp; a per-row pass over L1/L2-hot data cost 5-25%);
+  other activations in a second pass per block row. Columns beyond a multiple of VW accumulated
+  in memory. 1 x c blocks load one X vector per FMA (as CSR does): X streams from L2 once per
+  output row, so they run at about CSR's speed (4-row groups use each X vector load for 4 FMAs).
 * ``bsr_spmv`` (N = 1): per block row an r-vector accumulator; bytes per weight are
   (4 + 4*r*c) / (r*c) per stored block entry, i.e. close to 4 B for tall blocks. The 4x1 / 8x1 /
   16x1 loops prefetch W ``GEMV_PF`` blocks ahead (batch 1 is DRAM-bound when W does not fit in cache).
@@ -1136,17 +1139,21 @@ def _g4x1(idx, df, base, rc, c, nin, xf, ldx, yf, yo, ldy, rows, j):
 
 
 @jit
-def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias, res, act, lo, hi, ep):
+def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, bz, rf, ldr, flo, fhi, actpass,
+           bias, res, act, lo, hi):
     """One task of ``bsr_spmm``: block rows b0..b1, Y columns jlo..jhi (a multiple of VW) in
     register tiles (4-row groups of the block: 4 / 2 / 1 vectors; other rows one at a time:
-    8 / 4 / 2 / 1 vectors), then the epilogue on those columns when ep, and columns tail..N
-    (fewer than VW) accumulated in memory with their epilogue."""
+    8 / 4 / 2 / 1 vectors), each tile followed by its epilogue while in L1 when ep (``_tile_ep``:
+    bias bz, residual rf, clamp to [flo, fhi]); then the activation pass when actpass, and columns
+    tail..N (fewer than VW) accumulated in memory with their whole epilogue."""
     nout = y.shape[0]
     nin = x.shape[0]
     n = y.shape[1]
     nb = bias.shape[0]
     nr = res.shape[0]
     yf = y.reshape(-1)
+    vlo = vbcast(flo)
+    vhi = vbcast(fhi)
     rc = r * c
     for br in range(b0, b1):
         k0 = indptr[br]
@@ -1158,15 +1165,22 @@ def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias
         while g + 4 <= r and g < rows:
             base = k0 * rc + g * c
             yo = (i0 + g) * n
+            rg = min(4, rows - g)
             j = jlo
             while j + 4 * VW <= jhi:
-                _g4x4(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rows - g, j)
+                _g4x4(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rg, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, rg, j, 4, ep, bz, rf, ldr, vlo, vhi)
                 j += 4 * VW
             if j + 2 * VW <= jhi:
-                _g4x2(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rows - g, j)
+                _g4x2(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rg, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, rg, j, 2, ep, bz, rf, ldr, vlo, vhi)
                 j += 2 * VW
             if j + VW <= jhi:
-                _g4x1(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rows - g, j)
+                _g4x1(idx, df, base, rc, c, nin, xf, n, yf, yo + j, n, rg, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, rg, j, 1, ep, bz, rf, ldr, vlo, vhi)
             g += 4
         while g < rows:
             base = k0 * rc + g * c
@@ -1174,25 +1188,28 @@ def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias
             j = jlo
             while j + 8 * VW <= jhi:
                 _g1x8(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, 1, j, 8, ep, bz, rf, ldr, vlo, vhi)
                 j += 8 * VW
             if j + 4 * VW <= jhi:
                 _g1x4(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, 1, j, 4, ep, bz, rf, ldr, vlo, vhi)
                 j += 4 * VW
             if j + 2 * VW <= jhi:
                 _g1x2(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, 1, j, 2, ep, bz, rf, ldr, vlo, vhi)
                 j += 2 * VW
             if j + VW <= jhi:
                 _g1x1(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                if ep != 0:
+                    _tile_ep(yf, n, i0 + g, 1, j, 1, ep, bz, rf, ldr, vlo, vhi)
             g += 1
-        if ep and jhi > jlo:
+        if actpass and jhi > jlo:
             for ii in range(rows):
-                i = i0 + ii
-                b = bias[i] if nb != 0 else np.float32(0.0)
-                yr = y[i, jlo:jhi]
-                if nr != 0:
-                    epilogue_tile(yr, b, res[i, jlo:jhi], act, lo, hi)
-                else:
-                    epilogue_tile(yr, b, yr[0:0], act, lo, hi)
+                yr = y[i0 + ii, jlo:jhi]
+                epilogue_tile(yr, np.float32(0.0), yr[0:0], act, lo, hi)
         if tail < n:
             m = n - tail
             for ii in range(rows):
@@ -1229,7 +1246,8 @@ def _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw):
 
 
 @pjit
-def _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, ep, nw, nch, nrg, ntile, tw, ctr):
+def _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, ep, bz, rf, ldr,
+               flo, fhi, actpass, ctr):
     """The parallel part of ``bsr_spmm``: nw workers take tasks from the shared counter ctr[0]."""
     n = x.shape[1]
     nbr = indptr.shape[0] - 1
@@ -1242,37 +1260,72 @@ def _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, ep, nw, 
         t = _fetch_add(ctr, 0, 1)
         while t < ntask:
             jlo, jhi, tail, b0, b1 = _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
-            _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias, res, act, lo, hi, ep)
+            _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, bz, rf, ldr, flo, fhi,
+                   actpass, bias, res, act, lo, hi)
+            # dynamic hand-out: a worker that starts late or is preempted takes fewer tasks
             t = _fetch_add(ctr, 0, 1)
 
 
 @jit
 def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nt):
     """Y = act(W @ X + bias + res), any r x c; d2 = data.reshape(nblk, r*c). x [in, N], y [out, N]
-    C-contiguous float32; bias [out] / res [out, N] or empty; nt: the caller's thread count."""
+    C-contiguous float32; bias [out] / res [out, N] (C-contiguous) or empty; nt: the caller's thread
+    count (sizes the work split)."""
     nin = x.shape[0]
     n = x.shape[1]
     nbr = indptr.shape[0] - 1
-    nvc = (n // VW) * VW
+    nvc = (n // VW) * VW  # columns in whole vectors; the rest is the scalar tail
     tw = 4 * VW if r >= 4 else 8 * VW  # widest register tile of the block's row groups
     ntile = nvc // tw
     # N chunks (whole tiles) sized so a chunk of X (nin rows) stays in L2 while every block row uses it
     ncmax = max(1, L2_FLOATS // max(nin * tw, 1))  # tiles per chunk
     nch = max(1, min(ntile, (ntile + ncmax - 1) // ncmax))
-    nrg = max(1, min(nbr, GEN_GROUPS_PER_THREAD * nt))
-    ep = bias.shape[0] != 0 or res.shape[0] != 0 or act != ACT_NONE
-    nw = max(1, min(nt, nch * nrg))
+    nrg = max(1, min(nbr, GEN_GROUPS_PER_THREAD * nt))  # block-row groups of equal non-zero share
+    nw = max(1, min(nt, nch * nrg))  # workers (one per thread); they take tasks from a shared counter
+    # epilogue: bias / residual / relu / relu6 / clamp on each register tile right after its
+    # store (still in L1); other activations in a second pass per block row
+    ep = 0
+    if bias.shape[0] != 0 or res.shape[0] != 0:
+        ep = 1
+    flo = np.float32(-np.inf)
+    fhi = np.float32(np.inf)
+    actpass = False
+    if act == ACT_RELU:
+        ep = 5
+        flo = np.float32(0.0)
+    elif act == ACT_RELU6:
+        ep = 5
+        flo = np.float32(0.0)
+        fhi = np.float32(6.0)
+    elif act == ACT_CLAMP:
+        ep = 5
+        flo = np.float32(lo)
+        fhi = np.float32(hi)
+    elif act != ACT_NONE:
+        actpass = True
+    # zeros stand in for an absent bias / residual (allocated only when the epilogue runs at all)
+    bz = bias
+    if bias.shape[0] == 0 and ep != 0:
+        bz = np.zeros(nbr * r, np.float32)
+    rf = res.reshape(-1)
+    ldr = res.shape[1]
+    if res.shape[0] == 0:
+        ldr = 0
+        if ep != 0:
+            rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
     if nw == 1:
+        # one thread: the tasks in order, in the calling thread (no parallel region)
         nnz = indptr[nbr]
         xf = x.reshape(-1)
         df = d2.reshape(-1)
         for t in range(nch * nrg):
             jlo, jhi, tail, b0, b1 = _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
-            _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, bias, res, act, lo, hi, ep)
+            _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, bz, rf, ldr, flo, fhi,
+                   actpass, bias, res, act, lo, hi)
         return
-    ctr = np.zeros(16, np.int64)
-    _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, ep, nw, nch, nrg, ntile, tw, ctr)
-
+    ctr = np.zeros(16, np.int64)  # the task counter (own cache line)
+    _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, ep, bz, rf, ldr,
+               flo, fhi, actpass, ctr)
 
 
 @jit

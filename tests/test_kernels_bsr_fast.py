@@ -101,17 +101,23 @@ GEN_NS = [1, VW - 3, VW, 2 * VW + 5, 4 * VW, 15 * VW + 7, 16 * VW]
 GEN_BLOCKS = [(1, 4), (1, 16), (4, 4), (2, 2), (6, 2), (5, 3), (8, 4), (16, 16)]
 
 
-def _gen_run(p, x, y, bias, res, act, nt):
+def _gen_run(p, x, y, bias, res, act, nt, lo=0.0, hi=0.0):
     r, c = p[3], p[4]
-    bsr.bsr_spmm(p[0], p[1], p[2], r, c, x, y, bsr.none1(bias), bsr.none2(res), act, 0.0, 0.0, nt)
+    bsr.bsr_spmm(p[0], p[1], p[2], r, c, x, y, bsr.none1(bias), bsr.none2(res), act, lo, hi, nt)
+
+
+# epilogues: in the register tiles (bias / residual / relu / relu6 / clamp) and in a second pass (gelu)
+GEN_EPILOGUES = [("bias+res", table.ACT_RELU, -1.0, -1.0), ("bias", table.ACT_RELU6, 0.0, 0.0),
+                 ("res", table.ACT_CLAMP, -0.5, 0.7), ("bias+res", table.ACT_GELU, 0.0, 0.0),
+                 ("", table.ACT_RELU, 0.0, 0.0)]
 
 
 @pytest.mark.parametrize("block", GEN_BLOCKS, ids=[f"{r}x{c}" for r, c in GEN_BLOCKS])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_generic_edges(block, threads, rng):
     """Edge shapes of the generic kernel against w @ x: out / in not multiples of the block, N below /
-    above / not a multiple of every tile, empty block rows, all-zero and fully dense weights, bias +
-    residual + relu in the epilogue; 1 and 2 threads, and a thread count above the pool size."""
+    above / not a multiple of every tile, empty block rows, all-zero and fully dense weights, every
+    epilogue variant (a different one per N); 1 and 2 threads, and a thread count above the pool size."""
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         r, c = block
@@ -129,12 +135,13 @@ def test_generic_edges(block, threads, rng):
                 y = np.full((out, n), np.nan, np.float32)
                 _gen_run(p, x, y, None, None, 0, numba.get_num_threads())
                 np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
-                bias = rng.standard_normal(out).astype(np.float32)
-                res = rng.standard_normal((out, n)).astype(np.float32)
+                which, act, lo, hi = GEN_EPILOGUES[GEN_NS.index(n) % len(GEN_EPILOGUES)]
+                bias = rng.standard_normal(out).astype(np.float32) if "bias" in which else None
+                res = rng.standard_normal((out, n)).astype(np.float32) if "res" in which else None
                 y[:] = np.nan
-                _gen_run(p, x, y, bias, res, table.ACT_RELU, 7 if n == GEN_NS[-2] else numba.get_num_threads())
-                np.testing.assert_allclose(y, np.maximum(ref + bias[:, None] + res, 0), rtol=1e-4,
-                                           atol=1e-4 * (1 + np.sqrt(inn)))
+                _gen_run(p, x, y, bias, res, act, 7 if n == GEN_NS[-2] else numba.get_num_threads(), lo, hi)
+                want = bsr.reference(fmt, x, bias, act, lo, hi, res)
+                np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * (1 + np.sqrt(inn)))
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
