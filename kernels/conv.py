@@ -977,324 +977,366 @@ def _mkoff1(koff, data, k0, k1, xf, yr, j):
 
 
 @jit(inline="always")
-def _mkoffa(koff, data, k0, k1, xf, yr, j, nv, acc):
-    """yr[j:j+nv*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...] for nv in 16 / 8 / 4 / 2 / 1 (accumulators
-    started from yr when acc)."""
-    if nv == 16:
-        if acc:
-            a0 = vload(yr, j + 0 * VW)
-            a1 = vload(yr, j + 1 * VW)
-            a2 = vload(yr, j + 2 * VW)
-            a3 = vload(yr, j + 3 * VW)
-            a4 = vload(yr, j + 4 * VW)
-            a5 = vload(yr, j + 5 * VW)
-            a6 = vload(yr, j + 6 * VW)
-            a7 = vload(yr, j + 7 * VW)
-            a8 = vload(yr, j + 8 * VW)
-            a9 = vload(yr, j + 9 * VW)
-            a10 = vload(yr, j + 10 * VW)
-            a11 = vload(yr, j + 11 * VW)
-            a12 = vload(yr, j + 12 * VW)
-            a13 = vload(yr, j + 13 * VW)
-            a14 = vload(yr, j + 14 * VW)
-            a15 = vload(yr, j + 15 * VW)
-        else:
-            a0 = vzero()
-            a1 = vzero()
-            a2 = vzero()
-            a3 = vzero()
-            a4 = vzero()
-            a5 = vzero()
-            a6 = vzero()
-            a7 = vzero()
-            a8 = vzero()
-            a9 = vzero()
-            a10 = vzero()
-            a11 = vzero()
-            a12 = vzero()
-            a13 = vzero()
-            a14 = vzero()
-            a15 = vzero()
-        kk = koff[k0:k1]
-        dd = data[k0:k1]
-        for q in range(k1 - k0):
-            o = kk[q] + j
-            w = vbcast(dd[q])
-            a0 = vfma(w, vload(xf, o + 0 * VW), a0)
-            a1 = vfma(w, vload(xf, o + 1 * VW), a1)
-            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
-            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
-            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
-            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
-            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
-            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
-            a8 = vfma(w, vload(xf, o + 8 * VW), a8)
-            a9 = vfma(w, vload(xf, o + 9 * VW), a9)
-            a10 = vfma(w, vload(xf, o + 10 * VW), a10)
-            a11 = vfma(w, vload(xf, o + 11 * VW), a11)
-            a12 = vfma(w, vload(xf, o + 12 * VW), a12)
-            a13 = vfma(w, vload(xf, o + 13 * VW), a13)
-            a14 = vfma(w, vload(xf, o + 14 * VW), a14)
-            a15 = vfma(w, vload(xf, o + 15 * VW), a15)
-        vstore(yr, j + 0 * VW, a0)
-        vstore(yr, j + 1 * VW, a1)
-        vstore(yr, j + 2 * VW, a2)
-        vstore(yr, j + 3 * VW, a3)
-        vstore(yr, j + 4 * VW, a4)
-        vstore(yr, j + 5 * VW, a5)
-        vstore(yr, j + 6 * VW, a6)
-        vstore(yr, j + 7 * VW, a7)
-        vstore(yr, j + 8 * VW, a8)
-        vstore(yr, j + 9 * VW, a9)
-        vstore(yr, j + 10 * VW, a10)
-        vstore(yr, j + 11 * VW, a11)
-        vstore(yr, j + 12 * VW, a12)
-        vstore(yr, j + 13 * VW, a13)
-        vstore(yr, j + 14 * VW, a14)
-        vstore(yr, j + 15 * VW, a15)
-    elif nv == 8:
-        if acc:
-            a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
-            a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
-            a7 = vload(yr, j + 7 * VW)
-        else:
-            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-            a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-        kk = koff[k0:k1]
-        dd = data[k0:k1]
-        for q in range(k1 - k0):
-            o = kk[q] + j
-            w = vbcast(dd[q])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
-            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
-            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
-            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
-            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
-            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
-        vstore(yr, j, a0)
-        vstore(yr, j + VW, a1)
-        vstore(yr, j + 2 * VW, a2)
-        vstore(yr, j + 3 * VW, a3)
-        vstore(yr, j + 4 * VW, a4)
-        vstore(yr, j + 5 * VW, a5)
-        vstore(yr, j + 6 * VW, a6)
-        vstore(yr, j + 7 * VW, a7)
-    elif nv == 4:
-        if acc:
-            a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
-        else:
-            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-        kk = koff[k0:k1]
-        dd = data[k0:k1]
-        for q in range(k1 - k0):
-            o = kk[q] + j
-            w = vbcast(dd[q])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
-            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
-        vstore(yr, j, a0)
-        vstore(yr, j + VW, a1)
-        vstore(yr, j + 2 * VW, a2)
-        vstore(yr, j + 3 * VW, a3)
-    elif nv == 2:
-        if acc:
-            a0 = vload(yr, j); a1 = vload(yr, j + VW)
-        else:
-            a0 = vzero(); a1 = vzero()
-        b0 = vzero(); b1 = vzero()
-        k = k0
-        while k + 2 <= k1:
-            o = koff[k] + j
-            w = vbcast(data[k])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-            o = koff[k + 1] + j
-            w = vbcast(data[k + 1])
-            b0 = vfma(w, vload(xf, o), b0)
-            b1 = vfma(w, vload(xf, o + VW), b1)
-            k += 2
-        if k < k1:
-            o = koff[k] + j
-            w = vbcast(data[k])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-        vstore(yr, j, vadd(a0, b0))
-        vstore(yr, j + VW, vadd(a1, b1))
+def _mkoffa16(koff, data, k0, k1, xf, yr, j, acc):
+    """``_mkoffa16`` (nv = 16 vectors): yr[j:j+16*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...]
+    (accumulators started from yr when acc). One function per width, so a call site inlines one tile."""
+    if acc:
+        a0 = vload(yr, j + 0 * VW)
+        a1 = vload(yr, j + 1 * VW)
+        a2 = vload(yr, j + 2 * VW)
+        a3 = vload(yr, j + 3 * VW)
+        a4 = vload(yr, j + 4 * VW)
+        a5 = vload(yr, j + 5 * VW)
+        a6 = vload(yr, j + 6 * VW)
+        a7 = vload(yr, j + 7 * VW)
+        a8 = vload(yr, j + 8 * VW)
+        a9 = vload(yr, j + 9 * VW)
+        a10 = vload(yr, j + 10 * VW)
+        a11 = vload(yr, j + 11 * VW)
+        a12 = vload(yr, j + 12 * VW)
+        a13 = vload(yr, j + 13 * VW)
+        a14 = vload(yr, j + 14 * VW)
+        a15 = vload(yr, j + 15 * VW)
     else:
-        a0 = vload(yr, j) if acc else vzero()
+        a0 = vzero()
         a1 = vzero()
-        k = k0
-        while k + 2 <= k1:
-            a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
-            a1 = vfma(vbcast(data[k + 1]), vload(xf, koff[k + 1] + j), a1)
-            k += 2
-        if k < k1:
-            a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
-        vstore(yr, j, vadd(a0, a1))
+        a2 = vzero()
+        a3 = vzero()
+        a4 = vzero()
+        a5 = vzero()
+        a6 = vzero()
+        a7 = vzero()
+        a8 = vzero()
+        a9 = vzero()
+        a10 = vzero()
+        a11 = vzero()
+        a12 = vzero()
+        a13 = vzero()
+        a14 = vzero()
+        a15 = vzero()
+    kk = koff[k0:k1]
+    dd = data[k0:k1]
+    for q in range(k1 - k0):
+        o = kk[q] + j
+        w = vbcast(dd[q])
+        a0 = vfma(w, vload(xf, o + 0 * VW), a0)
+        a1 = vfma(w, vload(xf, o + 1 * VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+        a8 = vfma(w, vload(xf, o + 8 * VW), a8)
+        a9 = vfma(w, vload(xf, o + 9 * VW), a9)
+        a10 = vfma(w, vload(xf, o + 10 * VW), a10)
+        a11 = vfma(w, vload(xf, o + 11 * VW), a11)
+        a12 = vfma(w, vload(xf, o + 12 * VW), a12)
+        a13 = vfma(w, vload(xf, o + 13 * VW), a13)
+        a14 = vfma(w, vload(xf, o + 14 * VW), a14)
+        a15 = vfma(w, vload(xf, o + 15 * VW), a15)
+    vstore(yr, j + 0 * VW, a0)
+    vstore(yr, j + 1 * VW, a1)
+    vstore(yr, j + 2 * VW, a2)
+    vstore(yr, j + 3 * VW, a3)
+    vstore(yr, j + 4 * VW, a4)
+    vstore(yr, j + 5 * VW, a5)
+    vstore(yr, j + 6 * VW, a6)
+    vstore(yr, j + 7 * VW, a7)
+    vstore(yr, j + 8 * VW, a8)
+    vstore(yr, j + 9 * VW, a9)
+    vstore(yr, j + 10 * VW, a10)
+    vstore(yr, j + 11 * VW, a11)
+    vstore(yr, j + 12 * VW, a12)
+    vstore(yr, j + 13 * VW, a13)
+    vstore(yr, j + 14 * VW, a14)
+    vstore(yr, j + 15 * VW, a15)
 
 
 @jit(inline="always")
-def _mkoffa_ep(koff, data, k0, k1, xf, yr, j, nv, acc, b, res, ri, mask, um, relu):
-    """_mkoffa for a row's last K panel with the epilogue in registers before the one store:
-    yr[j:j+nv*VW] = relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by
-    mask[j:] when ``um`` (``_epv``)."""
-    if nv == 16:
-        if acc:
-            a0 = vload(yr, j + 0 * VW)
-            a1 = vload(yr, j + 1 * VW)
-            a2 = vload(yr, j + 2 * VW)
-            a3 = vload(yr, j + 3 * VW)
-            a4 = vload(yr, j + 4 * VW)
-            a5 = vload(yr, j + 5 * VW)
-            a6 = vload(yr, j + 6 * VW)
-            a7 = vload(yr, j + 7 * VW)
-            a8 = vload(yr, j + 8 * VW)
-            a9 = vload(yr, j + 9 * VW)
-            a10 = vload(yr, j + 10 * VW)
-            a11 = vload(yr, j + 11 * VW)
-            a12 = vload(yr, j + 12 * VW)
-            a13 = vload(yr, j + 13 * VW)
-            a14 = vload(yr, j + 14 * VW)
-            a15 = vload(yr, j + 15 * VW)
-        else:
-            a0 = vzero()
-            a1 = vzero()
-            a2 = vzero()
-            a3 = vzero()
-            a4 = vzero()
-            a5 = vzero()
-            a6 = vzero()
-            a7 = vzero()
-            a8 = vzero()
-            a9 = vzero()
-            a10 = vzero()
-            a11 = vzero()
-            a12 = vzero()
-            a13 = vzero()
-            a14 = vzero()
-            a15 = vzero()
-        kk = koff[k0:k1]
-        dd = data[k0:k1]
-        for q in range(k1 - k0):
-            o = kk[q] + j
-            w = vbcast(dd[q])
-            a0 = vfma(w, vload(xf, o + 0 * VW), a0)
-            a1 = vfma(w, vload(xf, o + 1 * VW), a1)
-            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
-            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
-            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
-            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
-            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
-            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
-            a8 = vfma(w, vload(xf, o + 8 * VW), a8)
-            a9 = vfma(w, vload(xf, o + 9 * VW), a9)
-            a10 = vfma(w, vload(xf, o + 10 * VW), a10)
-            a11 = vfma(w, vload(xf, o + 11 * VW), a11)
-            a12 = vfma(w, vload(xf, o + 12 * VW), a12)
-            a13 = vfma(w, vload(xf, o + 13 * VW), a13)
-            a14 = vfma(w, vload(xf, o + 14 * VW), a14)
-            a15 = vfma(w, vload(xf, o + 15 * VW), a15)
-        vstore(yr, j + 0 * VW, _epv(a0, b, res, ri, mask, um, j + 0 * VW, relu))
-        vstore(yr, j + 1 * VW, _epv(a1, b, res, ri, mask, um, j + 1 * VW, relu))
-        vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
-        vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
-        vstore(yr, j + 4 * VW, _epv(a4, b, res, ri, mask, um, j + 4 * VW, relu))
-        vstore(yr, j + 5 * VW, _epv(a5, b, res, ri, mask, um, j + 5 * VW, relu))
-        vstore(yr, j + 6 * VW, _epv(a6, b, res, ri, mask, um, j + 6 * VW, relu))
-        vstore(yr, j + 7 * VW, _epv(a7, b, res, ri, mask, um, j + 7 * VW, relu))
-        vstore(yr, j + 8 * VW, _epv(a8, b, res, ri, mask, um, j + 8 * VW, relu))
-        vstore(yr, j + 9 * VW, _epv(a9, b, res, ri, mask, um, j + 9 * VW, relu))
-        vstore(yr, j + 10 * VW, _epv(a10, b, res, ri, mask, um, j + 10 * VW, relu))
-        vstore(yr, j + 11 * VW, _epv(a11, b, res, ri, mask, um, j + 11 * VW, relu))
-        vstore(yr, j + 12 * VW, _epv(a12, b, res, ri, mask, um, j + 12 * VW, relu))
-        vstore(yr, j + 13 * VW, _epv(a13, b, res, ri, mask, um, j + 13 * VW, relu))
-        vstore(yr, j + 14 * VW, _epv(a14, b, res, ri, mask, um, j + 14 * VW, relu))
-        vstore(yr, j + 15 * VW, _epv(a15, b, res, ri, mask, um, j + 15 * VW, relu))
-    elif nv == 8:
-        if acc:
-            a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
-            a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
-            a7 = vload(yr, j + 7 * VW)
-        else:
-            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-            a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
-        kk = koff[k0:k1]
-        dd = data[k0:k1]
-        for q in range(k1 - k0):
-            o = kk[q] + j
-            w = vbcast(dd[q])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
-            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
-            a4 = vfma(w, vload(xf, o + 4 * VW), a4)
-            a5 = vfma(w, vload(xf, o + 5 * VW), a5)
-            a6 = vfma(w, vload(xf, o + 6 * VW), a6)
-            a7 = vfma(w, vload(xf, o + 7 * VW), a7)
-        vstore(yr, j, _epv(a0, b, res, ri, mask, um, j, relu))
-        vstore(yr, j + VW, _epv(a1, b, res, ri, mask, um, j + VW, relu))
-        vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
-        vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
-        vstore(yr, j + 4 * VW, _epv(a4, b, res, ri, mask, um, j + 4 * VW, relu))
-        vstore(yr, j + 5 * VW, _epv(a5, b, res, ri, mask, um, j + 5 * VW, relu))
-        vstore(yr, j + 6 * VW, _epv(a6, b, res, ri, mask, um, j + 6 * VW, relu))
-        vstore(yr, j + 7 * VW, _epv(a7, b, res, ri, mask, um, j + 7 * VW, relu))
-    elif nv == 4:
-        if acc:
-            a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
-        else:
-            a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
-        kk = koff[k0:k1]
-        dd = data[k0:k1]
-        for q in range(k1 - k0):
-            o = kk[q] + j
-            w = vbcast(dd[q])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-            a2 = vfma(w, vload(xf, o + 2 * VW), a2)
-            a3 = vfma(w, vload(xf, o + 3 * VW), a3)
-        vstore(yr, j, _epv(a0, b, res, ri, mask, um, j, relu))
-        vstore(yr, j + VW, _epv(a1, b, res, ri, mask, um, j + VW, relu))
-        vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
-        vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
-    elif nv == 2:
-        if acc:
-            a0 = vload(yr, j); a1 = vload(yr, j + VW)
-        else:
-            a0 = vzero(); a1 = vzero()
-        b0 = vzero(); b1 = vzero()
-        k = k0
-        while k + 2 <= k1:
-            o = koff[k] + j
-            w = vbcast(data[k])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-            o = koff[k + 1] + j
-            w = vbcast(data[k + 1])
-            b0 = vfma(w, vload(xf, o), b0)
-            b1 = vfma(w, vload(xf, o + VW), b1)
-            k += 2
-        if k < k1:
-            o = koff[k] + j
-            w = vbcast(data[k])
-            a0 = vfma(w, vload(xf, o), a0)
-            a1 = vfma(w, vload(xf, o + VW), a1)
-        vstore(yr, j, _epv(vadd(a0, b0), b, res, ri, mask, um, j, relu))
-        vstore(yr, j + VW, _epv(vadd(a1, b1), b, res, ri, mask, um, j + VW, relu))
+def _mkoffa8(koff, data, k0, k1, xf, yr, j, acc):
+    """``_mkoffa8`` (nv = 8 vectors): yr[j:j+8*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...]
+    (accumulators started from yr when acc). One function per width, so a call site inlines one tile."""
+    if acc:
+        a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
+        a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
+        a7 = vload(yr, j + 7 * VW)
     else:
-        a0 = vload(yr, j) if acc else vzero()
+        a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+        a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    kk = koff[k0:k1]
+    dd = data[k0:k1]
+    for q in range(k1 - k0):
+        o = kk[q] + j
+        w = vbcast(dd[q])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+    vstore(yr, j, a0)
+    vstore(yr, j + VW, a1)
+    vstore(yr, j + 2 * VW, a2)
+    vstore(yr, j + 3 * VW, a3)
+    vstore(yr, j + 4 * VW, a4)
+    vstore(yr, j + 5 * VW, a5)
+    vstore(yr, j + 6 * VW, a6)
+    vstore(yr, j + 7 * VW, a7)
+
+
+@jit(inline="always")
+def _mkoffa4(koff, data, k0, k1, xf, yr, j, acc):
+    """``_mkoffa4`` (nv = 4 vectors): yr[j:j+4*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...]
+    (accumulators started from yr when acc). One function per width, so a call site inlines one tile."""
+    if acc:
+        a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
+    else:
+        a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    kk = koff[k0:k1]
+    dd = data[k0:k1]
+    for q in range(k1 - k0):
+        o = kk[q] + j
+        w = vbcast(dd[q])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+    vstore(yr, j, a0)
+    vstore(yr, j + VW, a1)
+    vstore(yr, j + 2 * VW, a2)
+    vstore(yr, j + 3 * VW, a3)
+
+
+@jit(inline="always")
+def _mkoffa2(koff, data, k0, k1, xf, yr, j, acc):
+    """``_mkoffa2`` (nv = 2 vectors): yr[j:j+2*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...]
+    (accumulators started from yr when acc). One function per width, so a call site inlines one tile."""
+    if acc:
+        a0 = vload(yr, j); a1 = vload(yr, j + VW)
+    else:
+        a0 = vzero(); a1 = vzero()
+    b0 = vzero(); b1 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        o = koff[k + 1] + j
+        w = vbcast(data[k + 1])
+        b0 = vfma(w, vload(xf, o), b0)
+        b1 = vfma(w, vload(xf, o + VW), b1)
+        k += 2
+    if k < k1:
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+    vstore(yr, j, vadd(a0, b0))
+    vstore(yr, j + VW, vadd(a1, b1))
+
+
+@jit(inline="always")
+def _mkoffa1(koff, data, k0, k1, xf, yr, j, acc):
+    """``_mkoffa1`` (nv = 1 vectors): yr[j:j+1*VW] (+)= sum_k data[k] * xf[koff[k] + j : ...]
+    (accumulators started from yr when acc). One function per width, so a call site inlines one tile."""
+    a0 = vload(yr, j) if acc else vzero()
+    a1 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+        a1 = vfma(vbcast(data[k + 1]), vload(xf, koff[k + 1] + j), a1)
+        k += 2
+    if k < k1:
+        a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+    vstore(yr, j, vadd(a0, a1))
+
+
+@jit(inline="always")
+def _mkoffa_ep16(koff, data, k0, k1, xf, yr, j, acc, b, res, ri, mask, um, relu):
+    """``_mkoffa16`` for a row's last K panel with the epilogue in registers before the one
+    store: relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by mask[j:]
+    when ``um`` (``_epv``)."""
+    if acc:
+        a0 = vload(yr, j + 0 * VW)
+        a1 = vload(yr, j + 1 * VW)
+        a2 = vload(yr, j + 2 * VW)
+        a3 = vload(yr, j + 3 * VW)
+        a4 = vload(yr, j + 4 * VW)
+        a5 = vload(yr, j + 5 * VW)
+        a6 = vload(yr, j + 6 * VW)
+        a7 = vload(yr, j + 7 * VW)
+        a8 = vload(yr, j + 8 * VW)
+        a9 = vload(yr, j + 9 * VW)
+        a10 = vload(yr, j + 10 * VW)
+        a11 = vload(yr, j + 11 * VW)
+        a12 = vload(yr, j + 12 * VW)
+        a13 = vload(yr, j + 13 * VW)
+        a14 = vload(yr, j + 14 * VW)
+        a15 = vload(yr, j + 15 * VW)
+    else:
+        a0 = vzero()
         a1 = vzero()
-        k = k0
-        while k + 2 <= k1:
-            a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
-            a1 = vfma(vbcast(data[k + 1]), vload(xf, koff[k + 1] + j), a1)
-            k += 2
-        if k < k1:
-            a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
-        vstore(yr, j, _epv(vadd(a0, a1), b, res, ri, mask, um, j, relu))
+        a2 = vzero()
+        a3 = vzero()
+        a4 = vzero()
+        a5 = vzero()
+        a6 = vzero()
+        a7 = vzero()
+        a8 = vzero()
+        a9 = vzero()
+        a10 = vzero()
+        a11 = vzero()
+        a12 = vzero()
+        a13 = vzero()
+        a14 = vzero()
+        a15 = vzero()
+    kk = koff[k0:k1]
+    dd = data[k0:k1]
+    for q in range(k1 - k0):
+        o = kk[q] + j
+        w = vbcast(dd[q])
+        a0 = vfma(w, vload(xf, o + 0 * VW), a0)
+        a1 = vfma(w, vload(xf, o + 1 * VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+        a8 = vfma(w, vload(xf, o + 8 * VW), a8)
+        a9 = vfma(w, vload(xf, o + 9 * VW), a9)
+        a10 = vfma(w, vload(xf, o + 10 * VW), a10)
+        a11 = vfma(w, vload(xf, o + 11 * VW), a11)
+        a12 = vfma(w, vload(xf, o + 12 * VW), a12)
+        a13 = vfma(w, vload(xf, o + 13 * VW), a13)
+        a14 = vfma(w, vload(xf, o + 14 * VW), a14)
+        a15 = vfma(w, vload(xf, o + 15 * VW), a15)
+    vstore(yr, j + 0 * VW, _epv(a0, b, res, ri, mask, um, j + 0 * VW, relu))
+    vstore(yr, j + 1 * VW, _epv(a1, b, res, ri, mask, um, j + 1 * VW, relu))
+    vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
+    vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
+    vstore(yr, j + 4 * VW, _epv(a4, b, res, ri, mask, um, j + 4 * VW, relu))
+    vstore(yr, j + 5 * VW, _epv(a5, b, res, ri, mask, um, j + 5 * VW, relu))
+    vstore(yr, j + 6 * VW, _epv(a6, b, res, ri, mask, um, j + 6 * VW, relu))
+    vstore(yr, j + 7 * VW, _epv(a7, b, res, ri, mask, um, j + 7 * VW, relu))
+    vstore(yr, j + 8 * VW, _epv(a8, b, res, ri, mask, um, j + 8 * VW, relu))
+    vstore(yr, j + 9 * VW, _epv(a9, b, res, ri, mask, um, j + 9 * VW, relu))
+    vstore(yr, j + 10 * VW, _epv(a10, b, res, ri, mask, um, j + 10 * VW, relu))
+    vstore(yr, j + 11 * VW, _epv(a11, b, res, ri, mask, um, j + 11 * VW, relu))
+    vstore(yr, j + 12 * VW, _epv(a12, b, res, ri, mask, um, j + 12 * VW, relu))
+    vstore(yr, j + 13 * VW, _epv(a13, b, res, ri, mask, um, j + 13 * VW, relu))
+    vstore(yr, j + 14 * VW, _epv(a14, b, res, ri, mask, um, j + 14 * VW, relu))
+    vstore(yr, j + 15 * VW, _epv(a15, b, res, ri, mask, um, j + 15 * VW, relu))
+
+
+@jit(inline="always")
+def _mkoffa_ep8(koff, data, k0, k1, xf, yr, j, acc, b, res, ri, mask, um, relu):
+    """``_mkoffa8`` for a row's last K panel with the epilogue in registers before the one
+    store: relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by mask[j:]
+    when ``um`` (``_epv``)."""
+    if acc:
+        a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
+        a4 = vload(yr, j + 4 * VW); a5 = vload(yr, j + 5 * VW); a6 = vload(yr, j + 6 * VW)
+        a7 = vload(yr, j + 7 * VW)
+    else:
+        a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+        a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    kk = koff[k0:k1]
+    dd = data[k0:k1]
+    for q in range(k1 - k0):
+        o = kk[q] + j
+        w = vbcast(dd[q])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, o + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, o + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, o + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, o + 7 * VW), a7)
+    vstore(yr, j, _epv(a0, b, res, ri, mask, um, j, relu))
+    vstore(yr, j + VW, _epv(a1, b, res, ri, mask, um, j + VW, relu))
+    vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
+    vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
+    vstore(yr, j + 4 * VW, _epv(a4, b, res, ri, mask, um, j + 4 * VW, relu))
+    vstore(yr, j + 5 * VW, _epv(a5, b, res, ri, mask, um, j + 5 * VW, relu))
+    vstore(yr, j + 6 * VW, _epv(a6, b, res, ri, mask, um, j + 6 * VW, relu))
+    vstore(yr, j + 7 * VW, _epv(a7, b, res, ri, mask, um, j + 7 * VW, relu))
+
+
+@jit(inline="always")
+def _mkoffa_ep4(koff, data, k0, k1, xf, yr, j, acc, b, res, ri, mask, um, relu):
+    """``_mkoffa4`` for a row's last K panel with the epilogue in registers before the one
+    store: relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by mask[j:]
+    when ``um`` (``_epv``)."""
+    if acc:
+        a0 = vload(yr, j); a1 = vload(yr, j + VW); a2 = vload(yr, j + 2 * VW); a3 = vload(yr, j + 3 * VW)
+    else:
+        a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
+    kk = koff[k0:k1]
+    dd = data[k0:k1]
+    for q in range(k1 - k0):
+        o = kk[q] + j
+        w = vbcast(dd[q])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        a2 = vfma(w, vload(xf, o + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, o + 3 * VW), a3)
+    vstore(yr, j, _epv(a0, b, res, ri, mask, um, j, relu))
+    vstore(yr, j + VW, _epv(a1, b, res, ri, mask, um, j + VW, relu))
+    vstore(yr, j + 2 * VW, _epv(a2, b, res, ri, mask, um, j + 2 * VW, relu))
+    vstore(yr, j + 3 * VW, _epv(a3, b, res, ri, mask, um, j + 3 * VW, relu))
+
+
+@jit(inline="always")
+def _mkoffa_ep2(koff, data, k0, k1, xf, yr, j, acc, b, res, ri, mask, um, relu):
+    """``_mkoffa2`` for a row's last K panel with the epilogue in registers before the one
+    store: relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by mask[j:]
+    when ``um`` (``_epv``)."""
+    if acc:
+        a0 = vload(yr, j); a1 = vload(yr, j + VW)
+    else:
+        a0 = vzero(); a1 = vzero()
+    b0 = vzero(); b1 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+        o = koff[k + 1] + j
+        w = vbcast(data[k + 1])
+        b0 = vfma(w, vload(xf, o), b0)
+        b1 = vfma(w, vload(xf, o + VW), b1)
+        k += 2
+    if k < k1:
+        o = koff[k] + j
+        w = vbcast(data[k])
+        a0 = vfma(w, vload(xf, o), a0)
+        a1 = vfma(w, vload(xf, o + VW), a1)
+    vstore(yr, j, _epv(vadd(a0, b0), b, res, ri, mask, um, j, relu))
+    vstore(yr, j + VW, _epv(vadd(a1, b1), b, res, ri, mask, um, j + VW, relu))
+
+
+@jit(inline="always")
+def _mkoffa_ep1(koff, data, k0, k1, xf, yr, j, acc, b, res, ri, mask, um, relu):
+    """``_mkoffa1`` for a row's last K panel with the epilogue in registers before the one
+    store: relu?((yr if acc) + sum_k data[k] * xf[koff[k] + j : ...] + b + res[j:]) masked by mask[j:]
+    when ``um`` (``_epv``)."""
+    a0 = vload(yr, j) if acc else vzero()
+    a1 = vzero()
+    k = k0
+    while k + 2 <= k1:
+        a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+        a1 = vfma(vbcast(data[k + 1]), vload(xf, koff[k + 1] + j), a1)
+        k += 2
+    if k < k1:
+        a0 = vfma(vbcast(data[k]), vload(xf, koff[k] + j), a0)
+    vstore(yr, j, _epv(vadd(a0, a1), b, res, ri, mask, um, j, relu))
 
 
 @pjit
@@ -1334,19 +1376,19 @@ def csr_conv_kpanel(sp, koff, data, xf, yw, nc, ngroups, cgroups=1):
                     yr = yw[i]
                     j = jlo
                     while j + 16 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 16, acc)
+                        _mkoffa16(koff, data, k0, k1, xf, yr, j, acc)
                         j += 16 * VW
                     while j + 8 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
+                        _mkoffa8(koff, data, k0, k1, xf, yr, j, acc)
                         j += 8 * VW
                     while j + 4 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 4, acc)
+                        _mkoffa4(koff, data, k0, k1, xf, yr, j, acc)
                         j += 4 * VW
                     if j + 2 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 2, acc)
+                        _mkoffa2(koff, data, k0, k1, xf, yr, j, acc)
                         j += 2 * VW
                     while j + VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 1, acc)
+                        _mkoffa1(koff, data, k0, k1, xf, yr, j, acc)
                         j += VW
 
 
@@ -1368,7 +1410,7 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
     rptr[c+1]): xd[i*dstride + d0 + t*dstep] = yw[i, j0 + t*jstep]; then xd[i*dstride + zmap[:]] = 0 and
     xd[O1*dstride:] = 0: the output handed over in any packed layout (e.g. the phase planes of a
     stride-2 conv) with its padding zeroed. With act (act2) none or relu the epilogue runs in registers
-    on each row's last K panel before its one store (``_mkoffa_ep``; 1 thread, batch 8, 90%, bias + mask
+    on each row's last K panel before its one store (``_mkoffa_ep16`` ... ``_mkoffa_ep1``; 1 thread, batch 8, 90%, bias + mask
     [+ residual]: 64ch 32x32 1.63 -> 1.51 ms [1.76 -> 1.59], 128ch 16x16 1.16 -> 1.14 [1.25 -> 1.18]);
     other activations take the per-chunk epilogue_tile pass."""
     o1 = yw.shape[0]
@@ -1407,35 +1449,35 @@ def csr_conv_kpanel_ep(sp, koff, data, xf, yw, yw2, n, nc, rbounds, cgroups, bia
                         um = i < o1 and nm != 0
                         relu = (act if i < o1 else act2) == ACT_RELU
                         while j + 16 * VW <= jhi:
-                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 16, acc, bvec, res, ri, mask, um, relu)
+                            _mkoffa_ep16(koff, data, k0, k1, xf, yr, j, acc, bvec, res, ri, mask, um, relu)
                             j += 16 * VW
                         while j + 8 * VW <= jhi:
-                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 8, acc, bvec, res, ri, mask, um, relu)
+                            _mkoffa_ep8(koff, data, k0, k1, xf, yr, j, acc, bvec, res, ri, mask, um, relu)
                             j += 8 * VW
                         while j + 4 * VW <= jhi:
-                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 4, acc, bvec, res, ri, mask, um, relu)
+                            _mkoffa_ep4(koff, data, k0, k1, xf, yr, j, acc, bvec, res, ri, mask, um, relu)
                             j += 4 * VW
                         if j + 2 * VW <= jhi:
-                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 2, acc, bvec, res, ri, mask, um, relu)
+                            _mkoffa_ep2(koff, data, k0, k1, xf, yr, j, acc, bvec, res, ri, mask, um, relu)
                             j += 2 * VW
                         while j + VW <= jhi:
-                            _mkoffa_ep(koff, data, k0, k1, xf, yr, j, 1, acc, bvec, res, ri, mask, um, relu)
+                            _mkoffa_ep1(koff, data, k0, k1, xf, yr, j, acc, bvec, res, ri, mask, um, relu)
                             j += VW
                         continue
                     while j + 16 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 16, acc)
+                        _mkoffa16(koff, data, k0, k1, xf, yr, j, acc)
                         j += 16 * VW
                     while j + 8 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 8, acc)
+                        _mkoffa8(koff, data, k0, k1, xf, yr, j, acc)
                         j += 8 * VW
                     while j + 4 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 4, acc)
+                        _mkoffa4(koff, data, k0, k1, xf, yr, j, acc)
                         j += 4 * VW
                     if j + 2 * VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 2, acc)
+                        _mkoffa2(koff, data, k0, k1, xf, yr, j, acc)
                         j += 2 * VW
                     while j + VW <= jhi:
-                        _mkoffa(koff, data, k0, k1, xf, yr, j, 1, acc)
+                        _mkoffa1(koff, data, k0, k1, xf, yr, j, acc)
                         j += VW
             for i in range(r0, r1):
                 bv = bias[i] if nbias != 0 else np.float32(0.0)
@@ -1747,7 +1789,7 @@ def batch_tile(kind):
 
 
 KPANEL_NC = 256  # csr_conv_kpanel's N chunk (positions): one 16-vector register tile (128 before: 1 thread,
-# batch 8, 90%, with _mkoffa's 16-vector tile, 64..512ch 32x32..4x4 together 4.32 -> 4.11 ms, same run)
+# batch 8, 90%, with the 16-vector tile (_mkoffa16), 64..512ch 32x32..4x4 together 4.32 -> 4.11 ms, same run)
 KPANEL_FLOATS = 8192  # input floats of one K panel's chunk (32 KB: L1)
 KPANEL_CHUNK_SPLIT = 16  # N chunks per thread from which threads split chunks instead of rows (4096 positions)
 

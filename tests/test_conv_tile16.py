@@ -1,5 +1,5 @@
 """csr_conv_kpanel / csr_conv_kpanel_ep on N chunks wide enough for the 16-vector register tile
-(``_mkoffa`` / ``_mkoffa_ep`` nv == 16) plus the 8 / 4 / 2 / 1-vector remainders, several K panels,
+(``_mkoffa16`` / ``_mkoffa_ep16``) plus the 8 / 4 / 2 / 1-vector remainders, several K panels,
 the in-register epilogue (act none / relu, NaN kept by relu, masked positions exactly 0 even when NaN)
 and the per-chunk fallback (relu6), vs a float64 numpy reference."""
 import numba
