@@ -31,7 +31,8 @@ specializations serve every block shape:
   non-zero share, ``GEN_GROUPS_PER_THREAD`` per thread), N chunks of whole register tiles sized so
   a chunk of X stays in L2. Per block row, rows in groups of 4 get 4-row x 4 / 2 / 1-vector tiles
   (16 accumulators: 4 X loads and 4 broadcasts per 16 FMAs); the other rows (1 x c blocks) get
-  1-row x 8-vector tiles (8 independent accumulators, 8 X loads and 1 broadcast per 8 FMAs), then
+  1-row x 8-vector tiles (8 independent accumulators, 8 X loads and 1 broadcast per 8 FMAs; 1x4
+  blocks with in % 4 == 0 take all 4 columns of a block per step: ffn_n128 15-20% faster), then
   4 / 2 / 1-vector tiles whose accumulators are split over the block's columns (8 / 8 / 4 chains).
   A block's c X rows are consecutive: one index per block, flat X / Y / value addressing
   (``vbcastl``). 1-row x 2-vector tiles (2 chains per row) measured 2x slower on ffn_n128.
@@ -888,9 +889,10 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
 
 
 @jit
-def _g1x8(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+def _g1x8(indices, k0, k1, df, base, rc, c, nin, xf, ldx, yf, yo, j):
     """One output row x 8 vectors at column j (8 independent accumulators); block kk of the row's
     slice idx has this row's c values at df[kk * rc + base:]; X row q at xf[q * ldx:]; stores at yf[yo:]."""
+    idx = indices[k0:k1]  # a slice made here: passing one to a call costs an atomic refcount pair per call
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
     for kk in range(idx.shape[0]):
         col0 = idx[kk] * c
@@ -919,8 +921,64 @@ def _g1x8(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
 
 
 @jit
-def _g1x4(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+def _g1x8c4(indices, k0, k1, df, base, xf, ldx, yf, yo, j):
+    """_g1x8 for 1 x 4 blocks when in is a multiple of 4 (no edge block): each block's 4 columns in
+    one step (32 FMAs; 7-9% faster than the column loop on ffn_n128)."""
+    idx = indices[k0:k1]
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero(); a4 = vzero(); a5 = vzero(); a6 = vzero(); a7 = vzero()
+    for kk in range(idx.shape[0]):
+        o = kk * 4 + base
+        xo = idx[kk] * 4 * ldx + j
+        w = vbcastl(df, o + 0)
+        a0 = vfma(w, vload(xf, xo + 0 * ldx + 0 * VW), a0)
+        a1 = vfma(w, vload(xf, xo + 0 * ldx + 1 * VW), a1)
+        a2 = vfma(w, vload(xf, xo + 0 * ldx + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, xo + 0 * ldx + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, xo + 0 * ldx + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, xo + 0 * ldx + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, xo + 0 * ldx + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, xo + 0 * ldx + 7 * VW), a7)
+        w = vbcastl(df, o + 1)
+        a0 = vfma(w, vload(xf, xo + 1 * ldx + 0 * VW), a0)
+        a1 = vfma(w, vload(xf, xo + 1 * ldx + 1 * VW), a1)
+        a2 = vfma(w, vload(xf, xo + 1 * ldx + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, xo + 1 * ldx + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, xo + 1 * ldx + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, xo + 1 * ldx + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, xo + 1 * ldx + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, xo + 1 * ldx + 7 * VW), a7)
+        w = vbcastl(df, o + 2)
+        a0 = vfma(w, vload(xf, xo + 2 * ldx + 0 * VW), a0)
+        a1 = vfma(w, vload(xf, xo + 2 * ldx + 1 * VW), a1)
+        a2 = vfma(w, vload(xf, xo + 2 * ldx + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, xo + 2 * ldx + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, xo + 2 * ldx + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, xo + 2 * ldx + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, xo + 2 * ldx + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, xo + 2 * ldx + 7 * VW), a7)
+        w = vbcastl(df, o + 3)
+        a0 = vfma(w, vload(xf, xo + 3 * ldx + 0 * VW), a0)
+        a1 = vfma(w, vload(xf, xo + 3 * ldx + 1 * VW), a1)
+        a2 = vfma(w, vload(xf, xo + 3 * ldx + 2 * VW), a2)
+        a3 = vfma(w, vload(xf, xo + 3 * ldx + 3 * VW), a3)
+        a4 = vfma(w, vload(xf, xo + 3 * ldx + 4 * VW), a4)
+        a5 = vfma(w, vload(xf, xo + 3 * ldx + 5 * VW), a5)
+        a6 = vfma(w, vload(xf, xo + 3 * ldx + 6 * VW), a6)
+        a7 = vfma(w, vload(xf, xo + 3 * ldx + 7 * VW), a7)
+    vstore(yf, yo + 0 * VW, a0)
+    vstore(yf, yo + 1 * VW, a1)
+    vstore(yf, yo + 2 * VW, a2)
+    vstore(yf, yo + 3 * VW, a3)
+    vstore(yf, yo + 4 * VW, a4)
+    vstore(yf, yo + 5 * VW, a5)
+    vstore(yf, yo + 6 * VW, a6)
+    vstore(yf, yo + 7 * VW, a7)
+
+
+@jit
+def _g1x4(indices, k0, k1, df, base, rc, c, nin, xf, ldx, yf, yo, j):
     """As _g1x8 for 4 vectors; even / odd block columns feed two accumulator sets (8 chains)."""
+    idx = indices[k0:k1]  # a slice made here: passing one to a call costs an atomic refcount pair per call
     a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()
     b0 = vzero(); b1 = vzero(); b2 = vzero(); b3 = vzero()
     for kk in range(idx.shape[0]):
@@ -955,8 +1013,9 @@ def _g1x4(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
 
 
 @jit
-def _g1x2(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+def _g1x2(indices, k0, k1, df, base, rc, c, nin, xf, ldx, yf, yo, j):
     """As _g1x8 for 2 vectors; block columns cc % 4 feed four accumulator sets (8 chains)."""
+    idx = indices[k0:k1]  # a slice made here: passing one to a call costs an atomic refcount pair per call
     a0 = vzero(); a1 = vzero(); b0 = vzero(); b1 = vzero()
     e0 = vzero(); e1 = vzero(); f0 = vzero(); f1 = vzero()
     for kk in range(idx.shape[0]):
@@ -991,8 +1050,9 @@ def _g1x2(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
 
 
 @jit
-def _g1x1(idx, df, base, rc, c, nin, xf, ldx, yf, yo, j):
+def _g1x1(indices, k0, k1, df, base, rc, c, nin, xf, ldx, yf, yo, j):
     """As _g1x8 for 1 vector; block columns cc % 4 feed four accumulators."""
+    idx = indices[k0:k1]  # a slice made here: passing one to a call costs an atomic refcount pair per call
     a0 = vzero(); b0 = vzero(); e0 = vzero(); f0 = vzero()
     for kk in range(idx.shape[0]):
         col0 = idx[kk] * c
@@ -1155,6 +1215,7 @@ def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, 
     vlo = vbcast(flo)
     vhi = vbcast(fhi)
     rc = r * c
+    c4 = r == 1 and c == 4 and nin % 4 == 0
     for br in range(b0, b1):
         k0 = indptr[br]
         k1 = indptr[br + 1]
@@ -1186,23 +1247,29 @@ def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, 
             base = k0 * rc + g * c
             yo = (i0 + g) * n
             j = jlo
+            if c4:
+                while j + 8 * VW <= jhi:
+                    _g1x8c4(indices, k0, k1, df, base, xf, n, yf, yo + j, j)
+                    if ep != 0:
+                        _tile_ep(yf, n, i0 + g, 1, j, 8, ep, bz, rf, ldr, vlo, vhi)
+                    j += 8 * VW
             while j + 8 * VW <= jhi:
-                _g1x8(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                _g1x8(indices, k0, k1, df, base, rc, c, nin, xf, n, yf, yo + j, j)
                 if ep != 0:
                     _tile_ep(yf, n, i0 + g, 1, j, 8, ep, bz, rf, ldr, vlo, vhi)
                 j += 8 * VW
             if j + 4 * VW <= jhi:
-                _g1x4(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                _g1x4(indices, k0, k1, df, base, rc, c, nin, xf, n, yf, yo + j, j)
                 if ep != 0:
                     _tile_ep(yf, n, i0 + g, 1, j, 4, ep, bz, rf, ldr, vlo, vhi)
                 j += 4 * VW
             if j + 2 * VW <= jhi:
-                _g1x2(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                _g1x2(indices, k0, k1, df, base, rc, c, nin, xf, n, yf, yo + j, j)
                 if ep != 0:
                     _tile_ep(yf, n, i0 + g, 1, j, 2, ep, bz, rf, ldr, vlo, vhi)
                 j += 2 * VW
             if j + VW <= jhi:
-                _g1x1(idx, df, base, rc, c, nin, xf, n, yf, yo + j, j)
+                _g1x1(indices, k0, k1, df, base, rc, c, nin, xf, n, yf, yo + j, j)
                 if ep != 0:
                     _tile_ep(yf, n, i0 + g, 1, j, 1, ep, bz, rf, ldr, vlo, vhi)
             g += 1

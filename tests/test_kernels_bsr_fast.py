@@ -121,8 +121,12 @@ def test_generic_edges(block, threads, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         r, c = block
-        out, inn = 4 * r + 3 if r > 1 else 37, 5 * c + 3
-        for kind in ("sparse", "zero", "dense"):
+        out = 4 * r + 3 if r > 1 else 37
+        # in not a multiple of c (edge blocks), and for 1 x c a multiple (the 1x4 whole-block step)
+        shapes = [(kind, 5 * c + 3) for kind in ("sparse", "zero", "dense")]
+        if r == 1:
+            shapes += [("sparse", 6 * c), ("dense", 6 * c)]
+        for kind, inn in shapes:
             density = {"sparse": 0.35, "zero": 0.0, "dense": 1.0}[kind]
             w, fmt = _weight(rng, block, out, inn, density=density)
             if kind == "dense":  # _weight empties every third block row: fill them too
