@@ -970,3 +970,18 @@ def quant_chunks(typingctx, PAIRS, dst, doff, src, soff, n, inv, zf, nchunk):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def num_threads(typingctx):
+    """``numba.get_num_threads()`` inside jitted code through the threading layer's symbol
+    (numba's own overload goes through a ctypes pointer, which makes the function uncacheable;
+    from Python the call cost ~8 us right after a kernel had the caches)."""
+    from numba.np.ufunc.parallel import _launch_threads
+
+    _launch_threads()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []), "get_num_threads")
+        return builder.call(fn, [])
+    return types.intp(), codegen

@@ -73,14 +73,13 @@ import math
 import threading
 import time
 
-import numba as _nb
 import numpy as np
 from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
 from ._vnni import (amx_block, amx_config, fetch_add, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4,
-                    vnni_gather4_deq, vnni_pairs, vnni_pairs_deq, vnni_tile, quant_chunks, spin_until)
+                    vnni_gather4_deq, vnni_pairs, vnni_pairs_deq, vnni_tile, num_threads, quant_chunks, spin_until)
 from .epilogue import _act_inplace, act_ref, act_scalar, epilogue_tile
 from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SIGMOID,
                     ACT_SILU, KernelSpec)
@@ -687,7 +686,7 @@ _QUANT_PERM_DYN = _quant_perm_dyn
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
 def _groups_vnni(R, gptr, gidx, gw, out, x, mm, dyn, xq, rowsum, czx, cz, czx32, sxp, czp, sx, sw, bias, residual,
-                 act, lo, hi, y, pt, tmm, nw):
+                 act, lo, hi, y, pt, tmm):
     """y [out, N] from groups-of-4 sparse weights (``_groups``): row group b (rows b*R..) has
     groups gptr[b]..gptr[b+1], group g = 4 input features gidx[4g..4g+3] (uint16 or int32) with int8 weights
     gw flat [ng, R, 4] ([ng, 4, 4] pair weights for R = 1); xq uint8 [K, npad] column-permuted
@@ -706,13 +705,14 @@ def _groups_vnni(R, gptr, gidx, gw, out, x, mm, dyn, xq, rowsum, czx, cz, czx32,
     built per worker, the arguments ignored), so the call is one parallel region: the threads
     that arrive first quantize, and every worker goes on to the GEMM tasks as soon as the last
     chunk is quantized. Otherwise xq is already quantized and x, mm are not read.
-    Work split: nw workers (the thread count) take tasks -- TR rows (16 rows for R = 1, one row
+    Work split: one worker per thread (the caller's count) takes tasks -- TR rows (16 rows for R = 1, one row
     group otherwise) x all columns, dequantized hot -- from an atomic counter: a worker that
     starts late (a sleeping pool thread) or is preempted takes fewer tasks."""
     nrb = gptr.shape[0] - 1
     npad = xq.shape[1]
     xf = xq.reshape(-1)
     zw = np.empty(0, np.int32)
+    nw = num_threads()
     TB = 16 if R == 1 else 1  # row groups per task
     ntask = (nrb + TB - 1) // TB
     N = y.shape[1]
@@ -1208,7 +1208,6 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
         if want_minmax and K <= _K_I32:
             tb = 16 if R == 1 else 1
             tmm = np.zeros(2 * ((p["gptr"].shape[0] - 1 + tb - 1) // tb), _F32)
-        nw = _nb.get_num_threads()
         if (p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous and K <= _K_I32
                 and _quant_perm_dyn is _QUANT_PERM_DYN):
             # the common case in one parallel call: quantization, then the GEMM tasks
@@ -1216,7 +1215,7 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
             mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
             _groups_vnni(R, p["gptr"], p["gidx"], p["gw"], out, x, mm, True, xq, p["rowsum"], _EMPTY_F64, _EMPTY_F64,
                          _EMPTY_I32, _EMPTY_F32, _EMPTY_I32, _EMPTY_F32, p["sw"], bias, residual, act, _F32(lo),
-                         _F32(hi), y, True, tmm, nw)
+                         _F32(hi), y, True, tmm)
         else:
             if p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous:
                 mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
@@ -1235,7 +1234,7 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
                 czx32, czx, cz = _EMPTY_I32, -zx.astype(np.float64), np.zeros(N, np.float64)
             _groups_vnni(R, p["gptr"], p["gidx"], p["gw"], out, _EMPTY_F32_2D, _EMPTY_F32, False, xq, p["rowsum"],
                          czx, cz, czx32, sxp, czp, sx, p["sw"], bias, residual, act, _F32(lo), _F32(hi), y,
-                         p["granularity"] == "tensor" or p["act_quant"] is not None, tmm, nw)
+                         p["granularity"] == "tensor" or p["act_quant"] is not None, tmm)
         if tmm.shape[0] == 0:
             return None
         return tmm[0], tmm[1]  # reduced by the kernel
