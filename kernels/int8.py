@@ -681,7 +681,9 @@ def _quant_perm_dyn(x, xq, pairs, mm):
     return np.full(N, scs[0], np.float32), np.full(N, zis[0], np.int32)
 
 
-_QUANT_PERM_DYN = _quant_perm_dyn
+# dynamic per-tensor quantization inside the groups GEMM's parallel call (``_groups_vnni`` with
+# dyn); False: ``_quant_perm_dyn`` then the GEMM, two calls with the same bytes (for A/B and tests)
+FUSED_QUANT = True
 
 
 @pjit(fastmath=False)  # no FMA contraction in the fused dequantize
@@ -1208,10 +1210,9 @@ def run_vnni(p, x, y, bias, act, lo, hi, residual, minmax=None, want_minmax=Fals
         if want_minmax and K <= _K_I32:
             tb = 16 if R == 1 else 1
             tmm = np.zeros(2 * ((p["gptr"].shape[0] - 1 + tb - 1) // tb), _F32)
-        if (p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous and K <= _K_I32
-                and _quant_perm_dyn is _QUANT_PERM_DYN):
+        if (FUSED_QUANT and p["act_quant"] is None and p["granularity"] == "tensor" and x.flags.c_contiguous
+                and K <= _K_I32):
             # the common case in one parallel call: quantization, then the GEMM tasks
-            # (an observer that wraps ``_quant_perm_dyn`` gets the two-call form below: the same bytes)
             mm = _EMPTY_F32 if minmax is None else np.asarray(minmax, _F32)
             _groups_vnni(R, p["gptr"], p["gidx"], p["gw"], out, x, mm, True, xq, p["rowsum"], _EMPTY_F64, _EMPTY_F64,
                          _EMPTY_I32, _EMPTY_F32, _EMPTY_I32, _EMPTY_F32, p["sw"], bias, residual, act, _F32(lo),

@@ -168,13 +168,14 @@ def test_residual_stream_feature_major(tmp_path, rng, monkeypatch, kind):
     if kind == "csr_i8":  # which quantizations got their min / max from the producer's epilogue
         from sparsedge.kernels import int8 as K8
 
-        orig = K8._quant_perm_dyn
+        orig = K8._groups_vnni
 
-        def qpd(x, xq, pairs, mm):
-            given.append(mm.shape[0] == 2)
-            return orig(x, xq, pairs, mm)
+        def gv(*a):  # the fused call: a[6] = the given (min, max) or empty, a[7] = dynamic quantization
+            if a[7]:
+                given.append(a[6].shape[0] == 2)
+            return orig(*a)
 
-        monkeypatch.setattr(K8, "_quant_perm_dyn", qpd)
+        monkeypatch.setattr(K8, "_groups_vnni", gv)
     for B, S in ((2, 8), (1, 5), (3, 33)):
         mask = np.ones((B, S), np.int64)
         mask[-1, S // 2:] = 0

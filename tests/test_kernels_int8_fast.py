@@ -296,9 +296,9 @@ def test_quant_phase_redoes_unfinished_chunks(rng, pairs):
 @needs_vnni
 @pytest.mark.parametrize("block", [None, (8, 1)])
 def test_groups_fused_quant_matches_two_calls(rng, monkeypatch, block):
-    """The fused call (quantization inside the GEMM's parallel region) and the two-call form taken
-    when ``_quant_perm_dyn`` is wrapped give the same bytes, with a given min / max too; 1 and 2
-    threads, N = 2, 64 and 200 (one and several column passes)."""
+    """The fused call (quantization inside the GEMM's parallel region) and the two-call form
+    (``FUSED_QUANT`` off) give the same bytes, with a given min / max too; 1 and 2 threads, N = 2,
+    64 and 200 (one and several column passes)."""
     orig = K8._quant_perm_dyn
     for out, k, n in [(37, 50, 200), (16, 9, 64), (5, 70, 2)]:
         wf = _sparse(rng, out, k, 0.3, block)
@@ -311,10 +311,12 @@ def test_groups_fused_quant_matches_two_calls(rng, monkeypatch, block):
             try:
                 for given in (None, mm):
                     calls = []
-                    monkeypatch.setattr(K8, "_quant_perm_dyn", orig)
+                    monkeypatch.setattr(K8, "_quant_perm_dyn", lambda *a: calls.append(1) or orig(*a))
+                    monkeypatch.setattr(K8, "FUSED_QUANT", True)
                     y0 = np.full((out, n), np.nan, np.float32)
                     K8.run_vnni(p, x, y0, None, 0, 0.0, 0.0, None, minmax=given)
-                    monkeypatch.setattr(K8, "_quant_perm_dyn", lambda *a: calls.append(1) or orig(*a))
+                    assert calls == []  # one call: quantization inside the GEMM's parallel region
+                    monkeypatch.setattr(K8, "FUSED_QUANT", False)
                     y1 = np.full((out, n), np.nan, np.float32)
                     K8.run_vnni(p, x, y1, None, 0, 0.0, 0.0, None, minmax=given)
                     assert calls == [1]  # the two-call form ran
