@@ -813,6 +813,44 @@ def _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, n
             t = _fetch_add(ctr, 0, 1)
 
 
+@jit(inline="always")
+def _tile_ep_setup(bias, res, act, lo, hi, nrows, n):
+    """The register-tile epilogue's parameters (``_tile_ep``) for bias [>= nrows] / res [out, n] (or
+    empty) and an activation: (ep, flo, fhi, actpass, bz, rf, ldr). ep: 0 none, 1 bias / residual,
+    5 also a clamp to [flo, fhi] (relu, relu6, clamp); actpass: another activation, applied in a
+    second pass per block row. bz / rf (row stride ldr): bias and residual, zeros standing in for an
+    absent one (allocated only when the epilogue runs at all)."""
+    ep = 0
+    if bias.shape[0] != 0 or res.shape[0] != 0:
+        ep = 1
+    flo = np.float32(-np.inf)
+    fhi = np.float32(np.inf)
+    actpass = False
+    if act == ACT_RELU:
+        ep = 5
+        flo = np.float32(0.0)
+    elif act == ACT_RELU6:
+        ep = 5
+        flo = np.float32(0.0)
+        fhi = np.float32(6.0)
+    elif act == ACT_CLAMP:
+        ep = 5
+        flo = np.float32(lo)
+        fhi = np.float32(hi)
+    elif act != ACT_NONE:
+        actpass = True
+    bz = bias
+    if bias.shape[0] == 0 and ep != 0:
+        bz = np.zeros(nrows, np.float32)
+    rf = res.reshape(-1)
+    ldr = res.shape[1]
+    if res.shape[0] == 0:
+        ldr = 0
+        if ep != 0:
+            rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
+    return ep, flo, fhi, actpass, bz, rf, ldr
+
+
 @jit
 def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
     """Y = act(W @ X + bias + res) for r x 1 blocks, r % 8 == 0 or r == 4; d2 = data.reshape(nblk, r).
@@ -834,38 +872,7 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
     nw = max(1, min(nt, nch * nrg))  # workers (one per thread); they take tasks from a shared counter
     pd = 2 * tw if nin * n > L2_FLOATS else 0
     nnz = indptr[nbr]
-    # epilogue: bias / residual / relu / relu6 / clamp on each register tile right after its
-    # store (still in L1); other activations in a second pass per block row
-    ep = 0
-    if bias.shape[0] != 0 or res.shape[0] != 0:
-        ep = 1
-    flo = np.float32(-np.inf)
-    fhi = np.float32(np.inf)
-    actpass = False
-    if act == ACT_RELU:
-        ep = 5
-        flo = np.float32(0.0)
-    elif act == ACT_RELU6:
-        ep = 5
-        flo = np.float32(0.0)
-        fhi = np.float32(6.0)
-    elif act == ACT_CLAMP:
-        ep = 5
-        flo = np.float32(lo)
-        fhi = np.float32(hi)
-    elif act != ACT_NONE:
-        actpass = True
-    # the in-register epilogue reads a bias and a residual row: zeros stand in for absent ones
-    # (allocated only when the epilogue runs at all)
-    bz = bias
-    if bias.shape[0] == 0 and ep != 0:
-        bz = np.zeros(nbr * r, np.float32)
-    rf = res.reshape(-1)
-    ldr = res.shape[1]
-    if res.shape[0] == 0:
-        ldr = 0
-        if ep != 0:
-            rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
+    ep, flo, fhi, actpass, bz, rf, ldr = _tile_ep_setup(bias, res, act, lo, hi, nbr * r, n)
     # X rows not 64-byte aligned: each worker reads its own aligned copy when it uses every X row
     # often enough (split vector loads measured ~12% slower, ffn_n128 1 thread)
     npad = (n + VW - 1) // VW * VW
@@ -1349,37 +1356,7 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nt):
     nch = max(1, min(ntile, (ntile + ncmax - 1) // ncmax))
     nrg = max(1, min(nbr, GEN_GROUPS_PER_THREAD * nt))  # block-row groups of equal non-zero share
     nw = max(1, min(nt, nch * nrg))  # workers (one per thread); they take tasks from a shared counter
-    # epilogue: bias / residual / relu / relu6 / clamp on each register tile right after its
-    # store (still in L1); other activations in a second pass per block row
-    ep = 0
-    if bias.shape[0] != 0 or res.shape[0] != 0:
-        ep = 1
-    flo = np.float32(-np.inf)
-    fhi = np.float32(np.inf)
-    actpass = False
-    if act == ACT_RELU:
-        ep = 5
-        flo = np.float32(0.0)
-    elif act == ACT_RELU6:
-        ep = 5
-        flo = np.float32(0.0)
-        fhi = np.float32(6.0)
-    elif act == ACT_CLAMP:
-        ep = 5
-        flo = np.float32(lo)
-        fhi = np.float32(hi)
-    elif act != ACT_NONE:
-        actpass = True
-    # zeros stand in for an absent bias / residual (allocated only when the epilogue runs at all)
-    bz = bias
-    if bias.shape[0] == 0 and ep != 0:
-        bz = np.zeros(nbr * r, np.float32)
-    rf = res.reshape(-1)
-    ldr = res.shape[1]
-    if res.shape[0] == 0:
-        ldr = 0
-        if ep != 0:
-            rf = np.zeros(n + VW, np.float32)  # every row reads this zero "residual" (row stride 0)
+    ep, flo, fhi, actpass, bz, rf, ldr = _tile_ep_setup(bias, res, act, lo, hi, nbr * r, n)
     if nw == 1:
         # one thread: the tasks in order, in the calling thread (no parallel region)
         nnz = indptr[nbr]
