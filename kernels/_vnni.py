@@ -821,23 +821,6 @@ def permute_chunks(typingctx, PAIRS, dst, doff, src, soff, nchunk):
 # ----------------------------------------------------------------------------------------------
 # work hand-out between the workers of one parallel call
 @intrinsic
-def fetch_add(typingctx, arr, idx, val):
-    """Atomic ``old = arr[idx]; arr[idx] += val; return old`` on a 1-D int64 array (seq_cst)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
-        return None
-    if not (isinstance(idx, types.Integer) and isinstance(val, types.Integer)):
-        return None
-    sig = types.int64(arr, idx, val)
-
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
-        v = context.cast(builder, args[2], signature.args[2], types.int64)
-        return builder.atomic_rmw("add", builder.gep(a.data, [i]), v, "seq_cst")
-    return sig, codegen
-
-
-@intrinsic
 def spin_until(typingctx, arr, idx, val, maxspin):
     """Spin (atomic seq_cst loads + ``pause``) until ``arr[idx] >= val`` (1-D int64 array) or
     ``maxspin`` pauses have passed; returns whether the value was reached. Waiting is bounded:

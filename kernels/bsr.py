@@ -50,13 +50,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from ._jit import jit, pjit
 from .csr import reference
 from .epilogue import act_scalar, epilogue_tile, none1, none2
-from .simd import VW, vadd, vbcast, vbcastl, vfma, vload, vmax, vmin, vprefetch, vstore, vzero
+from .simd import VW, fetch_add, vadd, vbcast, vbcastl, vfma, vload, vmax, vmin, vprefetch, vstore, vzero
 from .table import ACT_CLAMP, ACT_NONE, ACT_RELU, ACT_RELU6, KernelSpec
 
 L2_FLOATS = 1 << 18  # 1 MB of floats: X chunk budget of the generic kernel; X above this gets prefetch
@@ -65,19 +64,6 @@ GEMV_PF = 64  # batch-1 r x 1 kernels prefetch W this many blocks ahead (DRAM-st
 GEN_GROUPS_PER_THREAD = 4  # generic GEMM: nnz-balanced block-row groups per thread per N chunk
 GROUPS_PER_THREAD = 2  # r x 1 GEMM: nnz-balanced block-row groups per thread, handed out on demand
 COPY_MIN_USES = 4  # r x 1 GEMM: per-thread aligned X copy when each thread uses each X row >= this often
-
-
-@intrinsic
-def _fetch_add(typingctx, arr, idx, val):
-    """Atomic ``old = arr[idx]; arr[idx] += val; return old`` on a 1-D int64 array (seq_cst)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
-        return None
-    sig = types.int64(arr, types.intp, types.int64)
-
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", builder.gep(a.data, [args[1]]), args[2], "seq_cst")
-    return sig, codegen
 
 
 @jit
@@ -767,9 +753,12 @@ def _row_epilogue(indptr, indices, d2, r, br, x, y, nout, jlo, jhi, tail, bias, 
 
 
 @jit(inline="always")
-def _task_range(indptr, nnz, nbr, nvc, n, ch, g, nch, nrg, ntile, tw):
-    """Task (N chunk ch, block-row group g) of ``bsr_spmm_r1``: Y columns jlo..jhi in register
-    tiles, scalar tail from ``tail``, block rows b0..b1 (groups hold equal shares of the blocks)."""
+def _task_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw):
+    """Task t (chunk-major: N chunk ch = t // nrg, block-row group g) of ``bsr_spmm_r1`` and
+    ``bsr_spmm``: Y columns jlo..jhi in register tiles, scalar tail from ``tail`` (last chunk only),
+    block rows b0..b1 (groups hold equal shares of the blocks)."""
+    ch = t // nrg
+    g = t - ch * nrg
     jlo = ((ch * ntile) // nch) * tw
     jhi = (((ch + 1) * ntile) // nch) * tw
     tail = n
@@ -802,15 +791,13 @@ def _r1_workers(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nw, nch, n
                 xbuf[o + q * npad:o + q * npad + n] = x[q]
             xs = xbuf[o:o + nin * npad]
             ld = npad
-        t = _fetch_add(ctr, 0, 1)
+        t = fetch_add(ctr, 0, 1)
         while t < ntask:
-            ch = t // nrg
-            g = t - ch * nrg
-            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, ch, g, nch, nrg, ntile, tw)
+            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
             _task(indptr, indices, d2, r, b0, b1, xs, ld, x, y, jlo, jhi, tail, pd, ep, bz, rf, ldr, flo, fhi,
                   actpass, bias, res, act, lo, hi)
             # dynamic hand-out: a worker that starts late or is preempted takes fewer tasks
-            t = _fetch_add(ctr, 0, 1)
+            t = fetch_add(ctr, 0, 1)
 
 
 @jit(inline="always")
@@ -884,9 +871,7 @@ def bsr_spmm_r1(indptr, indices, d2, r, x, y, bias, res, act, lo, hi, nt):
         # one thread: the tasks in order, in the calling thread (no parallel region)
         xf = x.reshape(-1)
         for t in range(nch * nrg):
-            ch = t // nrg
-            g = t - ch * nrg
-            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, ch, g, nch, nrg, ntile, tw)
+            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
             _task(indptr, indices, d2, r, b0, b1, xf, n, x, y, jlo, jhi, tail, pd, ep, bz, rf, ldr, flo, fhi,
                   actpass, bias, res, act, lo, hi)
         return
@@ -1302,23 +1287,6 @@ def _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, 
                     epilogue_tile(yr, b, yr[0:0], act, lo, hi)
 
 
-@jit(inline="always")
-def _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw):
-    """Task t of ``bsr_spmm`` (chunk-major): Y columns jlo..jhi in register tiles, scalar tail from
-    ``tail`` (last chunk only), block rows b0..b1 (groups of equal non-zero share)."""
-    ch = t // nrg
-    g = t - ch * nrg
-    jlo = ((ch * ntile) // nch) * tw
-    jhi = (((ch + 1) * ntile) // nch) * tw
-    tail = n
-    if ch == nch - 1:
-        jhi = nvc
-        tail = nvc
-    b0 = 0 if g == 0 else np.searchsorted(indptr, (g * nnz) // nrg)
-    b1 = nbr if g == nrg - 1 else np.searchsorted(indptr, ((g + 1) * nnz) // nrg)
-    return jlo, jhi, tail, b0, b1
-
-
 @pjit
 def _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nw, nch, nrg, ntile, tw, ep, bz, rf, ldr,
                flo, fhi, actpass, ctr):
@@ -1331,13 +1299,13 @@ def _g_workers(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nw, nch,
     df = d2.reshape(-1)
     ntask = nch * nrg
     for wk in prange(nw):
-        t = _fetch_add(ctr, 0, 1)
+        t = fetch_add(ctr, 0, 1)
         while t < ntask:
-            jlo, jhi, tail, b0, b1 = _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
+            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
             _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, bz, rf, ldr, flo, fhi,
                    actpass, bias, res, act, lo, hi)
             # dynamic hand-out: a worker that starts late or is preempted takes fewer tasks
-            t = _fetch_add(ctr, 0, 1)
+            t = fetch_add(ctr, 0, 1)
 
 
 @jit
@@ -1363,7 +1331,7 @@ def bsr_spmm(indptr, indices, d2, r, c, x, y, bias, res, act, lo, hi, nt):
         xf = x.reshape(-1)
         df = d2.reshape(-1)
         for t in range(nch * nrg):
-            jlo, jhi, tail, b0, b1 = _gtask_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
+            jlo, jhi, tail, b0, b1 = _task_range(indptr, nnz, nbr, nvc, n, t, nch, nrg, ntile, tw)
             _gtask(indptr, indices, df, d2, r, c, b0, b1, xf, x, y, jlo, jhi, tail, ep, bz, rf, ldr, flo, fhi,
                    actpass, bias, res, act, lo, hi)
         return

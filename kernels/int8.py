@@ -78,9 +78,10 @@ from numba import prange
 
 from . import cpu as _cpu
 from ._jit import jit, pjit
-from ._vnni import (amx_block, amx_config, fetch_add, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4,
+from ._vnni import (amx_block, amx_config, minmax_f32, permute_chunks, vnni_dot4, vnni_gather4,
                     vnni_gather4_deq, vnni_pairs, vnni_pairs_deq, vnni_tile, num_threads, quant_chunks, spin_until)
 from .epilogue import _act_inplace, act_ref, act_scalar, epilogue_tile
+from .simd import fetch_add
 from .table import (ACT_CLAMP, ACT_GELU, ACT_GELU_TANH, ACT_HARDSWISH, ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SIGMOID,
                     ACT_SILU, KernelSpec)
 

@@ -26,6 +26,8 @@ this is consistent per machine.
   the attention / softmax / layernorm kernels of kernels/nn.py.
 * ``vrelu_mask(a, m)`` / ``vmask(a, m)``: relu that keeps NaN, and zero where the mask lane is 0
   (the padded-layout epilogues of kernels/conv.py).
+* ``fetch_add(arr, i, v)``: atomic (seq_cst) add on an int64 array returning the old value, for
+  the task counters through which a parallel call's workers take work.
 """
 from __future__ import annotations
 
@@ -329,4 +331,22 @@ def vmask(typingctx, a, m):
         a, m = args
         z = ir.Constant(a.type, None)
         return builder.select(builder.fcmp_unordered("!=", m, z), a, z)
+    return sig, codegen
+
+
+# --- work hand-out between the workers of one parallel call (bsr, int8) ---
+@intrinsic
+def fetch_add(typingctx, arr, idx, val):
+    """Atomic ``old = arr[idx]; arr[idx] += val; return old`` on a 1-D int64 array (seq_cst)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+        return None
+    if not (isinstance(idx, types.Integer) and isinstance(val, types.Integer)):
+        return None
+    sig = types.int64(arr, idx, val)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.int64)
+        v = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", builder.gep(a.data, [i]), v, "seq_cst")
     return sig, codegen
